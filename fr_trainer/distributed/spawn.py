@@ -1,0 +1,112 @@
+"""Run a function on N real processes joined by a process group (gloo on CPU by default).
+
+Used by the multi-rank tests and by `fr-trainer bench`. The rendezvous is a FileStore in
+a fresh temporary directory: no port is chosen, so runs never collide.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_module
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailed(RuntimeError):
+    """One or more ranks raised; carries every rank's formatted traceback."""
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        self.errors = errors
+        details = "\n".join(f"--- rank {rank} ---\n{text}" for rank, text in sorted(errors.items()))
+        super().__init__(f"{len(errors)} rank(s) failed:\n{details}")
+
+
+def _worker(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    store_path: str,
+    backend: str,
+    threads: int,
+    results: "mp.Queue[tuple[int, str, Any]]",
+    args: tuple,
+) -> None:
+    torch.set_num_threads(threads)
+    try:
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+        )
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, "ok", value))
+    except BaseException as error:  # reported to the parent, which raises
+        results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str = "gloo",
+    threads: int = 1,
+    timeout_s: float = 300.0,
+) -> list[Any]:
+    """Call `fn(rank, world_size, *args)` on `world_size` spawned processes.
+
+    `fn` must be importable (a module-level function). Returns the values in rank order;
+    raises `RankFailed` with every failing rank's traceback if any rank raised, and
+    `TimeoutError` if the ranks have not all answered within `timeout_s`.
+    """
+    context = mp.get_context("spawn")
+    results: mp.Queue = context.Queue()
+    with tempfile.TemporaryDirectory(prefix="fr_trainer_store_") as directory:
+        store_path = os.path.join(directory, "store")
+        processes = [
+            context.Process(
+                target=_worker,
+                args=(fn, rank, world_size, store_path, backend, threads, results, args),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for process in processes:
+            process.start()
+        values: dict[int, Any] = {}
+        errors: dict[int, str] = {}
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(values) + len(errors) < world_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    missing = sorted(set(range(world_size)) - set(values) - set(errors))
+                    raise TimeoutError(f"ranks {missing} did not finish within {timeout_s:.0f} s")
+                try:
+                    rank, status, value = results.get(timeout=min(remaining, 1.0))
+                except queue_module.Empty:
+                    dead = [p for p in processes if p.exitcode not in (None, 0)]
+                    if dead and results.empty():
+                        codes = {processes.index(p): p.exitcode for p in dead}
+                        unanswered = {r: c for r, c in codes.items() if r not in values and r not in errors}
+                        if unanswered:
+                            errors.update({r: f"process exited with code {c}" for r, c in unanswered.items()})
+                    continue
+                (values if status == "ok" else errors)[rank] = value
+        finally:
+            for process in processes:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.terminate()
+                    process.join()
+    if errors:
+        raise RankFailed(errors)
+    return [values[rank] for rank in range(world_size)]

@@ -1,0 +1,1 @@
+"""fr_trainer.train"""
