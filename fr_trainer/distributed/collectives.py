@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+# torch renamed the single-tensor collectives (all_gather_into_tensor -> all_gather_single);
+# use whichever this torch has, without the deprecation warning of the old name.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def is_distributed(group: ProcessGroup | None) -> bool:
     """True when collectives over `group` have more than one participant."""
@@ -36,7 +41,7 @@ def all_gather_tensor(tensor: torch.Tensor, group: ProcessGroup | None) -> torch
     world_size = dist.get_world_size(group)
     tensor = tensor.contiguous()
     out = tensor.new_empty((world_size * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor, group=group)
+    _all_gather_single(out, tensor, group=group)
     return out
 
 
@@ -49,7 +54,7 @@ def reduce_scatter_sum(tensor: torch.Tensor, group: ProcessGroup | None) -> torc
     tensor = tensor.contiguous()
     if backend_name(group) == "nccl":
         out = tensor.new_empty((rows, *tensor.shape[1:]))
-        dist.reduce_scatter_tensor(out, tensor, op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter_single(out, tensor, op=dist.ReduceOp.SUM, group=group)
         return out
     # gloo has no reduce-scatter: reduce everything, keep our rows.
     tensor = tensor.clone()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_module
 import tempfile
 import time
@@ -48,7 +49,9 @@ def _worker(
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, "ok", value))
+        # Pickle here with the plain pickler: the queue's pickler would share tensor
+        # storage through file descriptors that vanish when this process exits.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException as error:  # reported to the parent, which raises
         results.put((rank, "error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
@@ -100,7 +103,10 @@ def run_ranks(
                         if unanswered:
                             errors.update({r: f"process exited with code {c}" for r, c in unanswered.items()})
                     continue
-                (values if status == "ok" else errors)[rank] = value
+                if status == "ok":
+                    values[rank] = pickle.loads(value)
+                else:
+                    errors[rank] = value
         finally:
             for process in processes:
                 process.join(timeout=10)
