@@ -10,6 +10,7 @@ orthogonal (cosine 0, squared L2 distance 2 after normalisation).
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -60,6 +61,15 @@ def export_onnx_simple(module, path: str | os.PathLike, size: int = 112, opset: 
 
     path = Path(path)
     example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is meant
+        _export(module, example, path, opset)
+    return path
+
+
+def _export(module, example, path: Path, opset: int) -> None:
+    import torch
+
     torch.onnx.export(
         module.eval(),
         (example,),
@@ -70,7 +80,6 @@ def export_onnx_simple(module, path: str | os.PathLike, size: int = 112, opset: 
         opset_version=opset,
         dynamo=False,
     )
-    return path
 
 
 # ----------------------------------------------------------------------------- IJB tree
