@@ -1,0 +1,35 @@
+"""Initialisation of sharded class centres that does not depend on the world size.
+
+Centres are drawn in fixed blocks of classes, each block from its own generator seeded
+by (seed, block). A rank draws only the blocks its shard overlaps, so shards differ across
+ranks, a run is reproducible for a seed, and the same seed gives the same full matrix at
+any world size (which keeps resharded runs and single-process references comparable).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fr_trainer.distributed.shard import ClassShard
+
+INIT_BLOCK = 4096
+_MASK_63 = (1 << 63) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def block_seed(seed: int, block: int) -> int:
+    return ((seed & _MASK_63) * _GOLDEN + block * 0xBF58476D1CE4E5B9 + 1) & _MASK_63
+
+
+def init_centres(shard: ClassShard, embedding_size: int, seed: int, std: float = 0.01,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """This shard's rows [num_local, D] of a N(0, std^2) centre matrix fixed by `seed`."""
+    out = torch.empty(shard.num_local, embedding_size, dtype=dtype)
+    first, last = shard.start // INIT_BLOCK, (shard.end - 1) // INIT_BLOCK
+    for block in range(first, last + 1):
+        generator = torch.Generator().manual_seed(block_seed(seed, block))
+        rows = torch.empty(INIT_BLOCK, embedding_size, dtype=dtype).normal_(0.0, std, generator=generator)
+        lo = max(shard.start, block * INIT_BLOCK)
+        hi = min(shard.end, (block + 1) * INIT_BLOCK)
+        out[lo - shard.start : hi - shard.start] = rows[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK]
+    return out

@@ -1,0 +1,275 @@
+"""The sharded margin-softmax cross-entropy as one autograd function.
+
+Every rank holds the gathered embeddings `x` [G, D] and its own class centres `w`
+[C_local, D]. The forward pass computes the rank's block of logits, joins the shards in
+log space with two all-reduces (MAX of the row maxima; SUM of [sum-exp, target logit]),
+and returns the mean over the global batch of `logsumexp(z_i) - z_{i, y_i}`, the same
+scalar on every rank. No probability is ever clamped and then logged.
+
+Backward: dL/dz = (softmax - onehot) / G, chained by hand through the margin (its exact
+or straight-through derivative), the column scaling by 1/||w_j|| and the normalisation of
+x and w. Only the three GEMMs of a linear layer run over the big shapes: `x^ @ W^T`,
+`H @ W` and `H^T @ x^`. The rest is a few cache-blocked passes over the one [G, C_local]
+logit buffer, which is overwritten in place by the gradient H. The normalisation of the
+centres needs, per centre j, the radial coefficient sum_i dL/dcos_ij * cos_ij; for margins
+whose non-target logits are `s cos` it comes out of the same pass (cos = z / s), so no
+O(C D) row-dot is ever computed.
+
+`exp` arguments are floored at log(tiny) + 0.5 of the dtype (about -86.8 in fp32):
+CPU `exp` takes a path some 30 times slower for results near the subnormal range, and the
+floor changes a probability of at most 2e-38, i.e. the loss by less than C * 2e-38.
+
+With `chunk_size` the logits are built block by block (forward) and rebuilt block by block
+(backward), so the [G, C_local] buffer is never allocated: peak logit memory is one
+[G, chunk] block, at the price of a fourth GEMM.
+
+With `index` (Partial-FC sampling) only the rows `w[index]` take part; their gradient is
+returned as a sparse COO tensor, so the optimizer can leave every other centre, and its
+state, untouched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.margins.base import Margin
+
+NORM_EPS = 1e-12  # floor of ||x|| and ||w|| (an all-zero vector has no direction)
+BLOCK_ELEMENTS = 1 << 18  # elements per row block of the elementwise passes (~1 MB fp32)
+
+
+def exp_floor(dtype: torch.dtype) -> float:
+    """Smallest argument passed to exp: log of the smallest normal number, plus 0.5."""
+    return math.log(torch.finfo(dtype).tiny) + 0.5
+
+
+def _row_blocks(num_rows: int, num_cols: int) -> list[tuple[int, int]]:
+    step = max(1, BLOCK_ELEMENTS // max(1, num_cols))
+    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    step = num_cols if not chunk_size else max(1, chunk_size)
+    return [(start, min(start + step, num_cols)) for start in range(0, num_cols, step)]
+
+
+def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+    """sum_j exp(z_ij - m_i) [G] without modifying `logits` [G, c]."""
+    floor = exp_floor(logits.dtype)
+    out = logits.new_empty(logits.shape[0])
+    scratch = logits.new_empty(_row_blocks(*logits.shape)[0][1], logits.shape[1])
+    for start, end in _row_blocks(*logits.shape):
+        block = scratch[: end - start]
+        torch.sub(logits[start:end], row_max[start:end, None], out=block)
+        block.clamp_min_(floor).exp_()
+        torch.sum(block, dim=1, out=out[start:end])
+    return out
+
+
+def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
+                          column_factor: torch.Tensor, want_radial: bool) -> torch.Tensor | None:
+    """In place: logits z [G, c] -> softmax(z) * column_factor [c].
+
+    Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None).
+    """
+    floor = exp_floor(logits.dtype)
+    radial = logits.new_zeros(logits.shape[1]) if want_radial else None
+    blocks = _row_blocks(*logits.shape)
+    scratch = logits.new_empty(blocks[0][1], logits.shape[1])
+    ones = logits.new_ones(blocks[0][1])
+    for start, end in blocks:
+        z, p = logits[start:end], scratch[: end - start]
+        torch.sub(z, log_sum_exp[start:end, None], out=p)
+        p.clamp_min_(floor).exp_()
+        if radial is not None:
+            z.mul_(p)
+            radial.addmv_(z.t(), ones[: end - start])
+        torch.mul(p, column_factor, out=z)
+    return radial
+
+
+class _Targets:
+    """The targets this rank owns: `rows` of the batch and `cols` among the centres used."""
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.rows = torch.nonzero(targets >= 0).squeeze(1)
+        self.cols = targets.index_select(0, self.rows)
+
+    def in_block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, columns relative to `start`, positions in rows/cols) inside [start, end)."""
+        keep = torch.nonzero((self.cols >= start) & (self.cols < end)).squeeze(1)
+        return self.rows[keep], self.cols[keep] - start, keep
+
+
+class _Operands:
+    """Normalised embeddings, the centres in use, their norms and the margin."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                 margin: Margin) -> None:
+        self.margin, self.w, self.b = margin, w, b
+        if margin.normalized:
+            self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
+            self.xh = x / self.x_norm[:, None]
+            self.inv_w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
+        else:
+            self.x_norm = self.inv_w_norm = None
+            self.xh = x
+
+    def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
+        """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
+        values = (self.xh.index_select(0, tgt.rows) * self.w.index_select(0, tgt.cols)).sum(1)
+        if self.margin.normalized:
+            values = values * self.inv_w_norm.index_select(0, tgt.cols)
+        else:
+            values = values + self.b.index_select(0, tgt.cols)
+        return self.xh.new_zeros(num_rows).index_copy_(0, tgt.rows, values)
+
+    def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
+        """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
+        block = torch.mm(self.xh, self.w[start:end].t())
+        if self.margin.normalized:
+            block.mul_(self.inv_w_norm[start:end] * scale)
+        else:
+            block.add_(self.b[start:end])
+        return block
+
+    def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                     target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the centres [start, end) with the target logits in place, and (for
+        margins with non-linear non-target logits) the cosines they came from."""
+        margin = self.margin
+        if margin.linear_nontarget:
+            logits, cos = self.block_cosines(start, end, margin.scale), None
+        else:
+            cos = self.block_cosines(start, end)
+            logits = margin.nontarget_logits(cos.clone(), target_cos)
+        rows, cols, _ = tgt.in_block(start, end)
+        logits[rows, cols] = z_t[rows]
+        return logits, cos
+
+
+class MarginSoftmaxCrossEntropy(torch.autograd.Function):
+    """Sharded margin-softmax cross-entropy (see the module docstring).
+
+    Inputs: x [G, D] gathered embeddings; weight [C_local, D]; bias [C_local] or None;
+    index [S] sorted rows of `weight` in use (sampling) or None; targets [G] long, the
+    column of each row's class among the rows in use, -1 where another rank owns it;
+    margin; process group; chunk_size (None: one block, logits kept for backward).
+    Returns the scalar loss.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size):
+        w = weight if index is None else weight.index_select(0, index)
+        b = None if bias is None else (bias if index is None else bias.index_select(0, index))
+        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin)
+        num_rows, num_cols = x.shape[0], w.shape[0]
+        tgt = _Targets(targets)
+
+        cos_t = ops.target_cosines(tgt, num_rows)
+        target_cos = None
+        if margin.needs_global_target:
+            target_cos = all_reduce_(cos_t.clone(), dist.ReduceOp.SUM, group)
+            margin.update_state(target_cos)
+        z_t, dz_t = margin.target(cos_t if target_cos is None else target_cos)
+
+        blocks = _column_blocks(num_cols, chunk_size)
+        keep_logits = len(blocks) == 1 and margin.linear_nontarget
+        maxima, sums, kept = [], [], None
+        for start, end in blocks:
+            logits, _ = ops.block_logits(start, end, tgt, z_t, target_cos)
+            maxima.append(logits.amax(dim=1))
+            sums.append(_sum_exp_rows(logits, maxima[-1]))
+            kept = logits if keep_logits else None
+        block_max = torch.stack(maxima)
+        local_max = block_max.amax(dim=0)
+        row_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
+        sum_exp = (torch.stack(sums) * torch.exp(block_max - row_max)).sum(0)
+        z_owned = torch.zeros_like(z_t).index_copy_(0, tgt.rows, z_t.index_select(0, tgt.rows))
+        joined = all_reduce_(torch.stack([sum_exp, z_owned]), dist.ReduceOp.SUM, group)
+        log_sum_exp = row_max + torch.log(joined[0])
+        loss = (log_sum_exp - joined[1]).mean()
+
+        ctx.ops, ctx.tgt, ctx.blocks, ctx.kept = ops, tgt, blocks, kept
+        ctx.index, ctx.weight_shape, ctx.has_bias = index, weight.shape, bias is not None
+        ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos = cos_t, z_t, dz_t, target_cos
+        ctx.log_sum_exp = log_sum_exp
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        ops, tgt, margin = ctx.ops, ctx.tgt, ctx.ops.margin
+        coef = grad_loss / ops.xh.shape[0]
+        normalized = margin.normalized
+        grad_xh = torch.zeros_like(ops.xh)
+        grad_w = torch.empty_like(ops.w)
+        grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
+        radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
+        for start, end in ctx.blocks:
+            if ctx.kept is not None:
+                logits, cos = ctx.kept, None
+                ctx.kept = None
+            else:
+                logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
+            h = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial)
+            grad_xh.addmm_(h, ops.w[start:end])
+            torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+            if grad_b is not None:
+                torch.sum(h, dim=0, out=grad_b[start:end])
+        grad_x = grad_xh
+        if normalized:
+            xh = ops.xh
+            grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / ops.x_norm[:, None]
+            # grad_w holds sum_i H_ij x^_i; remove the radial part w_j * radial_j / ||w_j||^2.
+            grad_w.addcmul_(ops.w, (radial * ops.inv_w_norm.square())[:, None], value=-1.0)
+        grad_weight, grad_bias = grad_w, grad_b
+        if ctx.index is not None:
+            grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
+            if grad_b is not None:
+                grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+
+
+def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
+                 end: int, tgt: _Targets, ctx, coef: torch.Tensor,
+                 radial: torch.Tensor | None) -> torch.Tensor:
+    """Turn a block of logits [G, c] in place into H = dL/d(x^ . w_j) (that is dL/dcos
+    divided by ||w_j||; dL/dz for the plain softmax), adding the block's radial
+    coefficients sum_i dL/dcos_ij cos_ij into `radial[start:end]`."""
+    margin = ops.margin
+    rows, cols, pos = tgt.in_block(start, end)
+    cos_t = ctx.cos_t[rows] if ctx.target_cos is None else ctx.target_cos[rows]
+    p_t = torch.exp(ctx.z_t[rows] - ctx.log_sum_exp[rows])
+    g_t = (p_t - 1.0) * coef * ctx.dz_t[rows]  # dL/dcos at the targets
+    inv_norm = ops.inv_w_norm[start:end] if margin.normalized else None
+    if margin.linear_nontarget:
+        factor = coef * margin.scale * (inv_norm if inv_norm is not None else 1.0)
+        if not torch.is_tensor(factor) or factor.dim() == 0:
+            factor = logits.new_full((end - start,), float(factor))
+        block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None)
+        if radial is not None:
+            # the pass counted dL/dcos * cos = coef * p * z everywhere; fix the targets
+            block_radial.mul_(coef)
+            block_radial.index_add_(0, cols, g_t * cos_t - coef * p_t * ctx.z_t[rows])
+            radial[start:end] += block_radial
+    else:
+        probs = logits.sub_(ctx.log_sum_exp[:, None]).clamp_min_(exp_floor(logits.dtype)).exp_()
+        probs.mul_(margin.nontarget_grad(cos, ctx.target_cos)).mul_(coef)
+        probs[rows, cols] = g_t
+        if radial is not None:
+            radial[start:end] += (probs * cos).sum(0)
+            probs.mul_(inv_norm)
+    if inv_norm is not None:
+        logits[rows, cols] = g_t * inv_norm[cols]
+    else:
+        logits[rows, cols] = g_t
+    return logits
+
+
+def _sparse_rows(index: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A coalesced sparse COO tensor of `shape` holding `rows` at the sorted `index`."""
+    return torch.sparse_coo_tensor(index[None], rows, shape, is_coalesced=True)

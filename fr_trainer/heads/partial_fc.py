@@ -1,0 +1,121 @@
+"""`PartialFC`: the model-parallel classification head.
+
+Class centres are sharded across the ranks of `process_group` (`ClassShard`); each step
+the embeddings and labels of the global batch are all-gathered, every rank scores the
+batch against its own centres, and `MarginSoftmaxCrossEntropy` joins the shards into the
+exact softmax cross-entropy of the whole batch over all classes (or, with
+`sample_rate < 1`, over the positives plus sampled negatives).
+
+Gradient contract: the loss is the same scalar on every rank, and the gradients are the
+exact gradients of it w.r.t. the local embeddings and the local shard (no world-size
+factor). A data-parallel backbone whose gradients DDP averages over ranks must therefore
+be scaled by the world size; the trainer does that in one place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad, rank_and_world_size
+from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.init import init_centres
+from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
+from fr_trainer.heads.sampling import num_sampled, sample_centres
+from fr_trainer.heads.validation import check_inputs
+from fr_trainer.margins import Margin, create_margin
+
+
+class PartialFC(nn.Module):
+    """Sharded margin-softmax head.
+
+    Args:
+        num_classes: K, the number of identities of the whole job.
+        embedding_size: D.
+        margin: a registered name (see `fr_trainer.margins.list_margins()`) or a `Margin`.
+        sample_rate: fraction of this shard's centres used per step (positives always).
+        process_group: the group the centres are sharded over; None = the default group
+            when one is initialised, else a single-process head.
+        chunk_size: build the logits in blocks of this many classes (bounded memory,
+            one more GEMM); None builds them at once.
+        seed: fixes the initial centres (independently of the world size) and, with the
+            rank, the negative sampling; None takes `torch.initial_seed()`.
+        init_std: standard deviation of the initial centres.
+        **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
+
+    Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
+    mean over the global batch, identical on every rank).
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: str | Margin = "arcface",
+                 sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
+                 chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
+                 **margin_kwargs) -> None:
+        super().__init__()
+        if embedding_size < 1:
+            raise ValueError(f"embedding_size must be positive, got {embedding_size}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of classes or None, got {chunk_size}")
+        rank, world_size = rank_and_world_size(process_group)
+        self.shard = ClassShard(num_classes, world_size, rank)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.process_group = process_group
+        if isinstance(margin, Margin):
+            if margin_kwargs:
+                raise ValueError(f"margin keywords {sorted(margin_kwargs)} given with a margin object; "
+                                 "set them on the object instead")
+            self.margin = margin
+        else:
+            self.margin = create_margin(margin, num_classes=num_classes, **margin_kwargs)
+        self.sample_rate = float(sample_rate)
+        self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
+        self.chunk_size = chunk_size
+        self.seed = int(torch.initial_seed() if seed is None else seed)
+        self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std))
+        self.bias = nn.Parameter(torch.zeros(self.shard.num_local)) if self.margin.has_bias else None
+        self._generator: torch.Generator | None = None
+        self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
+
+    @property
+    def sampling(self) -> bool:
+        return self.sample_rate < 1.0
+
+    def _sampling_generator(self) -> torch.Generator:
+        device = self.weight.device
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed((self.seed * 1_000_003 + 7919 * (self.shard.rank + 1)) % (1 << 63))
+        return self._generator
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        group = self.process_group
+        check_inputs(embeddings, labels, self.num_classes, self.embedding_size, group, self.weight.device)
+        all_labels = all_gather_tensor(labels, group)
+        all_embeddings = all_gather_with_grad(embeddings.to(self.weight.dtype), group)
+        owned = self.shard.owns(all_labels)
+        local = torch.where(owned, all_labels - self.shard.start, torch.full_like(all_labels, -1))
+        index = None
+        if self.sampling:
+            positives = torch.unique(local[owned])
+            index = sample_centres(positives, self.shard.num_local, self.num_sample,
+                                   self._sampling_generator())
+            local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
+            self.last_index = index
+        return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
+                                               self.margin, group, self.chunk_size)
+
+    def get_extra_state(self) -> dict:
+        generator = self._generator
+        return {"sampling_rng": None if generator is None else generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        rng = state.get("sampling_rng") if isinstance(state, dict) else None
+        if rng is not None:
+            self._sampling_generator().set_state(rng)
+
+    def extra_repr(self) -> str:
+        s = self.shard
+        return (f"num_classes={s.num_classes}, shard=[{s.start}, {s.end}) of world {s.world_size}, "
+                f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, "
+                f"chunk_size={self.chunk_size}")

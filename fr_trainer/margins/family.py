@@ -1,0 +1,144 @@
+"""The margin-softmax family: softmax, normface, coco, cosface, arcface, combined.
+
+Formulas and defaults follow LOSSES.md (the table "Margin-softmax family").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fr_trainer.margins.base import Margin
+from fr_trainer.margins.registry import register_margin
+
+# |cos| is clamped this far inside [-1, 1] where a derivative has 1/sin(theta).
+_SIN_FLOOR = 1e-12
+
+
+def _sin_from_cos(cos: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt((1.0 - cos * cos).clamp_min(0.0))
+
+
+@register_margin("softmax")
+class Softmax(Margin):
+    """Plain softmax: logits `w_j . x + b_j`, no normalisation, no margin."""
+
+    normalized = False
+    has_bias = True
+
+    def __init__(self, gradient: str = "exact") -> None:
+        super().__init__(scale=1.0, gradient=gradient)
+
+
+@register_margin("normface")
+class NormFace(Margin):
+    """NormFace: `s cos_j` for every class."""
+
+    def __init__(self, s: float = 30.0, gradient: str = "exact") -> None:
+        super().__init__(scale=s, gradient=gradient)
+
+
+def coco_alpha_lower_bound(num_classes: int, eps: float = 0.9975273768433653) -> float:
+    """Smallest COCO scale alpha at which the true-class probability can reach `eps`.
+
+    With cosines in [-1, 1] the best a sample can do is cos_y = 1 and cos_j = -1 for the
+    other K - 1 classes, giving p_y = e^a / (e^a + (K-1) e^-a). Asking p_y >= eps:
+        e^{2a} >= (K-1) eps / (1 - eps)  =>  a >= 0.5 ln(K-1) + 0.5 ln(eps / (1 - eps)).
+    The paper's practical setting, 0.5 ln(K-1) + 3, is this bound at
+    eps = e^6 / (1 + e^6) ~ 0.99753 (the default here).
+    """
+    if num_classes < 2:
+        raise ValueError(f"COCO needs at least 2 classes, got num_classes={num_classes}")
+    if not 0.0 < eps < 1.0:
+        raise ValueError(f"eps must lie in (0, 1), got {eps}")
+    return 0.5 * math.log(num_classes - 1) + 0.5 * math.log(eps / (1.0 - eps))
+
+
+@register_margin("coco")
+class Coco(Margin):
+    """COCO (congenerous cosine): `alpha cos_j` with the centroids = normalised class
+    weights learned by backprop. `alpha` defaults to `coco_alpha_lower_bound(K)`."""
+
+    def __init__(self, alpha: float | None = None, num_classes: int | None = None,
+                 gradient: str = "exact") -> None:
+        if alpha is None:
+            if num_classes is None:
+                raise ValueError("coco needs alpha=... or num_classes=... to derive alpha")
+            alpha = coco_alpha_lower_bound(num_classes)
+        super().__init__(scale=alpha, gradient=gradient)
+
+
+@register_margin("cosface")
+class CosFace(Margin):
+    """CosFace: target `s (cos_y - m)`, others `s cos_j`."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.35, gradient: str = "exact") -> None:
+        super().__init__(scale=s, gradient=gradient)
+        self.m = float(m)
+
+    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale * (cos_t - self.m), torch.full_like(cos_t, self.scale)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, m={self.m}"
+
+
+@register_margin("arcface")
+class ArcFace(Margin):
+    """ArcFace: target `s cos(theta_y + m)`, others `s cos_j`.
+
+    Exact gradient (default): d/dcos cos(theta + m) = cos m + sin m * cos / sin(theta).
+    Where theta + m > pi the target stops being monotone; there (cos_y <= cos(pi - m)) the
+    target is `cos_y - m sin(pi - m)` (the th/mm fall-back, derivative 1).
+    `easy_margin=True` applies the margin only where cos_y > 0 (and never falls back).
+    `gradient="straight_through"`: dz/dcos = s everywhere.
+    """
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False,
+                 gradient: str = "exact") -> None:
+        super().__init__(scale=s, gradient=gradient)
+        self.m = float(m)
+        self.easy_margin = bool(easy_margin)
+        self.cos_m, self.sin_m = math.cos(m), math.sin(m)
+        self.th = math.cos(math.pi - m)
+        self.mm = math.sin(math.pi - m) * m
+
+    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        sin_t = _sin_from_cos(cos_t)
+        shifted = cos_t * self.cos_m - sin_t * self.sin_m
+        d_shifted = self.cos_m + self.sin_m * cos_t / sin_t.clamp_min(_SIN_FLOOR)
+        if self.easy_margin:
+            keep = cos_t > 0
+        else:
+            keep = cos_t > self.th
+            cos_t = cos_t - self.mm  # the fall-back branch's value
+        logit = torch.where(keep, shifted, cos_t)
+        derivative = torch.where(keep, d_shifted, torch.ones_like(d_shifted))
+        return self.scale * logit, self.scale * derivative
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, m={self.m}, easy_margin={self.easy_margin}"
+
+
+@register_margin("combined")
+class Combined(Margin):
+    """Combined margin: target `s (cos(m1 theta_y + m2) - m3)`, others `s cos_j`.
+
+    Exact derivative: m1 sin(m1 theta + m2) / sin(theta) (sin floored at 1e-12).
+    """
+
+    def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
+                 gradient: str = "exact") -> None:
+        super().__init__(scale=s, gradient=gradient)
+        self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
+
+    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = torch.acos(cos_t.clamp(-1.0, 1.0))
+        angle = self.m1 * theta + self.m2
+        logit = torch.cos(angle) - self.m3
+        derivative = self.m1 * torch.sin(angle) / _sin_from_cos(cos_t).clamp_min(_SIN_FLOOR)
+        return self.scale * logit, self.scale * derivative
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, m1={self.m1}, m2={self.m2}, m3={self.m3}"
