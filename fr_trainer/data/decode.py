@@ -1,0 +1,72 @@
+"""Image decode and normalisation: Pillow on CPU, torchvision's nvJPEG on GPU when present.
+
+Training images are normalised to `(x / 255 - 0.5) / 0.5`, i.e. `x / 127.5 - 1`, in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 [H,W,3] RGB; resized (bilinear) to `size` x `size` if given.
+
+    Raises the decoder's error (OSError/ValueError...) on bytes that do not decode.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        if size is not None and image.format == "JPEG":
+            image.draft("RGB", (size, size))  # DCT-domain downscale of large JPEGs
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image)
+
+
+def to_chw_uint8(pixels: np.ndarray, flip: bool) -> torch.Tensor:
+    """uint8 [H,W,3] -> uint8 [3,H,W] (horizontally flipped if `flip`)."""
+    if flip:
+        pixels = pixels[:, ::-1]
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 `(x/255 - 0.5)/0.5` in [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+def gpu_decode_available() -> bool:
+    """True when torchvision (the `vision` extra) and a CUDA device are present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import torchvision.io  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def decode_jpeg_batch_gpu(datas: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
+    """Encoded images (uint8 1-D tensors) -> uint8 [B,3,size,size] on `device` (nvJPEG).
+
+    Needs the `vision` extra (torchvision with CUDA). Images of another size are resized.
+    """
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError as error:
+        raise ImportError(
+            "GPU JPEG decode needs torchvision: pip install 'fr_trainer[vision]' "
+            "(with a CUDA build of torch), or use decode='pil'"
+        ) from error
+    images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    out = []
+    for image in images:
+        if image.shape[-2:] != (size, size):
+            image = torch.nn.functional.interpolate(
+                image[None].float(), size=(size, size), mode="bilinear", align_corners=False
+            )[0].round().clamp(0, 255).to(torch.uint8)
+        out.append(image)
+    return torch.stack(out)

@@ -1,0 +1,123 @@
+"""A prefetching loader over `RecordDataset`: workers decode, the device normalises.
+
+`build_loader(dataset, batch_size=..., rank=..., world_size=...)` returns a
+`PrefetchLoader` yielding `(images float32 [B,3,H,W], labels int64 [B])` on `device`:
+
+- decode="pil": DataLoader workers decode with Pillow and flip; uint8 batches are pinned,
+  copied (on CUDA, one batch ahead on a side stream) and normalised on the device.
+- decode="gpu": workers only read bytes; the main process decodes batches with
+  torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU.
+- decode="auto": "gpu" when torchvision and CUDA are present, else "pil".
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from fr_trainer.data.dataset import RecordDataset
+from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize
+from fr_trainer.data.samplers import DistributedSampler
+
+
+def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    datas, labels, flips = zip(*items)
+    return list(datas), torch.stack(labels), torch.stack(flips)
+
+
+class PrefetchLoader:
+    """Iterates a DataLoader and delivers normalised batches on `device` one batch ahead."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, decode: str, image_size: int) -> None:
+        self.loader, self.device, self.decode, self.image_size = loader, device, decode, image_size
+
+    @property
+    def dataset(self) -> RecordDataset:
+        return self.loader.dataset
+
+    @property
+    def sampler(self) -> Sampler:
+        """The resumable sampler: the PK batch sampler, else the DistributedSampler."""
+        batch_sampler = self.loader.batch_sampler
+        return batch_sampler if hasattr(batch_sampler, "set_epoch") else self.loader.sampler
+
+    def set_epoch(self, epoch: int, position: int = 0) -> None:
+        """Reshuffle (sampler) and re-draw flips (dataset); resume at `position` (samples of this
+        rank for the DistributedSampler, batches for the PK sampler)."""
+        self.sampler.set_epoch(epoch, position)
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        non_blocking = self.device.type == "cuda"
+        if self.decode == "gpu":
+            datas, labels, flips = batch
+            images = decode_jpeg_batch_gpu(datas, self.device, self.image_size)
+            flips = flips.to(self.device, non_blocking=non_blocking)
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        else:
+            images, labels = batch
+            images = images.to(self.device, non_blocking=non_blocking)
+        return normalize(images), labels.to(self.device, non_blocking=non_blocking)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self._to_device(batch)
+            return
+        stream = torch.cuda.Stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(stream):
+                ready = self._to_device(batch)
+            if pending is not None:
+                yield pending
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for tensor in ready:
+                tensor.record_stream(torch.cuda.current_stream(self.device))
+            pending = ready
+        if pending is not None:
+            yield pending
+
+
+def build_loader(
+    dataset: RecordDataset,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 2,
+    device: str | torch.device = "cpu",
+    decode: str = "auto",
+    drop_last: bool = True,
+    batch_sampler: Sampler | None = None,
+    prefetch_factor: int = 4,
+) -> PrefetchLoader:
+    """A `PrefetchLoader` over `dataset` with a `DistributedSampler(rank, world_size, seed)`
+    (or the given `batch_sampler`, e.g. a `PKBatchSampler`). Sets `dataset.output`."""
+    device = torch.device(device)
+    if decode == "auto":
+        decode = "gpu" if device.type == "cuda" and gpu_decode_available() else "pil"
+    if decode not in ("pil", "gpu"):
+        raise ValueError(f"decode must be 'auto', 'pil' or 'gpu', got {decode!r}")
+    if decode == "gpu" and device.type != "cuda":
+        raise ValueError("decode='gpu' needs a CUDA device; use decode='pil' on CPU")
+    dataset.output = "bytes" if decode == "gpu" else "uint8"
+    kwargs = dict(
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=_collate_bytes if decode == "gpu" else None,
+    )
+    if num_workers > 0:
+        kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
+    if batch_sampler is not None:
+        loader = DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
+    else:
+        sampler = DistributedSampler(len(dataset), rank, world_size, seed=seed, drop_last=drop_last)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+    return PrefetchLoader(loader, device, decode, dataset.image_size)
