@@ -272,4 +272,4 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
 
 def _sparse_rows(index: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """A coalesced sparse COO tensor of `shape` holding `rows` at the sorted `index`."""
-    return torch.sparse_coo_tensor(index[None], rows, shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(index[None], rows, shape, is_coalesced=True, check_invariants=False)
