@@ -31,7 +31,8 @@ def invert(matrix: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    "params", [(1.0, 0.0, 0.0, 0.0), (2.3, 17.0, 40.0, -12.5), (0.6, -35.0, 3.0, 90.0), (1.7, 170.0, 5, 5)]
+    "params",
+    [(1.0, 0.0, 0.0, 0.0), (2.3, 17.0, 40.0, -12.5), (0.6, -35.0, 3.0, 90.0), (1.7, 170.0, 5, 5)],
 )
 def test_recovers_template_from_known_similarity(params):
     to_loose = similarity(*params)  # template -> detected points in the loose crop

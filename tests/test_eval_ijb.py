@@ -100,7 +100,9 @@ def test_identification_hand_computed():
     gallery_subjects = np.array([100, 200, 300, 300])  # subject 300 has two templates
     probes = np.array([angle(10), angle(60), angle(200), angle(30), angle(270)])
     probe_subjects = np.array([100, 200, 300, 999, 998])
-    result = identification(probes, probe_subjects, gallery, gallery_subjects, fpirs=(1e-4, 0.5, 1.0))
+    result = identification(
+        probes, probe_subjects, gallery, gallery_subjects, fpirs=(1e-4, 0.5, 1.0)
+    )
     # mates: p0 -> 100 best (cos 10°) rank 1; p1 -> 300 via 45° (cos 15°) beats 200 (cos 30°): rank 2;
     # p2 -> 300 (cos 20°) rank 1. Non-mated best scores: cos 15° and cos 90° = 0.
     assert result["num_mated"] == 3 and result["num_nonmated"] == 2
@@ -153,7 +155,11 @@ def gray_tree(root, contaminate: bool = True):
         add(0, 1, media, 0.9)
         add(1, 1, media, 0.1)
     tids = sorted(subject_of)
-    pairs = [(a, b, int(subject_of[a] == subject_of[b])) for i, a in enumerate(tids) for b in tids[i + 1 :]]
+    pairs = [
+        (a, b, int(subject_of[a] == subject_of[b]))
+        for i, a in enumerate(tids)
+        for b in tids[i + 1 :]
+    ]
     galleries = {
         "G1": {10 * s + 1: s for s in range(0, SUBJECTS, 2)},
         "G2": {10 * s + 1: s for s in range(1, SUBJECTS, 2)},
@@ -170,9 +176,11 @@ def onnx_model(tmp_path_factory):
 
 def test_full_pipeline_scores_and_files(tmp_path, onnx_model):
     root = tmp_path / "ijb" / "IJBC"
-    images, pairs = gray_tree(root)
+    images, _ = gray_tree(root)
     out = tmp_path / "out"
-    result = evaluate_ijb(OnnxEmbedder(onnx_model), tmp_path / "ijb", "IJBC", out_dir=out, batch_size=5)
+    result = evaluate_ijb(
+        OnnxEmbedder(onnx_model), tmp_path / "ijb", "IJBC", out_dir=out, batch_size=5
+    )
     assert result["num_images"] == len(images) and result["num_templates"] == 2 * SUBJECTS
     data = np.load(out / "ijbc_scores.npz")
     score = {(int(a), int(b)): float(s) for a, b, s in zip(data["t1"], data["t2"], data["scores"])}
@@ -182,7 +190,9 @@ def test_full_pipeline_scores_and_files(tmp_path, onnx_model):
     f = data["image_features"]
     row_of = {name: i for i, name in enumerate(meta.image_names)}
     det = meta.det_scores
-    a, b, c, d = (row_of[n] for n in ("1.png", "2.png", f"{len(images) - 1}.png", f"{len(images)}.png"))
+    a, b, c, d = (
+        row_of[n] for n in ("1.png", "2.png", f"{len(images) - 1}.png", f"{len(images)}.png")
+    )
     t1 = unit(det[a] * f[a] + det[b] * f[b] + (0.9 * f[c] + 0.1 * f[d]) / 2)
     k = [row_of[im.name] for im in images if im.template_id == 11]
     t11 = unit(sum((det[i] * f[i] for i in k[:1]), np.zeros_like(t1)) + det[k[1]] * f[k[1]])
@@ -196,7 +206,9 @@ def test_full_pipeline_scores_and_files(tmp_path, onnx_model):
     assert score[(1, 11)] == pytest.approx(t1_analytic[1], rel=1e-3)
     assert score[(11, 21)] == pytest.approx(0.0, abs=1e-6)
     assert score[(21, 22)] == pytest.approx(1.0, abs=1e-6)
-    assert result["tar_at_far"] == pytest.approx({f: 1.0 for f in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)})
+    assert result["tar_at_far"] == pytest.approx(
+        {f: 1.0 for f in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)}
+    )
     ident = result["identification"]
     assert set(ident) == {"G1", "G2"}
     for gallery in ident.values():
@@ -212,12 +224,26 @@ def test_full_pipeline_scores_and_files(tmp_path, onnx_model):
 def test_ijb_cli_runs_and_reports(tmp_path, onnx_model, capsys):
     gray_tree(tmp_path / "tree", contaminate=False)
     code = ijb_main(
-        [str(onnx_model), "--root", str(tmp_path / "tree"), "--target", "ijbc",
-         "--out", str(tmp_path / "o"), "--quiet", "--far-mode", "nearest"]
+        [
+            str(onnx_model),
+            "--root",
+            str(tmp_path / "tree"),
+            "--target",
+            "ijbc",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+            "--far-mode",
+            "nearest",
+        ]
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert "IJBC 1:1" in printed and "[nearest]" in printed and "IJBC 1:N G1: rank-1: 100.00" in printed
+    assert (
+        "IJBC 1:1" in printed
+        and "[nearest]" in printed
+        and "IJBC 1:N G1: rank-1: 100.00" in printed
+    )
     code = ijb_main([str(onnx_model), "--root", str(tmp_path / "nowhere"), "--quiet"])
     assert code == 1
     assert "nowhere" in capsys.readouterr().err
@@ -238,7 +264,9 @@ def test_meta_errors_name_the_file_and_the_expectation(tmp_path):
     lmk = root / "meta" / "ijbc_name_5pts_score.txt"
     backup = lmk.read_text()
     lmk.write_text("".join(backup.splitlines(keepends=True)[:-1]))
-    with pytest.raises(ValueError, match=r"ijbc_name_5pts_score\.txt has 23 landmark rows.*24 images"):
+    with pytest.raises(
+        ValueError, match=r"ijbc_name_5pts_score\.txt has 23 landmark rows.*24 images"
+    ):
         load_ijb_meta(root)
     lines = backup.splitlines(keepends=True)
     lmk.write_text("".join([lines[1], lines[0], *lines[2:]]))
@@ -248,7 +276,9 @@ def test_meta_errors_name_the_file_and_the_expectation(tmp_path):
     with pytest.raises(ValueError, match=r"line 25: 4 fields; expected 12"):
         load_ijb_meta(root)
     lmk.unlink()
-    with pytest.raises(FileNotFoundError, match=r"missing IJB meta file .*ijbc_name_5pts_score\.txt"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing IJB meta file .*ijbc_name_5pts_score\.txt"
+    ):
         load_ijb_meta(root)
     lmk.write_text(backup)
 
@@ -284,8 +314,14 @@ def test_missing_image_and_missing_probe_file(tmp_path, onnx_model):
 
 
 def test_mini_ijb_generator_round_trip(tmp_path):
-    info = make_mini_ijb(tmp_path / "mini", num_subjects=4, templates_per_subject=2,
-                         medias_per_template=1, images_per_media=2, impostors_per_genuine=2)
+    info = make_mini_ijb(
+        tmp_path / "mini",
+        num_subjects=4,
+        templates_per_subject=2,
+        medias_per_template=1,
+        images_per_media=2,
+        impostors_per_genuine=2,
+    )
     meta = load_ijb_meta(tmp_path / "mini")
     assert len(meta.image_names) == info["num_images"] == 16
     assert meta.pair_labels.sum() == 4 and meta.pair_labels.size == info["num_pairs"] == 12

@@ -126,7 +126,7 @@ def test_bad_bin_files_name_the_file_and_what_was_expected(tmp_path):
 
 
 def test_known_identity_function_gives_expected_accuracy(tmp_path, onnx_model):
-    images, issame, truly_same = pair_plan()
+    images, issame, _ = pair_plan()
     path = write_bin(tmp_path / "synthetic.bin", images, issame, fmt="PNG")
     embedder = OnnxEmbedder(onnx_model, batch_size=64)
     assert embedder.providers[-1] == "CPUExecutionProvider"
@@ -211,7 +211,9 @@ def test_sharded_embedding_gathers_to_the_whole(onnx_model):
     for world in (1, 3, 4):
         slices = [shard_slice(len(images), r, world) for r in range(world)]
         assert sum(s.stop - s.start for s in slices) == len(images)
-        gathered = np.concatenate([embed_images(embedder, images[s], batch_size=16) for s in slices])
+        gathered = np.concatenate(
+            [embed_images(embedder, images[s], batch_size=16) for s in slices]
+        )
         np.testing.assert_allclose(gathered, whole, atol=1e-6)
     result = evaluate_embeddings(whole, issame, nfolds=5)
     assert result["num_pairs"] == 50

@@ -11,10 +11,10 @@ from __future__ import annotations
 import io
 import os
 import pickle
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -85,7 +85,7 @@ def read_bin_pickle(path: str | os.PathLike) -> tuple[list, np.ndarray]:
     with open(path, "rb") as f:
         try:
             obj = pickle.load(f, encoding="bytes")
-        except Exception as error:  # noqa: BLE001 - any unpickling failure is a bad file
+        except Exception as error:
             raise ValueError(
                 f"{path}: not a readable .bin pickle ({type(error).__name__}: {error}); "
                 "expected pickle.dump((bins, issame_list))"
@@ -125,7 +125,7 @@ def load_bin(
     def decode(i: int) -> None:
         try:
             images[i] = decode_image(_to_bytes(bins[i]), image_size)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             raise ValueError(f"{path}: image {i} could not be decoded: {error}") from error
 
     indices = range(len(bins))

@@ -13,8 +13,12 @@ from fr_trainer.eval.metrics import FAR_MODES
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="an .onnx file, or a training checkpoint")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default 128)")
-    parser.add_argument("--no-flip", action="store_true", help="do not add the flipped image's embedding")
+    parser.add_argument(
+        "--batch-size", type=int, default=128, help="images per batch (default 128)"
+    )
+    parser.add_argument(
+        "--no-flip", action="store_true", help="do not add the flipped image's embedding"
+    )
     parser.add_argument(
         "--far-mode",
         choices=FAR_MODES,
@@ -27,9 +31,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="comma-separated onnxruntime providers (default: CUDA when present, else CPU)",
     )
-    parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)")
-    parser.add_argument("--device", default=None, help="torch device for checkpoints (default: the model's)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = default)"
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device for checkpoints (default: the model's)"
+    )
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the results to this JSON file"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -73,7 +83,11 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--bin", nargs="+", required=True, type=Path, help=".bin verification sets")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default 10)")
     parser.add_argument(
-        "--fars", type=float, nargs="+", default=[1e-3, 1e-4], help="FARs for TAR@FAR (default 1e-3 1e-4)"
+        "--fars",
+        type=float,
+        nargs="+",
+        default=[1e-3, 1e-4],
+        help="FARs for TAR@FAR (default 1e-3 1e-4)",
     )
     parser.add_argument(
         "--grid",
@@ -124,10 +138,16 @@ def ijb_main(argv: list[str]) -> int:
         description="IJB-C / IJB-B 1:1 verification (TAR@FAR) and 1:N identification.",
     )
     _add_model_args(parser)
-    parser.add_argument("--root", type=Path, required=True, help="directory with meta/ and loose_crop/")
+    parser.add_argument(
+        "--root", type=Path, required=True, help="directory with meta/ and loose_crop/"
+    )
     parser.add_argument("--target", default="IJBC", type=str.upper, choices=["IJBC", "IJBB"])
-    parser.add_argument("--out", type=Path, default=None, help="output dir (default: ./ijb_<target>)")
-    parser.add_argument("--no-det-score", action="store_true", help="do not weight by detection score")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output dir (default: ./ijb_<target>)"
+    )
+    parser.add_argument(
+        "--no-det-score", action="store_true", help="do not weight by detection score"
+    )
     parser.add_argument("--no-1n", action="store_true", help="skip 1:N identification")
     parser.add_argument("--workers", type=int, default=4, help="image decode/align threads")
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -73,13 +74,15 @@ class OnnxEmbedder:
             raise FileNotFoundError(f"ONNX model {self.path} does not exist")
         if providers is None:
             available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+            providers = [
+                p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available
+            ]
         options = ort.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = int(num_threads)
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=list(providers))
-        except Exception as error:  # noqa: BLE001 - onnxruntime raises several types
+        except Exception as error:
             raise ValueError(f"{self.path}: onnxruntime cannot load this model: {error}") from error
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
@@ -159,7 +162,9 @@ def iter_batches(n: int, batch_size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + batch_size))
 
 
-def embed_batch(embedder: Callable[[np.ndarray], np.ndarray], images: np.ndarray, flip: bool = True) -> np.ndarray:
+def embed_batch(
+    embedder: Callable[[np.ndarray], np.ndarray], images: np.ndarray, flip: bool = True
+) -> np.ndarray:
     """uint8 [B, H, W, 3] -> float32 [B, D]; with flip, emb(x) + emb(x flipped left-right)."""
     batch = normalize_images(images)
     if not flip:
@@ -235,9 +240,13 @@ def load_embedder(
     """
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model {path} does not exist (expected an .onnx file or a checkpoint)")
+        raise FileNotFoundError(
+            f"model {path} does not exist (expected an .onnx file or a checkpoint)"
+        )
     if path.suffix.lower() == ".onnx":
-        return OnnxEmbedder(path, providers=providers, batch_size=batch_size, num_threads=num_threads)
+        return OnnxEmbedder(
+            path, providers=providers, batch_size=batch_size, num_threads=num_threads
+        )
     # --- seam: training checkpoints are read by the trainer's checkpoint module ---
     try:
         from fr_trainer.train.checkpoint import load_backbone

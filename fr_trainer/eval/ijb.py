@@ -21,10 +21,10 @@ import csv
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -127,7 +127,9 @@ def load_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
     """Read and cross-check the three 1:1 meta files of `target` under ROOT."""
     prefix = _prefix(target)
     directory = find_ijb_dir(root, target)
-    tid_path = _meta_file(directory, prefix, "face_tid_mid.txt", "'image_name template_id media_id'")
+    tid_path = _meta_file(
+        directory, prefix, "face_tid_mid.txt", "'image_name template_id media_id'"
+    )
     pair_path = _meta_file(directory, prefix, "template_pair_label.txt", "'tid1 tid2 label'")
     lmk_path = _meta_file(
         directory, prefix, "name_5pts_score.txt", "'image_name x1 y1 ... x5 y5 det_score'"
@@ -149,7 +151,9 @@ def load_ijb_meta(root: str | os.PathLike, target: str = "IJBC") -> IJBMeta:
             )
     lmk = _parse(lmk_path, (v for r in lmk_rows for v in r[1:]), np.float32, "landmarks and scores")
     lmk = lmk.reshape(len(lmk_rows), 11)
-    pairs = _parse(pair_path, (v for r in pair_rows for v in r), np.int64, "template ids and labels")
+    pairs = _parse(
+        pair_path, (v for r in pair_rows for v in r), np.int64, "template ids and labels"
+    )
     pairs = pairs.reshape(len(pair_rows), 3)
     ids = _parse(tid_path, (v for r in tid_rows for v in r[1:]), np.int64, "template and media ids")
     ids = ids.reshape(len(tid_rows), 2)
@@ -186,7 +190,9 @@ def load_aligned(directory: Path, name: str, landmarks: np.ndarray) -> np.ndarra
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"IJB image {path} listed in the meta files does not exist") from None
+        raise FileNotFoundError(
+            f"IJB image {path} listed in the meta files does not exist"
+        ) from None
     return align_face(array, landmarks)
 
 
@@ -208,7 +214,7 @@ def embed_ijb_images(
     pool = ThreadPoolExecutor(max(1, num_workers))
 
     def prepare(part: slice):
-        load = lambda i: load_aligned(meta.directory, meta.image_names[i], meta.landmarks[i])  # noqa: E731
+        load = lambda i: load_aligned(meta.directory, meta.image_names[i], meta.landmarks[i])
         return pool.map(load, range(part.start, part.stop))
 
     bar = None
@@ -280,7 +286,9 @@ def _rows_of(templates: np.ndarray, ids: np.ndarray, where: str) -> np.ndarray:
     rows = np.clip(rows, 0, len(templates) - 1)
     missing = templates[rows] != ids
     if missing.any():
-        raise ValueError(f"{where}: template ids {np.unique(ids[missing])[:10].tolist()} have no feature")
+        raise ValueError(
+            f"{where}: template ids {np.unique(ids[missing])[:10].tolist()} have no feature"
+        )
     return rows
 
 
@@ -376,7 +384,9 @@ def identification(
     mated = subjects[column] == probe_subjects
     mate_score = subject_scores[mated, column[mated]]
     mate_rank = 1 + (subject_scores[mated] > mate_score[:, None]).sum(axis=1)
-    nonmated_best = np.sort(subject_scores[~mated].max(axis=1))[::-1] if (~mated).any() else np.zeros(0)
+    nonmated_best = (
+        np.sort(subject_scores[~mated].max(axis=1))[::-1] if (~mated).any() else np.zeros(0)
+    )
     n_mated, n_nonmated = int(mated.sum()), int((~mated).sum())
     rank = {int(k): float((mate_rank <= k).mean()) if n_mated else float("nan") for k in ranks}
     tpir = {}
@@ -394,7 +404,8 @@ def find_1n_files(meta: IJBMeta) -> tuple[dict[str, Path], Path] | None:
     """({gallery name: csv}, probe csv), or None when the target has no 1:N gallery files."""
     meta_dir = meta.directory / "meta"
     galleries = {
-        p.stem.rsplit("_", 1)[-1]: p for p in sorted(meta_dir.glob(f"{meta.prefix}_1N_gallery_*.csv"))
+        p.stem.rsplit("_", 1)[-1]: p
+        for p in sorted(meta_dir.glob(f"{meta.prefix}_1N_gallery_*.csv"))
     }
     if not galleries:
         return None
@@ -428,7 +439,9 @@ def evaluate_1n(
 # ----------------------------------------------------------------------------- driver
 
 
-def roc_for_plot(fpr: np.ndarray, tpr: np.ndarray, points: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+def roc_for_plot(
+    fpr: np.ndarray, tpr: np.ndarray, points: int = 2000
+) -> tuple[np.ndarray, np.ndarray]:
     """A thinned ROC for plotting: the upper envelope at `points` log-spaced FARs."""
     positive = fpr > 0
     if not positive.any():
@@ -472,7 +485,10 @@ def evaluate_ijb(
     timings["embed"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     templates, features = template_features(
-        image_features, meta.template_ids, meta.media_ids, meta.det_scores if use_det_score else None
+        image_features,
+        meta.template_ids,
+        meta.media_ids,
+        meta.det_scores if use_det_score else None,
     )
     scores = pair_scores(templates, features, meta.pair_t1, meta.pair_t2)
     fpr, tpr, _ = roc_curve(scores, meta.pair_labels)
@@ -486,7 +502,7 @@ def evaluate_ijb(
         "tar_at_far": tar,
         "far_mode": far_mode,
         "num_images": len(meta.image_names),
-        "num_templates": int(len(templates)),
+        "num_templates": len(templates),
         "num_pairs": int(scores.size),
         "identification": ident,
         "files": {},

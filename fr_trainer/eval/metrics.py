@@ -15,7 +15,8 @@ Two conventions for "TAR at FAR f" (see FORMATS.md):
 
 from __future__ import annotations
 
-from typing import Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 

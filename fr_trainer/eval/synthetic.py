@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -135,17 +135,17 @@ def write_ijb_tree(
     root = Path(root)
     (root / "meta").mkdir(parents=True, exist_ok=True)
     (root / "loose_crop").mkdir(parents=True, exist_ok=True)
-    with open(root / "meta" / f"{prefix}_face_tid_mid.txt", "w") as tid, open(
-        root / "meta" / f"{prefix}_name_5pts_score.txt", "w"
-    ) as lmk:
+    with (
+        open(root / "meta" / f"{prefix}_face_tid_mid.txt", "w") as tid,
+        open(root / "meta" / f"{prefix}_name_5pts_score.txt", "w") as lmk,
+    ):
         for item in images:
             Image.fromarray(item.image).save(root / "loose_crop" / item.name)
             tid.write(f"{item.name} {item.template_id} {item.media_id}\n")
             points = " ".join(f"{v:.4f}" for v in np.asarray(item.landmarks).reshape(-1))
             lmk.write(f"{item.name} {points} {item.det_score:.6f}\n")
     with open(root / "meta" / f"{prefix}_template_pair_label.txt", "w") as f:
-        for t1, t2, label in pairs:
-            f.write(f"{t1} {t2} {label}\n")
+        f.writelines(f"{t1} {t2} {label}\n" for t1, t2, label in pairs)
     files_of: dict[int, list[str]] = {}
     for item in images:
         files_of.setdefault(item.template_id, []).append(item.name)
@@ -212,7 +212,14 @@ def make_mini_ijb(
                     index += 1
                     loose, points = loose_crop_from_aligned(face(subject, rng), rng)
                     images.append(
-                        IJBImage(f"{index}.{image_format}", tid, mid, loose, points, float(rng.uniform(0.5, 1.0)))
+                        IJBImage(
+                            f"{index}.{image_format}",
+                            tid,
+                            mid,
+                            loose,
+                            points,
+                            float(rng.uniform(0.5, 1.0)),
+                        )
                     )
     pairs = []
     for subject, tids in templates_of.items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -114,7 +114,11 @@ def verify_binset(
     """Embed a loaded `.bin` and evaluate it; adds "name", "embed_seconds", "images_per_second"."""
     start = time.perf_counter()
     embeddings = embed_images(
-        embedder, binset.images, batch_size, flip, progress=f"embed {binset.name}" if progress else False
+        embedder,
+        binset.images,
+        batch_size,
+        flip,
+        progress=f"embed {binset.name}" if progress else False,
     )
     seconds = time.perf_counter() - start
     result = evaluate_embeddings(embeddings, binset.issame, **kwargs)
@@ -133,4 +137,6 @@ def verify_bin(
     **kwargs,
 ) -> dict:
     """Load, embed and evaluate one `.bin` file (see `evaluate` for the keys)."""
-    return verify_binset(embedder, load_bin(path, progress=progress), batch_size, flip, progress, **kwargs)
+    return verify_binset(
+        embedder, load_bin(path, progress=progress), batch_size, flip, progress, **kwargs
+    )
