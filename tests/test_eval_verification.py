@@ -23,7 +23,7 @@ from fr_trainer.eval.embedder import (
     shard_slice,
 )
 from fr_trainer.eval.synthetic import export_onnx_simple, gray_code_net, gray_image
-from fr_trainer.eval.verification import evaluate_embeddings, verify_bin
+from fr_trainer.eval.verification import embed_shard, evaluate_embeddings, verify_bin
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -215,6 +215,8 @@ def test_sharded_embedding_gathers_to_the_whole(onnx_model):
             [embed_images(embedder, images[s], batch_size=16) for s in slices]
         )
         np.testing.assert_allclose(gathered, whole, atol=1e-6)
+    parts = [embed_shard(embedder, images, r, 3, batch_size=8) for r in range(3)]
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-6)
     result = evaluate_embeddings(whole, issame, nfolds=5)
     assert result["num_pairs"] == 50
     with pytest.raises(ValueError, match="out of|outside"):

@@ -28,6 +28,7 @@ VERIFICATION_FARS: tuple[float, ...] = (1e-3, 1e-4)
 __all__ = [
     "VERIFICATION_FARS",
     "embed_images",
+    "embed_shard",
     "evaluate",
     "evaluate_embeddings",
     "l2_normalize",
@@ -89,6 +90,28 @@ def evaluate(
         "far_mode": far_mode,
         "num_pairs": int(issame.size),
     }
+
+
+def embed_shard(
+    embedder: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    rank: int,
+    world_size: int,
+    batch_size: int = 128,
+    flip: bool = True,
+) -> np.ndarray:
+    """This rank's part of the embeddings of a whole set, for verification in training.
+
+    Args:
+        images: uint8 [2N, H, W, 3], the whole set (every rank holds it).
+    Returns:
+        float32 [n_rank, D] for `images[shard_slice(len(images), rank, world_size)]`;
+        blocks of ranks 0..world_size-1 concatenated in order give the whole [2N, D]
+        (block sizes differ by at most one: pad before an all_gather, then trim).
+    """
+    return embed_images(
+        embedder, images[shard_slice(len(images), rank, world_size)], batch_size, flip
+    )
 
 
 def evaluate_embeddings(embeddings: np.ndarray, issame: np.ndarray, **kwargs) -> dict:
