@@ -8,6 +8,7 @@ their checkpointable stages in `self._stages` (run in order by `_run_stages`).
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
@@ -79,30 +80,37 @@ class FaceBackbone(nn.Module):
 
 @contextlib.contextmanager
 def _frozen_bn_stats(module: nn.Module) -> Iterator[None]:
-    """During checkpoint recomputation: use batch statistics, leave running stats alone.
+    """During checkpoint recomputation: same BatchNorm call, running stats left alone.
 
-    With `track_running_stats=False` a BatchNorm in training mode normalises with the
-    batch statistics (as the first forward did) and neither updates `running_*` nor
-    `num_batches_tracked`. Modules in eval mode are left untouched.
+    Momentum 0 makes the in-place update `running = 1 * running + 0 * batch` (unchanged)
+    while the kernel and the tensors it saves for backward stay exactly those of the first
+    forward (which the non-reentrant checkpoint verifies); `num_batches_tracked`, which the
+    module bumps in Python, is restored afterwards. Modules in eval mode are untouched.
     """
-    toggled = []
+    saved = []
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            m.track_running_stats = False
-            toggled.append(m)
+            saved.append((m, m.momentum, m.num_batches_tracked.clone()))
+            m.momentum = 0.0
     try:
         yield
     finally:
-        for m in toggled:
-            m.track_running_stats = True
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convs (fan_out), BatchNorm weight 1 / bias 0; Linear and PReLU keep
+    """Kaiming-normal convs (fan_out, gain sqrt(2)), BatchNorm weight 1 / bias 0; Linear and PReLU keep
     PyTorch's defaults (PReLU slope 0.25)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            # kaiming normal, fan_out mode, counting the fan of grouped (depthwise) convs
+            # correctly: torch's own helper ignores groups and would shrink depthwise
+            # filters by a factor sqrt(channels).
+            kh, kw = m.kernel_size
+            fan_out = m.out_channels // m.groups * kh * kw
+            nn.init.normal_(m.weight, mean=0.0, std=math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
