@@ -12,18 +12,30 @@ from fr_trainer.margins.family import (
     Softmax,
     coco_alpha_lower_bound,
 )
+from fr_trainer.margins import support_vector as _support_vector  # noqa: F401  (registers)
+from fr_trainer.margins import others as _others  # noqa: F401  (registers)
+from fr_trainer.margins.support_vector import MVSoftmax, SupportVectorMargin, SVArcFace, SVCosFace, SVSoftmax
+from fr_trainer.margins.others import CircleClassLevel, CurricularFace, SphereFace
 
 __all__ = [
     "MARGINS",
     "ArcFace",
+    "CircleClassLevel",
     "Coco",
+    "coco_alpha_lower_bound",
     "Combined",
     "CosFace",
-    "Margin",
-    "NormFace",
-    "Softmax",
-    "coco_alpha_lower_bound",
     "create_margin",
+    "CurricularFace",
     "list_margins",
+    "Margin",
+    "MVSoftmax",
+    "NormFace",
     "register_margin",
+    "Softmax",
+    "SphereFace",
+    "SupportVectorMargin",
+    "SVArcFace",
+    "SVCosFace",
+    "SVSoftmax",
 ]
