@@ -1,0 +1,296 @@
+"""Typed training configuration: TOML/JSON files, validation, dotted overrides.
+
+    cfg = load_config("configs/demo.toml", overrides=["optim.lr=0.2", "data.root=/data"])
+    save_config(cfg, run_dir / "config.json")     # the resolved config of a run
+
+Unknown sections or keys are errors that name the key and list the accepted ones.
+Override values are parsed as TOML values (`0.2`, `true`, `"text"`, `[1, 2]`); a bare
+word that is not valid TOML is taken as a string (`--set model.backbone=iresnet50`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value or key that is wrong; the message names it and the fix."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"       # the run directory is output_dir/name
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = ""                 # holds train.rec/.idx and the .bin sets
+    rec: str = "train.rec"         # relative to root
+    num_classes: int | None = None  # None: read from the data
+    batch_size: int = 128          # per rank, per micro-step
+    num_workers: int = 2
+    flip: bool = True
+    decode: str = "auto"           # auto | pil | gpu
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "iresnet50"
+    embedding_size: int = 512
+    dropout: float = 0.0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    margin: str = "arcface"
+    margin_args: dict[str, Any] = field(default_factory=lambda: {"s": 64.0, "m": 0.5})
+    sample_rate: float = 1.0
+    chunk_size: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"              # sgd | adamw
+    lr: float = 0.1                # for the whole global batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_epochs: float = 0.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    power: float = 2.0             # polynomial decay exponent
+    clip_grad_norm: float = 0.0    # 0: no clipping
+    accumulate: int = 1            # micro-steps per optimizer step
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 20.0
+    max_steps: int | None = None   # optimizer steps; overrides epochs when set
+    device: str = "auto"           # auto | cpu | cuda
+    precision: str = "auto"        # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16 | fp64
+    nonfinite: str = "stop"        # stop | skip
+    max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
+    deterministic: bool = False
+    threads: int = 0               # torch intra-op threads per rank (0: torch default)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000        # 0: only at the end
+    keep_last: int = 2
+    resume: str = "auto"           # auto (latest in the run dir) | never | PATH
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 50
+    tensorboard: bool = True
+    progress: str = "auto"         # auto (a bar when attached to a terminal) | on | off
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 2000        # 0: only at the end
+    bins: list[str] = field(default_factory=lambda: ["*"])  # names/globs in data.root
+    batch_size: int = 128
+    at_end: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.decode": ("auto", "pil", "gpu"),
+    "optim.name": ("sgd", "adamw"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("auto", "fp32", "fp16", "bf16", "fp64"),
+    "train.nonfinite": ("stop", "skip"),
+    "log.progress": ("auto", "on", "off"),
+}
+
+
+# --------------------------------------------------------------------------- building
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field's type (int -> float widening allowed)."""
+    hint = annotation
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is Any:
+        return value
+    base = origin or hint
+    if base is list and isinstance(value, (list, tuple)):
+        return [_coerce(v, args[0], where) if args else v for v in value]
+    if base is dict and isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, bool) and base is not bool:
+        raise ConfigError(f"{where} must be {getattr(base, '__name__', base)}, got {value!r}")
+    if not isinstance(value, base):
+        raise ConfigError(f"{where} must be {getattr(base, '__name__', base)}, got {value!r} "
+                          f"({type(value).__name__})")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{where}] must be a table of keys, got {values!r}")
+    known = _fields(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            raise ConfigError(f"unknown config key {name!r}; accepted in "
+                              f"{'[' + where + ']' if where else 'the top level'}: {', '.join(known)}")
+        if dataclasses.is_dataclass(hints[key]):
+            kwargs[key] = _build(hints[key], value, name)
+        else:
+            kwargs[key] = _coerce(value, hints[key], name)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    """A validated `Config` from nested dicts (unknown keys raise `ConfigError`)."""
+    config = _build(Config, values, "")
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+# --------------------------------------------------------------------------- overrides
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(values: dict, assignment: str) -> None:
+    """`a.b.c=value` into nested dict `values` (in place)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not KEY=VALUE; e.g. --set optim.lr=0.2")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override key {key!r} is not a dotted name like optim.lr")
+    target = values
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is a value, not a section")
+    target[parts[-1]] = _parse_value(text.strip())
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a .toml or .json file "
+                          f"(see configs/)")
+    if path.suffix == ".toml":
+        try:
+            return tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    raise ConfigError(f"{path}: unknown config format {path.suffix!r}; use .toml or .json")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read a config file (or the defaults when `path` is None) and apply overrides."""
+    values = read_config_file(path) if path is not None else {}
+    for assignment in overrides:
+        apply_override(values, assignment)
+    return config_from_dict(values)
+
+
+def save_config(config: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(to_dict(config), indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- validation
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(config: Config) -> None:
+    """Value checks that need no data; the data-dependent ones run in `train.setup`."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
+    d, o, t, h = config.data, config.optim, config.train, config.head
+    _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
+    _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(d.num_classes is None or d.num_classes >= 1,
+           f"data.num_classes must be >= 1 or left out, got {d.num_classes}")
+    _check(config.model.embedding_size >= 1,
+           f"model.embedding_size must be >= 1, got {config.model.embedding_size}")
+    _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
+    _check(h.chunk_size is None or h.chunk_size >= 1,
+           f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}")
+    _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _check(o.momentum >= 0 and o.weight_decay >= 0,
+           f"optim.momentum and optim.weight_decay must be >= 0, got {o.momentum}, {o.weight_decay}")
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+           f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
+    _check(o.warmup_steps is None or o.warmup_steps >= 0,
+           f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(o.power >= 0, f"optim.power must be >= 0, got {o.power}")
+    _check(o.clip_grad_norm >= 0, f"optim.clip_grad_norm must be >= 0 (0 = off), got {o.clip_grad_norm}")
+    _check(o.accumulate >= 1, f"optim.accumulate must be >= 1, got {o.accumulate}")
+    _check(t.epochs > 0 or (t.max_steps or 0) > 0,
+           f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
+    _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
+    _check(t.max_nonfinite_skips >= 1, f"train.max_nonfinite_skips must be >= 1, got {t.max_nonfinite_skips}")
+    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,
+           "checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
+    _check(config.log.every_steps >= 1, f"log.every_steps must be >= 1, got {config.log.every_steps}")
+    _check(config.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {config.eval.every_steps}")
+    _check(bool(config.run.name) and "/" not in config.run.name,
+           f"run.name must be a non-empty name without '/', got {config.run.name!r}")
