@@ -100,7 +100,7 @@ class PKBatchSampler(Sampler[list[int]]):
     Each epoch shuffles the classes (same order on every rank); batch b of rank r uses
     classes `perm[(b * W + r) * P : (b * W + r + 1) * P]`, so within one global step every
     class sits on exactly one rank with K images. K images are drawn without replacement
-    (with replacement when a class has fewer than K). Yields lists of P*K dataset indices,
+    (a class with fewer than K gives all its images, then repeats). Yields lists of P*K dataset indices,
     class by class. `set_epoch(epoch, position)` resumes at batch `position`.
     """
 
@@ -148,7 +148,10 @@ class PKBatchSampler(Sampler[list[int]]):
         for cls in order[first : first + self.p]:
             group = self.groups[int(cls)]
             rng = np.random.default_rng([self.seed, self.epoch, index, int(cls)])
-            chosen = rng.choice(group, size=self.k, replace=group.size < self.k)
+            if group.size >= self.k:
+                chosen = rng.choice(group, size=self.k, replace=False)
+            else:  # every image once, then repeats to fill K
+                chosen = np.concatenate([rng.permutation(group), rng.choice(group, self.k - group.size)])
             picked.extend(int(i) for i in chosen)
         return picked
 
