@@ -1,6 +1,6 @@
 """The insightface layout of a `.rec`: which keys are images, how many classes there are.
 
-Record 0 is a header with an array label ``[a, b]``: image records are keys ``1 .. a-1``;
+Record 0 is a header with an array label ``[a, b]`` and no image bytes: image records are keys ``1 .. a-1``;
 records ``a .. b-1`` are one per identity, label ``[first, end)`` of its image keys and an
 empty payload, so ``num_classes = b - a``. A file without that header uses every key in the
 index as an image and its number of classes is read from the labels (max + 1).
@@ -41,8 +41,8 @@ def _header_range(reader: RecordReader) -> tuple[int, int] | None:
     """`(a, b)` from an insightface header record 0, or None when there is none."""
     if 0 not in reader:
         return None
-    header, _ = unpack(reader.read(0))
-    if header.flag < 2:
+    header, image = unpack(reader.read(0))
+    if header.flag < 2 or image:  # an image record (it has image bytes), not a header
         return None
     first, end = int(header.label[0]), int(header.label[1])
     if not (1 <= first <= end):

@@ -365,7 +365,8 @@ def generate(
 
 def _write_summary(path: Path, summary: SyntheticSummary) -> None:
     record = dataclasses.asdict(summary)
-    record.pop("seconds")  # keep summary.json identical for identical seeds
+    for volatile in ("seconds", "out_dir"):  # identical seeds give an identical summary.json
+        record.pop(volatile)
     path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
