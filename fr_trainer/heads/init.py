@@ -28,8 +28,11 @@ def init_centres(shard: ClassShard, embedding_size: int, seed: int, std: float =
     first, last = shard.start // INIT_BLOCK, (shard.end - 1) // INIT_BLOCK
     for block in range(first, last + 1):
         generator = torch.Generator().manual_seed(block_seed(seed, block))
-        rows = torch.empty(INIT_BLOCK, embedding_size, dtype=dtype).normal_(0.0, std, generator=generator)
         lo = max(shard.start, block * INIT_BLOCK)
         hi = min(shard.end, (block + 1) * INIT_BLOCK)
+        if hi - lo == INIT_BLOCK:  # a whole block: draw it in place
+            out[lo - shard.start : hi - shard.start].normal_(0.0, std, generator=generator)
+            continue
+        rows = torch.empty(INIT_BLOCK, embedding_size, dtype=dtype).normal_(0.0, std, generator=generator)
         out[lo - shard.start : hi - shard.start] = rows[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK]
     return out
