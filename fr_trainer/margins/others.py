@@ -47,7 +47,8 @@ class SphereFace(Margin):
     def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cos_t = cos_t.clamp(-1.0, 1.0)
         theta = torch.acos(cos_t)
-        k = torch.floor(self.m * theta / math.pi)
+        # the last interval [k pi/m, pi] is closed: theta = pi belongs to k = ceil(m) - 1
+        k = torch.floor(self.m * theta / math.pi).clamp_max_(math.ceil(self.m) - 1)
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
         if self.m.is_integer():
             cos_m_theta, ratio = _chebyshev(cos_t, int(self.m))
