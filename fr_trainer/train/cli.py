@@ -1,0 +1,52 @@
+"""`fr-trainer train CONFIG [--set key=value ...]` (also `torchrun ... -m fr_trainer train ...`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+PROG = "fr-trainer train"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Train a face-recognition model (DDP backbone, "
+                                "model-parallel PartialFC head). Launch with torchrun for several ranks.")
+    p.add_argument("config", help="a .toml or .json config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=0.2 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    import json
+
+    from fr_trainer.train.checkpoint import CheckpointError
+    from fr_trainer.train.config import ConfigError, load_config, to_dict
+
+    try:
+        config = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(json.dumps(to_dict(config), indent=2))
+            return 0
+        from fr_trainer.train.trainer import NonFiniteLoss, Trainer
+
+        trainer = Trainer(config)
+        trainer.fit()
+    except (ConfigError, CheckpointError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as error:
+        print(f"{PROG}: stopped: {error}", file=sys.stderr)
+        return 3
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

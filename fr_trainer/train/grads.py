@@ -1,0 +1,62 @@
+"""Gradient plumbing: the world-size factor for DDP, and global-norm clipping.
+
+`PartialFC` returns the exact gradient of the (replicated) loss w.r.t. each rank's local
+embeddings; the true backbone gradient is the SUM over ranks of those contributions, but
+DDP AVERAGES. `scale_backbone_grad(embeddings, world_size)` multiplies the gradient that
+flows into the backbone by the world size, so DDP's mean becomes the sum: this is the one
+place where that factor lives.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.factor, None
+
+
+def scale_backbone_grad(embeddings: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Identity forward; backward multiplies the gradient by `world_size` (DDP mean -> sum)."""
+    if world_size == 1:
+        return embeddings
+    return _ScaleGrad.apply(embeddings, float(world_size))
+
+
+def _square_sum(params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        total = total + g.detach().double().pow(2).sum()
+    return total
+
+
+def clip_global_norm(replicated: list[torch.nn.Parameter], sharded: list[torch.nn.Parameter],
+                     max_norm: float, group=None) -> float:
+    """Clip the gradient norm of the whole model: replicated parameters (the backbone,
+    identical on every rank after DDP) counted once, sharded ones (the head) summed over
+    ranks. Returns the norm before clipping (same on every rank)."""
+    device = next((p.device for p in (*sharded, *replicated)), torch.device("cpu"))
+    local = _square_sum(sharded, device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(local, group=group)
+    norm = math.sqrt(float(_square_sum(replicated, device) + local))
+    if max_norm > 0 and norm > max_norm:
+        factor = max_norm / (norm + 1e-6)
+        for p in (*replicated, *sharded):
+            if p.grad is not None:
+                p.grad = p.grad * factor if p.grad.is_sparse else p.grad.mul_(factor)
+    return norm

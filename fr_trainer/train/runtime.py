@@ -1,0 +1,63 @@
+"""Device, precision, seeds and determinism of a training process (set once, in one place)."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fr_trainer.train.config import ConfigError
+
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """`param_dtype`: dtype of weights; `autocast_dtype`: the backbone's autocast dtype or
+    None; `scaler`: whether fp16 loss scaling is used."""
+
+    name: str
+    param_dtype: torch.dtype
+    autocast_dtype: torch.dtype | None
+    scaler: bool
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device='cuda' but CUDA is not available; use train.device=cpu or auto")
+    return name
+
+
+def resolve_precision(name: str, device_type: str) -> Precision:
+    """auto: fp16 with a grad scaler on CUDA, fp32 on CPU."""
+    if name == "auto":
+        name = "fp16" if device_type == "cuda" else "fp32"
+    if name == "fp16" and device_type != "cuda":
+        raise ConfigError("train.precision='fp16' needs CUDA (a grad scaler on GPU); on CPU use fp32 or bf16")
+    if name in ("fp16", "bf16"):
+        return Precision(name, torch.float32, DTYPES[name], name == "fp16")
+    return Precision(name, DTYPES[name], None, False)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def set_deterministic(enabled: bool, threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False

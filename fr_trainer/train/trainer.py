@@ -1,0 +1,345 @@
+"""The training loop: DDP backbone, model-parallel PartialFC head, one optimizer.
+
+    trainer = Trainer(config)      # checks data and config, builds everything, resumes
+    summary = trainer.fit()        # trains, checkpoints, verifies; summary.json in the run dir
+
+Run under torchrun (`torchrun -m fr_trainer train CONFIG`) or as one process. One
+optimizer step = `optim.accumulate` micro-batches of `data.batch_size` per rank; DDP
+all-reduces only on the last one; the loss of each micro-step is divided by
+`accumulate`, and the schedule counts optimizer steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fr_trainer.backbones import create_backbone
+from fr_trainer.distributed.env import DistributedEnv, init_distributed
+from fr_trainer.heads import PartialFC
+from fr_trainer.train import checkpoint as ckpt
+from fr_trainer.train import tiny_backbones  # noqa: F401  (registers demonet)
+from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
+from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
+from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
+from fr_trainer.train.optim import SGD, AdamW
+from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
+from fr_trainer.train.reporting import Reporter
+from fr_trainer.train.runtime import resolve_device, resolve_precision, seed_everything, set_deterministic
+from fr_trainer.train.schedule import PolySchedule
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf and the policy says stop."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    skipped: bool
+    grad_norm: float | None
+
+
+class Trainer:
+    def __init__(self, config: Config, env: DistributedEnv | None = None) -> None:
+        self.config = config
+        self.t_start = time.perf_counter()
+        device_type = resolve_device(config.train.device)
+        self.env = env or init_distributed(device_type)
+        self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
+        self.group = None
+        self.precision = resolve_precision(config.train.precision, self.device.type)
+        set_deterministic(config.train.deterministic, config.train.threads)
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        self.run_dir = config.run_dir
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.step = 0
+        self._nonfinite_run = 0
+        self._prepare_run_dir()
+        self.resumed_from = self._maybe_resume()
+        self.reporter = Reporter(self.run_dir, self.rank, self.total_steps, config.log.progress,
+                                 config.log.tensorboard)
+        self.verifier = self._build_verifier()
+
+    # ------------------------------------------------------------------ set-up steps
+    def _build_data(self) -> None:
+        c = self.config
+        self.dataset = open_dataset(c)
+        self.num_classes = self.dataset.num_classes
+        if self.num_classes < self.world_size:
+            raise ConfigError(f"the data has {self.num_classes} classes, fewer than {self.world_size} ranks; "
+                              "use fewer ranks")
+        self.loader = build_train_data(c, self.dataset, self.rank, self.world_size, self.device)
+        self.stream = BatchStream(self.loader)
+        per_epoch = self.stream.batches_per_epoch // c.optim.accumulate
+        if per_epoch < 1:
+            raise ConfigError(f"one epoch has {self.stream.batches_per_epoch} batches per rank, fewer than "
+                              f"optim.accumulate={c.optim.accumulate}; lower optim.accumulate or data.batch_size")
+        self.steps_per_epoch = per_epoch
+        self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.epochs * per_epoch))
+        self.samples_per_step = c.data.batch_size * c.optim.accumulate * self.world_size
+
+    def _build_model(self) -> None:
+        c = self.config
+        seed_everything(c.run.seed)  # identical backbone init on every rank
+        kwargs = {"embedding_size": c.model.embedding_size}
+        if c.model.dropout:
+            kwargs["dropout"] = c.model.dropout
+        self.backbone_kwargs = kwargs
+        backbone = create_backbone(c.model.backbone, **kwargs)
+        if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
+            backbone.set_grad_checkpointing(True)
+        self.backbone = backbone.to(self.device, self.precision.param_dtype)
+        margin_args = dict(c.head.margin_args)
+        self.head = PartialFC(self.num_classes, c.model.embedding_size, margin=c.head.margin,
+                              sample_rate=c.head.sample_rate, process_group=self.group,
+                              chunk_size=c.head.chunk_size, seed=c.run.seed, **margin_args)
+        self.head = self.head.to(self.device, self.precision.param_dtype)
+        if self.env.is_distributed and self.world_size > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.backbone, device_ids=ids)
+        else:
+            self.model = self.backbone
+        seed_everything(c.run.seed * 1000 + self.rank)  # per-rank streams (dropout, ...)
+
+    def _build_optimizer(self) -> None:
+        o = self.config.optim
+        groups = [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}]
+        if o.name == "sgd":
+            self.optimizer = SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                 nesterov=o.nesterov)
+        else:
+            self.optimizer = AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_epochs * self.steps_per_epoch)
+        self.schedule = PolySchedule(self.optimizer, o.lr, self.total_steps, min(warmup, self.total_steps), o.power)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
+
+    def _prepare_run_dir(self) -> None:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.run_dir / "config.json")
+        self._barrier()
+
+    def _build_verifier(self) -> PeriodicVerifier | None:
+        e = self.config.eval
+        if e.every_steps == 0 and not e.at_end:
+            return None
+        paths = find_bins(self.config.data.root, e.bins)
+        if not paths:
+            self.reporter.info(f"no .bin sets matching {e.bins} in {self.config.data.root}: no verification")
+            return None
+        return PeriodicVerifier(paths, e.batch_size, self.rank, self.world_size)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _head_param_names(self) -> list[str]:
+        return [name for name, _ in self.head.named_parameters()]
+
+    def _split_optimizer_state(self) -> tuple[dict, dict, list]:
+        state = self.optimizer.state_dict()
+        num_backbone = len(self.optimizer.param_groups[0]["params"])
+        backbone = {i: s for i, s in state["state"].items() if i < num_backbone}
+        names = self._head_param_names()
+        head = {names[i - num_backbone]: s for i, s in state["state"].items() if i >= num_backbone}
+        return backbone, head, state["param_groups"]
+
+    def save(self) -> Path:
+        optim_backbone, optim_head, param_groups = self._split_optimizer_state()
+        common = None
+        if self.rank == 0:
+            common = {
+                "config": to_dict(self.config), "num_classes": self.num_classes,
+                "embedding_size": self.config.model.embedding_size,
+                "backbone_name": self.config.model.backbone, "backbone_kwargs": self.backbone_kwargs,
+                "backbone": self.backbone.state_dict(), "optim_backbone": optim_backbone,
+                "param_groups": param_groups, "schedule": self.schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "data": self.stream.position(), "precision": self.precision.name,
+            }
+        shard = {"head": self.head.state_dict(), "optim_head": optim_head, "rng": ckpt.rng_state(),
+                 "shard": (self.head.shard.start, self.head.shard.num_local)}
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, common, shard, self.rank, self.world_size,
+                                    self.config.checkpoint.keep_last, self.group)
+
+    def _maybe_resume(self) -> Path | None:
+        resume = self.config.checkpoint.resume
+        if resume == "never":
+            return None
+        folder = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt.resolve_checkpoint(resume)
+        if folder is None:
+            return None
+        self.load(folder)
+        return folder
+
+    def load(self, folder: Path) -> None:
+        common = ckpt.load_common(folder)
+        if common["num_classes"] != self.num_classes:
+            raise ckpt.CheckpointError(f"{folder} was trained with {common['num_classes']} classes, this run has "
+                                       f"{self.num_classes}; resume with the same data or checkpoint.resume=never")
+        saved_world = int(common["world_size"])
+        self.backbone.load_state_dict(common["backbone"])
+        exact = ckpt.load_shard_exact(folder, self.rank, self.world_size) if saved_world == self.world_size else None
+        if exact is None:
+            exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
+            common = ckpt.convert_data_position(common, self.world_size)
+        head_state = exact["head"]
+        if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
+            head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
+        self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
+        self._load_optimizer(common, exact["optim_head"])
+        self.schedule.load_state_dict(common["schedule"])
+        if self.scaler is not None and common.get("scaler"):
+            self.scaler.load_state_dict(common["scaler"])
+        data = common["data"]
+        self.stream = BatchStream(self.loader, int(data["epoch"]), int(data["batch_in_epoch"]))
+        if "rng" in exact:
+            ckpt.set_rng_state(exact["rng"])
+        self.step = int(common["step"])
+
+    def _load_optimizer(self, common: dict, optim_head: dict) -> None:
+        num_backbone = len(self.optimizer.param_groups[0]["params"])
+        names = self._head_param_names()
+        state = dict(common["optim_backbone"])
+        for name, value in optim_head.items():
+            state[num_backbone + names.index(name)] = value
+        self.optimizer.load_state_dict({"state": state, "param_groups": common["param_groups"]})
+
+    # ------------------------------------------------------------------ one step
+    def _sync_context(self, last: bool):
+        if last or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
+
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> float:
+        """Forward and backward of one micro-batch; returns its (unscaled) loss."""
+        accumulate = self.config.optim.accumulate
+        with self._sync_context(last):
+            with self.precision.autocast(self.device):
+                embeddings = self.model(images.to(self.precision.param_dtype))
+            embeddings = scale_backbone_grad(embeddings, self.world_size)
+            loss = self.head(embeddings.to(self.precision.param_dtype), labels)
+            scaled = loss / accumulate
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        return float(loss.detach())
+
+    def train_step(self) -> StepResult:
+        accumulate = self.config.optim.accumulate
+        losses = []
+        for i in range(accumulate):
+            images, labels = self.stream.next()
+            losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
+        loss = sum(losses) / accumulate
+        lr = self.schedule.apply()
+        if not math.isfinite(loss):  # identical on every rank: a consistent decision
+            self.optimizer.zero_grad(set_to_none=True)
+            self._on_nonfinite(loss)
+            self.schedule.advance()
+            return StepResult(loss, lr, True, None)
+        self._nonfinite_run = 0
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        norm = None
+        if self.config.optim.clip_grad_norm > 0:
+            norm = clip_global_norm(list(self.backbone.parameters()), list(self.head.parameters()),
+                                    self.config.optim.clip_grad_norm, self.group)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.advance()
+        return StepResult(loss, lr, False, norm)
+
+    def _on_nonfinite(self, loss: float) -> None:
+        t = self.config.train
+        self._nonfinite_run += 1
+        where = f"step {self.step + 1}: loss is {loss}"
+        if t.nonfinite == "stop":
+            raise NonFiniteLoss(f"{where}; stopping (train.nonfinite=stop). Lower optim.lr, enable "
+                                "optim.clip_grad_norm, or set train.nonfinite=skip")
+        if self._nonfinite_run > t.max_nonfinite_skips:
+            raise NonFiniteLoss(f"{where}; {self._nonfinite_run} non-finite steps in a row "
+                                f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); stopping")
+        self.reporter.info(f"{where}; step skipped (train.nonfinite=skip, {self._nonfinite_run} in a row)")
+
+    # ------------------------------------------------------------------ loop
+    def verify(self) -> dict[str, dict]:
+        if not self.verifier:
+            return {}
+        results = self.verifier.run(self.backbone, self.device, self.precision.param_dtype)
+        line = ", ".join(f"{name} {r['accuracy'] * 100:.2f}%" for name, r in results.items())
+        self.reporter.info(f"verification at step {self.step}: {line}")
+        self.reporter.scalars(self.step, {f"val/{n}/accuracy": r["accuracy"] for n, r in results.items()})
+        return results
+
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train to `total_steps` (or stop, checkpointed, after `stop_after` steps: tests)."""
+        c = self.config
+        r = self.reporter
+        r.info(f"training {c.model.backbone} on {self.dataset.rec_path} ({len(self.dataset)} images, "
+               f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
+               f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples"
+               + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
+        self.backbone.train()
+        r.start(self.step)
+        losses: list[float] = []
+        verification: dict = {}
+        throughput: dict = {}
+        t_loop = time.perf_counter()
+        first_step = self.step
+        while self.step < self.total_steps:
+            result = self.train_step()
+            self.step += 1
+            losses.append(result.loss)
+            log = self.step % c.log.every_steps == 0 or self.step == self.total_steps
+            throughput = r.step(self.step, result.loss, result.lr, self.samples_per_step, log) or throughput
+            if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0 and self.step < self.total_steps:
+                self.save()
+            if c.eval.every_steps and self.step % c.eval.every_steps == 0 and self.step < self.total_steps:
+                verification = self.verify()
+            if stop_after is not None and self.step - first_step >= stop_after:
+                self.save()
+                return {"stopped_at": self.step, "losses": losses}
+        loop_seconds = time.perf_counter() - t_loop
+        folder = self.save()
+        if c.eval.at_end:
+            verification = self.verify()
+        summary = self._summary(losses, verification, loop_seconds, folder, first_step)
+        r.close()
+        return summary
+
+    def _summary(self, losses, verification, loop_seconds, folder, first_step) -> dict:
+        steps = self.step - first_step
+        summary = {
+            "steps": self.step, "steps_this_run": steps, "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None, "losses": losses,
+            "samples_per_s": steps * self.samples_per_step / loop_seconds if loop_seconds > 0 else None,
+            "train_seconds": loop_seconds, "wall_seconds": time.perf_counter() - self.t_start,
+            "world_size": self.world_size, "checkpoint": str(folder),
+            "verification": {n: {"accuracy": v["accuracy"], "accuracy_std": v["accuracy_std"]}
+                             for n, v in verification.items()},
+        }
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def _barrier(self) -> None:
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dist.barrier()
+
+    def state_snapshot(self) -> dict:
+        """Backbone and head tensors (CPU copies), for tests."""
+        return {"backbone": {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()},
+                "head": self.head.weight.detach().cpu().clone()}
