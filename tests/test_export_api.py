@@ -47,7 +47,7 @@ def test_report_matches_an_independent_comparison_and_restores_the_model(mbf, tm
     assert report.tolerance == 1e-4 and "parity batch 7" in report.summary()
     json.dumps(report.to_dict())
 
-    session, info = load_onnx_session(tmp_path / "m.onnx")
+    session, _ = load_onnx_session(tmp_path / "m.onnx")
     x = random_face_batch(7, seed=0)  # the library's default check inputs
     mbf.eval()
     with torch.no_grad():

@@ -164,7 +164,7 @@ def check_state_dict_fits(model: nn.Module, state: dict[str, torch.Tensor], what
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 (unpickling fails in many ways; all are "bad file")
         raise CliError(f"{path} is not a torch.save'd state_dict ({error})") from None
     for key in ("state_dict", "model", "backbone"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -175,8 +175,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in obj.items():
         for prefix in ("module.", "_orig_mod."):
-            if k.startswith(prefix):
-                k = k[len(prefix):]
+            k = k.removeprefix(prefix)
         out[k] = v
     return out
 

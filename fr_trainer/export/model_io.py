@@ -8,9 +8,10 @@ dynamic or any size) and one output `[N, D]` (the embedding).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fr_trainer.export._deps import require
 

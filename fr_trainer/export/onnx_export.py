@@ -109,9 +109,9 @@ class ExportReport:
     def summary(self) -> str:
         lines = [
             f"exported {self.model} -> {self.path}",
-            f"  opset {self.opset}, {'fp16' if self.fp16 else 'fp32'} weights, "
-            f"embedding {self.embedding_size}, {self.num_parameters / 1e6:.2f}M parameters, "
-            f"{self.size_bytes / 2**20:.1f} MiB",
+            (f"  opset {self.opset}, {'fp16' if self.fp16 else 'fp32'} weights, "
+             f"embedding {self.embedding_size}, {self.num_parameters / 1e6:.2f}M parameters, "
+             f"{self.size_bytes / 2**20:.1f} MiB"),
         ]
         for b, p in sorted(self.parity.items()):
             lines.append(
