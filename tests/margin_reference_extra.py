@@ -1,6 +1,8 @@
 """Plain dense single-process references for the margins of issue 5 (SV/MV, sphereface,
 circle, curricularface), written straight from LOSSES.md with autograd: a full [G, K]
-cosine matrix, masks and self-paced weights computed on detached copies, no fusion."""
+cosine matrix, masks and self-paced weights computed on detached copies, no fusion.
+Below them, naive loop references of the regularizers (one anchor / pair / triplet at a
+time, torch scalars so that autograd gives reference gradients)."""
 
 from __future__ import annotations
 
@@ -87,3 +89,76 @@ def extra_reference_loss(name: str, x: torch.Tensor, weight: torch.Tensor, label
     cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
     logits, t_new = extra_logits(name, cos, labels, kw or {}, t_prev)
     return F.cross_entropy(logits, labels), t_new
+
+
+# ---- regularizers: naive loops ------------------------------------------------------
+
+
+def naive_center(x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, lam: float) -> torch.Tensor:
+    total = x.new_zeros(())
+    for i in range(x.shape[0]):
+        total = total + 0.5 * lam * ((x[i] - centres[int(y[i])]) ** 2).sum()
+    return total / x.shape[0]
+
+
+def naive_center_update(x: torch.Tensor, y: torch.Tensor, centres: torch.Tensor, alpha: float) -> torch.Tensor:
+    out = centres.clone()
+    for j in range(centres.shape[0]):
+        members = [i for i in range(x.shape[0]) if int(y[i]) == j]
+        delta = sum((centres[j] - x[i] for i in members), torch.zeros_like(centres[j]))
+        out[j] = centres[j] - alpha * delta / (1 + len(members))
+    return out
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / torch.sqrt((v * v).sum())
+
+
+def naive_circle(x: torch.Tensor, y: torch.Tensor, gamma: float, m: float) -> torch.Tensor:
+    losses = []
+    for a in range(x.shape[0]):
+        zp, zn = [], []
+        for j in range(x.shape[0]):
+            if j == a:
+                continue
+            s = (_unit(x[a]) * _unit(x[j])).sum()
+            if int(y[j]) == int(y[a]):
+                a_p = max(0.0, 1.0 + m - float(s.detach()))
+                zp.append(-gamma * a_p * (s - (1.0 - m)))
+            else:
+                a_n = max(0.0, float(s.detach()) + m)
+                zn.append(gamma * a_n * (s - m))
+        if zp and zn:
+            inner = torch.logsumexp(torch.stack(zn), 0) + torch.logsumexp(torch.stack(zp), 0)
+            losses.append(torch.nn.functional.softplus(inner))
+    return torch.stack(losses).mean() if losses else x.sum() * 0.0
+
+
+def _d(u: torch.Tensor, v: torch.Tensor, normalize: bool) -> torch.Tensor:
+    if normalize:
+        u, v = _unit(u), _unit(v)
+    return ((u - v) ** 2).sum()
+
+
+def naive_triplet(x: torch.Tensor, y: torch.Tensor, margin: float, mining: str,
+                  normalize: bool = True) -> torch.Tensor:
+    losses = []
+    n = x.shape[0]
+    for a in range(n):
+        positives = [p for p in range(n) if p != a and int(y[p]) == int(y[a])]
+        negatives = [q for q in range(n) if int(y[q]) != int(y[a])]
+        if not negatives:
+            continue
+        d_n = [_d(x[a], x[q], normalize) for q in negatives]
+        if mining == "batch_hard":
+            if not positives:
+                continue
+            d_p = max((_d(x[a], x[p], normalize) for p in positives), key=lambda t: float(t.detach()))
+            losses.append(torch.clamp(d_p - min(d_n, key=lambda t: float(t.detach())) + margin, min=0.0))
+            continue
+        for p in positives:
+            d_ap = _d(x[a], x[p], normalize)
+            band = [d for d in d_n if float(d_ap.detach()) < float(d.detach()) < float(d_ap.detach()) + margin]
+            chosen = min(band, key=lambda t: float(t.detach())) if band else min(d_n, key=lambda t: float(t.detach()))
+            losses.append(torch.clamp(d_ap - chosen + margin, min=0.0))
+    return torch.stack(losses).mean() if losses else x.sum() * 0.0
