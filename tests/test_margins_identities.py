@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from margin_reference_extra import extra_reference_loss, psi
 
 from fr_trainer.heads import MarginSoftmaxCrossEntropy, PartialFC
 from fr_trainer.margins import create_margin, list_margins
-from margin_reference_extra import extra_reference_loss, psi
 
 K, D, B = 37, 8, 5
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from margin_reference_extra import extra_reference_loss
 
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.init import init_centres
-from margin_reference_extra import extra_reference_loss
 
 NUM_CLASSES, DIM, BATCH, SEED = 1003, 24, 6, 11
 CASES = [  # (margin, keywords, chunk_size, sample_rate, steps)
