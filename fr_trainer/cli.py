@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "export": "fr_trainer.export.cli:main",
     "verify": "fr_trainer.eval.cli:verify_main",
     "ijb": "fr_trainer.eval.cli:ijb_main",
+    "plan": "fr_trainer.plan.cli:main",
 }
 BENCHMARKS: dict[str, str] = {
     "head": "fr_trainer.heads.bench:main",
@@ -33,6 +34,7 @@ commands:
   export CHECKPOINT OUT.onnx           ONNX export with a parity check
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
+  plan --classes N [...]               head memory and collective volume per GPU
   bench head|data|train [...]          benchmarks
 
 `fr-trainer <command> --help` for the options of one command."""
