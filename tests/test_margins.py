@@ -172,3 +172,18 @@ def test_head_rejects_bad_inputs() -> None:
         head(torch.randn(3, 4), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="margin keywords"):
         PartialFC(10, 4, margin=create_margin("cosface"), s=3.0)
+    with pytest.raises(ValueError, match="keep the head in float32"):
+        PartialFC(10, 4, seed=0).half()(torch.randn(3, 4), torch.tensor([1, 2, 3]))
+
+
+def test_head_runs_in_fp32_under_autocast() -> None:
+    head = PartialFC(40, 8, seed=0)
+    x = torch.randn(6, 8).bfloat16().requires_grad_()
+    y = torch.arange(6)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = head(x, y)
+    expected = PartialFC(40, 8, seed=0)(x.detach().float(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.float32

@@ -89,6 +89,15 @@ class PartialFC(nn.Module):
         return self._generator
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"PartialFC centres are {self.weight.dtype}; keep the head in float32 (AMP keeps "
+                "parameters in float32 and the head casts the embeddings itself): 16-bit logits "
+                "are not supported yet")
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            return self._loss(embeddings, labels)
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         group = self.process_group
         check_inputs(embeddings, labels, self.num_classes, self.embedding_size, group, self.weight.device)
         all_labels = all_gather_tensor(labels, group)
