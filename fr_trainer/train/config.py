@@ -106,6 +106,7 @@ class EvalConfig:
     bins: list[str] = field(default_factory=lambda: ["*"])  # names/globs in data.root
     batch_size: int = 128
     at_end: bool = True
+    at_start: bool = False         # also verify the initial weights (not when resuming)
 
 
 @dataclass

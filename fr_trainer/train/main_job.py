@@ -2,11 +2,11 @@
 
 Steps (each timed; the times go into summary.json and the printed table):
 1. synth:    the synthetic set (`fr_trainer.data.synthetic.generate`), cached in --data;
-2. untrained: held-out `.bin` accuracy of the freshly initialised backbone (same seed);
-3. train:    `torchrun --standalone --nproc_per_node=N -m fr_trainer train configs/demo.toml`
-             (verifies on the held-out `.bin` sets at the end, sharded over the ranks);
-4. export:   ONNX with an onnxruntime parity check;
-5. ijb:      the mini IJB-C (1:1 TAR@FAR, 1:N) with the exported model.
+2. train:    `torchrun --standalone --nproc_per_node=N -m fr_trainer train configs/demo.toml`;
+             the trainer verifies on the held-out `.bin` sets before the first step (the
+             untrained network) and after the last, embedding sharded over the ranks;
+3. export:   ONNX with an onnxruntime parity check;
+4. ijb:      the mini IJB-C (1:1 TAR@FAR, 1:N) with the exported model.
 Writes `summary.json` into the run dir and prints a results table.
 """
 
@@ -50,22 +50,6 @@ def synth_step(data: Path) -> dict:
             return {"cached": True}
     summary = generate(data, workers=os.cpu_count() or 1, **SYNTH)
     return {"cached": False, "images": summary.images_rendered}
-
-
-def untrained_step(config, data: Path) -> dict[str, float]:
-    """Held-out accuracy of the initial backbone (built exactly as the trainer builds it)."""
-    from fr_trainer.backbones import create_backbone
-    from fr_trainer.eval.embedder import TorchEmbedder
-    from fr_trainer.eval.verification import verify_bin
-    from fr_trainer.train import tiny_backbones  # noqa: F401
-    from fr_trainer.train.periodic_eval import find_bins
-    from fr_trainer.train.runtime import seed_everything
-
-    seed_everything(config.run.seed)
-    model = create_backbone(config.model.backbone, embedding_size=config.model.embedding_size)
-    embedder = TorchEmbedder(model, "cpu", batch_size=config.eval.batch_size)
-    return {p.stem: verify_bin(embedder, p, batch_size=config.eval.batch_size)["accuracy"]
-            for p in find_bins(data, config.eval.bins)}
 
 
 def train_step(args, overrides: list[str]) -> int:
@@ -129,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(args.data).resolve()
     overrides = [f"data.root={json.dumps(str(data))}", f"run.output_dir={json.dumps(str(Path(args.output_dir).resolve()))}",
-                 f"run.name={json.dumps(args.name)}", *args.overrides]
+                 f"run.name={json.dumps(args.name)}", "eval.at_start=true", "eval.at_end=true",
+                 *args.overrides]
     config = load_config(args.config, overrides)
     run_dir = config.run_dir
     if args.fresh and run_dir.exists():
@@ -140,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, float] = {}
     start = time.perf_counter()
     _timed(times, "synth", synth_step, data)
-    untrained = _timed(times, "untrained_eval", untrained_step, config, data)
     code = _timed(times, "train", train_step, args, overrides)
     if code != 0:
         print(f"[main job] training failed (exit {code}); see {run_dir}/train.log", file=sys.stderr)
@@ -151,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     times["total"] = round(time.perf_counter() - start, 1)
     summary = {
         "run_dir": str(run_dir), "config": args.config, "nproc": args.nproc,
-        "untrained_accuracy": untrained,
+        "untrained_accuracy": {k: v["accuracy"] for k, v in training.get("verification_initial", {}).items()},
         "trained_accuracy": {k: v["accuracy"] for k, v in training.get("verification", {}).items()},
         "training": {k: training.get(k) for k in ("steps", "first_loss", "final_loss", "samples_per_s",
                                                    "train_seconds", "wall_seconds")},

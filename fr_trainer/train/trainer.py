@@ -50,6 +50,10 @@ class StepResult:
     grad_norm: float | None
 
 
+def _accuracies(results: dict[str, dict]) -> dict[str, dict]:
+    return {n: {"accuracy": v["accuracy"], "accuracy_std": v["accuracy_std"]} for n, v in results.items()}
+
+
 class Trainer:
     def __init__(self, config: Config, env: DistributedEnv | None = None) -> None:
         self.config = config
@@ -134,7 +138,7 @@ class Trainer:
 
     def _build_verifier(self) -> PeriodicVerifier | None:
         e = self.config.eval
-        if e.every_steps == 0 and not e.at_end:
+        if e.every_steps == 0 and not e.at_end and not e.at_start:
             return None
         paths = find_bins(self.config.data.root, e.bins)
         if not paths:
@@ -292,6 +296,7 @@ class Trainer:
                f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
                f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples"
                + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
+        initial = self.verify() if c.eval.at_start and self.step == 0 else {}
         self.backbone.train()
         r.start(self.step)
         losses: list[float] = []
@@ -317,6 +322,9 @@ class Trainer:
         if c.eval.at_end:
             verification = self.verify()
         summary = self._summary(losses, verification, loop_seconds, folder, first_step)
+        summary["verification_initial"] = _accuracies(initial)
+        if self.rank == 0:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         r.close()
         return summary
 
@@ -328,11 +336,8 @@ class Trainer:
             "samples_per_s": steps * self.samples_per_step / loop_seconds if loop_seconds > 0 else None,
             "train_seconds": loop_seconds, "wall_seconds": time.perf_counter() - self.t_start,
             "world_size": self.world_size, "checkpoint": str(folder),
-            "verification": {n: {"accuracy": v["accuracy"], "accuracy_std": v["accuracy_std"]}
-                             for n, v in verification.items()},
+            "verification": _accuracies(verification),
         }
-        if self.rank == 0:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
     def _barrier(self) -> None:
