@@ -226,3 +226,16 @@ def test_writer_rejects_duplicate_keys_and_huge_payloads(tmp_path) -> None:
             writer.write(1, b"y")
     with pytest.raises(ValueError, match="2\\^29"):
         encode_record(memoryview(bytearray(1 << 29)))
+
+
+def test_large_multi_part_record_read_through_a_sparse_index(tmp_path) -> None:
+    big = bytearray(np.random.default_rng(1).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes())
+    big[(2 << 20) : (2 << 20) + 4] = MAGIC  # a split beyond the reader's first read
+    rec, idx = tmp_path / "big.rec", tmp_path / "big.idx"
+    with RecordWriter(rec, idx) as writer:
+        writer.write(0, bytes(big))
+        writer.write(1, b"after")
+    sparse = tmp_path / "sparse.idx"
+    sparse.write_text("0\t0\n")  # the gap to the next listed offset is the whole file
+    assert RecordReader(rec, sparse).read(0) == bytes(big)
+    assert RecordReader(rec, idx).read(1) == b"after"

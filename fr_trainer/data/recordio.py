@@ -238,7 +238,9 @@ class RecordReader:
         """Bytes from each record's offset to the next listed offset (or the file end)."""
         order = sorted(self._offsets.items(), key=lambda item: item[1])
         ends = [offset for _, offset in order[1:]] + [self.file_size]
-        return {key: max(end - offset, 8) for (key, offset), end in zip(order, ends)}
+        # Capped: an index that skips records (e.g. DALI's image-only one) leaves big gaps;
+        # read_at fetches whatever more a record needs.
+        return {key: min(max(end - offset, 8), 1 << 20) for (key, offset), end in zip(order, ends)}
 
     def __len__(self) -> int:
         return len(self.keys)
