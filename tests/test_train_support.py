@@ -42,10 +42,10 @@ def make_data(root: Path) -> Path:
     return root
 
 
-def config_dict(data: Path, out: Path, **sections) -> dict:
+def config_dict(data_root: Path, out: Path, **sections) -> dict:
     base = {
         "run": {"name": "t", "output_dir": str(out), "seed": 3},
-        "data": {"root": str(data), "batch_size": 8, "num_workers": 0},
+        "data": {"root": str(data_root), "batch_size": 8, "num_workers": 0},
         "model": {"backbone": "test_tinylinear", "embedding_size": 16},
         "head": {"margin": "arcface", "margin_args": {"s": 16.0, "m": 0.3}},
         "optim": {"lr": 0.2, "momentum": 0.9, "weight_decay": 5e-4},
