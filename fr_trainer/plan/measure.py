@@ -1,0 +1,131 @@
+"""Measured peak memory of the head's tensors in real training steps, to check the planner.
+
+Each case runs on `world_size` freshly spawned gloo ranks (CPU) or NCCL ranks (GPU). On
+every rank the backbone's output `x [B, D]` and the labels are made first; then, from the
+construction of `PartialFC` and its optimizer through `steps` training steps (zero_grad,
+forward, backward, optional clipping, optimizer step; the second step is the first with
+optimizer state), the peak of the bytes the head allocated is recorded:
+
+- CPU: torch's profiler with `profile_memory=True` reports every allocation and free of
+  the CPU allocator; the peak of their running sum is the head's peak (exact, and blind to
+  the interpreter, gloo's own buffers and the allocator's caching);
+- CUDA: `torch.cuda.max_memory_allocated()` minus the bytes allocated before.
+
+The result is the maximum over ranks (rank 0 owns the most classes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fr_trainer.distributed.spawn import run_ranks
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration (names as in `plan_head`)."""
+
+    classes: int
+    embedding_size: int = 128
+    batch_per_rank: int = 32
+    sample_rate: float = 1.0
+    dtype: str = "fp32"
+    optimizer: str = "sgd"
+    margin: str = "arcface"
+    chunk_size: int | None = None
+    clip_grad: bool = False
+
+    def plan_kwargs(self) -> dict:
+        return asdict(self)
+
+
+def _optimizer(case: Case, params):
+    from fr_trainer.train.optim import SGD, AdamW
+
+    if case.optimizer == "sgd":
+        return SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    return AdamW(params, lr=1e-3, weight_decay=0.01)
+
+
+def _train_steps(case: Case, rank: int, device: torch.device, x: torch.Tensor, y: torch.Tensor,
+                 steps: int) -> None:
+    from fr_trainer.heads import PartialFC
+    from fr_trainer.train.grads import clip_global_norm
+
+    head = PartialFC(case.classes, case.embedding_size, margin=case.margin,
+                     sample_rate=case.sample_rate, chunk_size=case.chunk_size, seed=0)
+    head = head.to(device=device, dtype=TORCH_DTYPES[case.dtype])
+    optimizer = _optimizer(case, head.parameters())
+
+    def micro_step() -> None:  # the loss (and the graph) dies on return, as in the trainer
+        head(x, y).backward()
+
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        x.grad = None
+        micro_step()
+        if case.clip_grad:
+            clip_global_norm([], list(head.parameters()), 1e-3)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _cpu_peak(run) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def _cuda_peak(run, device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    run()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str, steps: int) -> list[int]:
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    peaks = []
+    for case in cases:
+        generator = torch.Generator().manual_seed(100 + rank)
+        dtype = TORCH_DTYPES[case.dtype]
+        x = torch.randn(case.batch_per_rank, case.embedding_size, generator=generator)
+        x = x.to(device=device, dtype=dtype).requires_grad_()
+        y = torch.randint(0, case.classes, (case.batch_per_rank,), generator=generator).to(device)
+
+        def run(case=case, x=x, y=y) -> None:
+            _train_steps(case, rank, device, x, y, steps)
+
+        peaks.append(_cuda_peak(run, device) if device.type == "cuda" else _cpu_peak(run))
+    return peaks
+
+
+def measure_peaks(cases: list[Case], world_size: int = 2, device: str = "cpu", steps: int = 2,
+                  timeout_s: float = 600.0) -> list[int]:
+    """Measured peak bytes of the head per case (max over ranks), in the order of `cases`."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"world_size={world_size} needs as many GPUs, found "
+                         f"{torch.cuda.device_count()}; lower --world-size")
+    backend = "nccl" if device == "cuda" else "gloo"
+    per_rank = run_ranks(_rank_peaks, world_size, list(cases), device, steps, backend=backend,
+                         timeout_s=timeout_s)
+    return [max(rank[i] for rank in per_rank) for i in range(len(cases))]

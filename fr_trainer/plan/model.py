@@ -1,0 +1,348 @@
+"""The memory and communication model of the sharded head, as a pure function.
+
+`plan_head(...) -> HeadPlan` counts, for the rank that owns the most classes, the bytes of
+every tensor `PartialFC` (fr_trainer/heads/partial_fc.py, margin_softmax.py) and the
+row-sparse SGD / AdamW of fr_trainer/train/optim.py allocate in one training step, and
+the collectives the head issues. It mirrors the implementation, not an idealised head:
+
+Persistent (alive all step):
+    weights          the shard [C_local, D] (+ a bias [C_local] for the plain softmax)
+    optimizer_state  SGD momentum: 1 x weights; AdamW: 2 x weights + an int64 step per row
+Phase 1, forward + backward (peak inside the backward's block loop):
+    logits           one [G, C_used] buffer (linear non-target margins, one block), two
+                     [G, chunk] blocks when chunked (the next is built while the previous
+                     is alive); non-linear margins: cosines, logits, a bool mask, its
+                     promoted copy and the margin's temporary (NONLINEAR_BUFFERS)
+    weight_grad      dense [C_used, D], or the sampled rows [S, D] + their int64 indices
+    features         the gathered embeddings' normalised copy, its gradient and the
+                     normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
+    workspace        sampled-weight copy [S, D] (sample_rate < 1), the ~1 MB elementwise
+                     scratch, per-centre vectors (norms, radial coefficients, factors)
+Phase 2, optimizer step: the gradient + the optimizer's temporaries (SGD: decayed gradient,
+    Nesterov direction, and, for sparse rows, gathered weights and momentum; AdamW: the
+    denominator and three update terms, plus gathered rows and moments when sparse)
+Phase 3 (optional, `clip_grad=True`): the trainer's global-norm clipping, which takes an
+    fp64 copy of the head gradient and its square (2 x 8 bytes per gradient element).
+
+    peak = weights + optimizer_state + max(phase 1, phase 2, phase 3)
+
+G = batch_per_rank * world_size; C_local = ceil(classes / world_size) (rank 0 owns the
+remainder); C_used = C_local, or S = max(ceil(sample_rate * C_local), min(G, C_local)) with
+sampling (every positive is kept; the worst case is the whole batch on one shard).
+
+Per-rank logits are G * C_local = batch_per_rank * classes elements whatever the world
+size: adding GPUs does not shrink them; `chunk_size` or `sample_rate` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # PartialFC rejects 16-bit centres (AMP keeps it fp32)
+OPTIMIZERS = ("sgd", "adamw")
+BLOCK_ELEMENTS = 1 << 18  # margin_softmax.BLOCK_ELEMENTS: elements per elementwise block
+INT64 = 8
+
+
+@dataclass(frozen=True)
+class MarginTraits:
+    """What the head's memory depends on in a margin (class attributes of `Margin`)."""
+
+    normalized: bool = True
+    has_bias: bool = False
+    linear_nontarget: bool = True
+    needs_global_target: bool = False
+
+    @classmethod
+    def of(cls, margin: str) -> MarginTraits:
+        import fr_trainer.margins  # noqa: F401  (registers every margin)
+        from fr_trainer.margins.registry import MARGINS  # raises on unknown names, listing them
+
+        kind = MARGINS.get(margin)
+        return cls(bool(kind.normalized), bool(kind.has_bias), bool(kind.linear_nontarget),
+                   bool(kind.needs_global_target))
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of a training step: `payload` bytes in the result on each rank;
+    `traffic` bytes each rank sends (= receives) with ring algorithms."""
+
+    name: str
+    op: str
+    payload: int
+    traffic: int
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Per-GPU bytes of the head for the rank owning the most classes (see module doc)."""
+
+    classes: int
+    embedding_size: int
+    world_size: int
+    batch_per_rank: int
+    sample_rate: float
+    dtype: str
+    optimizer: str
+    margin: str
+    chunk_size: int | None
+    classes_per_rank: int
+    classes_used: int
+    weights: int
+    optimizer_state: int
+    logits: int
+    weight_grad: int
+    features: int
+    workspace: int
+    optimizer_temp: int
+    clip_temp: int
+    collectives: tuple[Collective, ...] = field(default=())
+    gemm_flops: int = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_per_rank * self.world_size
+
+    @property
+    def persistent(self) -> int:
+        return self.weights + self.optimizer_state
+
+    @property
+    def forward_backward(self) -> int:
+        return self.logits + self.weight_grad + self.features + self.workspace
+
+    @property
+    def optimizer_step(self) -> int:
+        return self.weight_grad + self.optimizer_temp
+
+    @property
+    def clipping(self) -> int:
+        return self.weight_grad + self.clip_temp
+
+    @property
+    def peak(self) -> int:
+        return self.persistent + max(self.forward_backward, self.optimizer_step, self.clipping)
+
+    @property
+    def peak_phase(self) -> str:
+        phases = {"forward+backward": self.forward_backward, "optimizer step": self.optimizer_step,
+                  "clipping": self.clipping}
+        return max(phases, key=phases.get)
+
+    @property
+    def collective_payload(self) -> int:
+        return sum(c.payload for c in self.collectives)
+
+    @property
+    def collective_traffic(self) -> int:
+        return sum(c.traffic for c in self.collectives)
+
+
+def _check(classes: int, embedding_size: int, world_size: int, batch_per_rank: int,
+           sample_rate: float, dtype: str, optimizer: str, chunk_size: int | None) -> None:
+    if classes < 1 or embedding_size < 1 or batch_per_rank < 1:
+        raise ValueError(f"classes, embedding_size and batch_per_rank must be positive, got "
+                         f"{classes}, {embedding_size}, {batch_per_rank}")
+    if world_size < 1 or world_size > classes:
+        raise ValueError(f"world_size={world_size} must lie in [1, classes={classes}] "
+                         "(every rank owns at least one class); use fewer GPUs")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}: the head keeps its "
+                         "centres and logits in fp32 or fp64 (under AMP too); use dtype='fp32'")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZERS)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of classes or None, got {chunk_size}")
+
+
+def _ring(op: str, payload: int, world_size: int) -> int:
+    """Bytes each rank sends with ring algorithms; `payload` is the result size per rank
+    (all-gather, all-reduce) or the input size (reduce-scatter)."""
+    share = (world_size - 1) / world_size
+    return round((2 if op == "all_reduce" else 1) * share * payload)
+
+
+def head_collectives(world_size: int, batch_per_rank: int, embedding_size: int, item: int,
+                     traits: MarginTraits, backend: str = "nccl") -> tuple[Collective, ...]:
+    """The collectives of one head step (forward and backward) and their sizes."""
+    if world_size == 1:
+        return ()
+    g = batch_per_rank * world_size
+    rows = [
+        ("input check report", "all_gather", world_size * 9 * INT64),
+        ("labels", "all_gather", g * INT64),
+        ("embeddings", "all_gather", g * embedding_size * item),
+        ("row max", "all_reduce", g * item),
+        ("sum-exp + target logit", "all_reduce", 2 * g * item),
+    ]
+    if traits.needs_global_target:
+        rows.append(("target cosines", "all_reduce", g * item))
+    grad_op = "reduce_scatter" if backend == "nccl" else "all_reduce"
+    rows.append(("embedding gradient", grad_op, g * embedding_size * item))
+    return tuple(Collective(name, op, size, _ring(op, size, world_size)) for name, op, size in rows)
+
+
+# Live [G, cols] buffers of a non-linear margin at its peak, as (multiples of the dtype,
+# extra bytes per element): cosines, logits, a bool mask, the mask promoted to the dtype by
+# the in-place product, and the margin's own temporary (measured with torch's profiler:
+# 17 B/element in fp32 for SV/MV/CurricularFace; Circle has no mask, 12 B).
+NONLINEAR_BUFFERS = {"circle": (3, 0)}
+NONLINEAR_DEFAULT = (4, 1)
+
+
+def _logit_bytes(g: int, used: int, chunk_size: int | None, traits: MarginTraits, margin: str,
+                 item: int) -> tuple[int, int]:
+    """(bytes of the live logit-sized buffers, columns of one block).
+
+    Linear non-target margins keep one [G, cols] buffer (two while the chunked backward
+    builds the next block). Non-linear ones (SV, MV, Curricular, Circle) hold the cosines,
+    the logits and the margin's temporaries (`NONLINEAR_BUFFERS`), plus the previous
+    block's cosines and logits when chunked.
+    """
+    cols = used if not chunk_size else min(chunk_size, used)
+    chunked = cols < used
+    if traits.linear_nontarget:
+        per_element = (2 if chunked else 1) * item
+    else:
+        buffers, extra = NONLINEAR_BUFFERS.get(margin, NONLINEAR_DEFAULT)
+        per_element = (buffers + (2 if chunked else 0)) * item + extra
+    return per_element * g * cols, cols
+
+
+def _scratch_bytes(g: int, cols: int, item: int) -> int:
+    rows = min(g, max(1, BLOCK_ELEMENTS // max(1, cols)))
+    return rows * cols * item
+
+
+def _optimizer_terms(optimizer: str, rows: int, dim: int, item: int, sparse: bool, momentum: bool,
+                     weight_decay: bool, nesterov: bool) -> int:
+    """Temporary bytes of one optimizer step over `rows` gradient rows (train/optim.py)."""
+    row = rows * dim * item
+    if optimizer == "sgd":
+        count = int(weight_decay)
+        if momentum:
+            count += int(nesterov) + (1 if sparse else 0)  # sparse: gathered momentum rows
+        if sparse:
+            count += 1  # gathered weight rows
+        return count * row
+    # AdamW: denominator + three live update terms; sparse also gathers weights, m, v.
+    return (4 + (3 if sparse else 0)) * row + 2 * rows * INT64
+
+
+def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batch_per_rank: int = 128,
+              sample_rate: float = 1.0, dtype: str = "fp32", optimizer: str = "sgd",
+              margin: str = "arcface", chunk_size: int | None = None, momentum: bool = True,
+              weight_decay: bool = True, nesterov: bool = False, clip_grad: bool = False,
+              backend: str = "nccl") -> HeadPlan:
+    """Bytes per GPU of the head's tensors in one training step (see the module docstring).
+
+    Args mirror `PartialFC` and the trainer's optimizer settings; `dtype` is the head's
+    parameter dtype (fp32 or fp64; AMP leaves the head in fp32); `clip_grad` adds the trainer's global-norm
+    clipping; `backend` decides the backward collective (nccl: reduce-scatter).
+    """
+    _check(classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, optimizer, chunk_size)
+    traits = MarginTraits.of(margin)
+    item, d = DTYPE_BYTES[dtype], embedding_size
+    g = batch_per_rank * world_size
+    local = math.ceil(classes / world_size)
+    sparse = sample_rate < 1.0  # the head samples (index_select copy, sparse gradient)
+    used = min(local, max(math.ceil(sample_rate * local), min(g, local))) if sparse else local
+
+    weights = local * d * item + (local * item if traits.has_bias else 0)
+    if optimizer == "sgd":
+        state = local * d * item if momentum else 0
+    else:
+        state = 2 * local * d * item + local * INT64
+    logits, cols = _logit_bytes(g, used, chunk_size, traits, margin, item)
+    grad_rows = used * d * item + (used * item if traits.has_bias else 0)
+    weight_grad = grad_rows + (used * INT64 if sparse else 0)
+    features = (5 if traits.normalized else 3) * g * d * item
+    vectors = 6 * used * item
+    workspace = _scratch_bytes(g, cols, item) + vectors
+    if sparse:
+        workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
+    optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
+    clip_temp = used * d * 8 * (2 if item < 8 else 1) if clip_grad else 0
+    gemms = 3 + (1 if cols < used else 0)
+    return HeadPlan(
+        classes=classes, embedding_size=d, world_size=world_size, batch_per_rank=batch_per_rank,
+        sample_rate=sample_rate, dtype=dtype, optimizer=optimizer, margin=margin,
+        chunk_size=chunk_size, classes_per_rank=local, classes_used=used, weights=weights,
+        optimizer_state=state, logits=logits, weight_grad=weight_grad, features=features,
+        workspace=workspace, optimizer_temp=optimizer_temp, clip_temp=clip_temp,
+        collectives=head_collectives(world_size, batch_per_rank, d, item, traits, backend),
+        gemm_flops=gemms * 2 * g * used * d,
+    )
+
+
+def gpus_needed(classes: int, memory_budget_bytes: int, max_gpus: int = 1 << 20, **kwargs) -> HeadPlan:
+    """The plan with the fewest GPUs whose head peak fits `memory_budget_bytes` per GPU.
+
+    `kwargs` go to `plan_head` (embedding_size, batch_per_rank, sample_rate, ...). Raises
+    ValueError, naming the part that does not shrink with more GPUs and the fix, when no
+    world size up to `max_gpus` fits.
+    """
+    if memory_budget_bytes <= 0:
+        raise ValueError(f"memory budget must be positive, got {memory_budget_bytes} bytes; "
+                         "is --reserve larger than --gpu-memory?")
+    kwargs.pop("world_size", None)
+
+    def fits(world: int) -> bool:
+        return plan_head(classes, world_size=world, **kwargs).peak <= memory_budget_bytes
+
+    limit = min(max_gpus, classes)
+    # The peak falls with the world size until the fixed part (logits ~ B * classes per
+    # rank, features ~ G * D) dominates; find the first fitting power of two, then bisect.
+    high = 1
+    while high < limit and not fits(high):
+        high = min(limit, high * 2)
+    if not fits(high):
+        best = plan_head(classes, world_size=high, **kwargs)
+        raise ValueError(
+            f"{classes} classes do not fit {memory_budget_bytes / 1e9:.2f} GB per GPU on up to "
+            f"{high} GPUs: at {high} GPUs the head needs {best.peak / 1e9:.2f} GB, of which the "
+            f"logits take {best.logits / 1e9:.2f} GB (batch_per_rank x classes x dtype, the same "
+            "at any world size); set a chunk size (--chunk-size 65536) or a sample rate "
+            "(--sample-rate 0.1), or a smaller batch per GPU")
+    low = high // 2  # does not fit (or 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+    return plan_head(classes, world_size=high, **kwargs)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' -> 80e9, '80GiB' -> 80 * 2**30, '512MB', '1.5TB', '1000' (bytes)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper().replace(" ", "")
+    number = s.rstrip("KMGTIB")
+    unit = s[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value < 0:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB, 80GiB, 512MB")
+    return int(value * units[unit])
+
+
+def parse_count(text: str) -> int:
+    """'10M' -> 10_000_000, '100M', '2.5k', '1e6', '93431'."""
+    s = text.strip().upper().replace("_", "").replace(",", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(s[-1:], 1)
+    body = s[:-1] if scale != 1 else s
+    try:
+        value = float(body) * scale
+    except ValueError:
+        raise ValueError(f"cannot read a count from {text!r}; write e.g. 10M, 100M, 93431") from None
+    if value < 1 or value != int(value):
+        raise ValueError(f"count {text!r} must be a positive whole number")
+    return int(value)
