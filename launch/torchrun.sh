@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Launch `fr-trainer train` with torchrun: one command per node.
+#
+#   launch/torchrun.sh [options] CONFIG [trainer args, e.g. --set optim.lr=0.2]
+#
+# Single node (default): torchrun --standalone, --nproc-per-node processes.
+# Multi-node: the same command on every node, each with its --node-rank and the address of
+#   node 0 (c10d rendezvous, hosted by the torchrun agent of the node that reaches it first).
+# Elastic: --nnodes MIN:MAX and/or --max-restarts K; a failed worker makes the agents
+#   restart the whole group (up to K times), and the trainer resumes from the latest
+#   checkpoint of its run directory (resume = "auto"), so at most checkpoint.every_steps
+#   steps are recomputed.
+#
+# Options:
+#   --nnodes N | MIN:MAX     number of nodes (default 1)
+#   --nproc-per-node G       processes (GPUs) per node (default: $FR_NPROC_PER_NODE, else
+#                            the GPU count, else 1)
+#   --node-rank R            this node's rank, 0..N-1 (multi-node, fixed N)
+#   --master-addr HOST       address of node 0 (multi-node); also --rdzv-endpoint HOST:PORT
+#   --master-port PORT       rendezvous port on node 0 (default 29500)
+#   --rdzv-id ID             job id shared by all nodes (default: $SLURM_JOB_ID or fr_trainer)
+#   --max-restarts K         elastic restarts of the worker group (default 0)
+#   --monitor-interval S     seconds between worker health checks (torchrun default 0.1)
+#   --ifname IFACE           network interface for NCCL and gloo (exports NCCL_SOCKET_IFNAME
+#                            and GLOO_SOCKET_IFNAME), e.g. eth0, ib0, ^lo,docker
+#   --dry-run                print the exact command and exit
+#   --help
+set -euo pipefail
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
+die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
+
+nnodes=1 nproc="${FR_NPROC_PER_NODE:-}" node_rank="" addr="" port=29500
+rdzv_id="${SLURM_JOB_ID:-fr_trainer}" max_restarts=0 monitor="" ifname="" dry_run=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nnodes) nnodes="${2:?--nnodes needs a value}"; shift 2 ;;
+    --nproc-per-node) nproc="${2:?--nproc-per-node needs a value}"; shift 2 ;;
+    --node-rank) node_rank="${2:?--node-rank needs a value}"; shift 2 ;;
+    --master-addr) addr="${2:?--master-addr needs a value}"; shift 2 ;;
+    --master-port) port="${2:?--master-port needs a value}"; shift 2 ;;
+    --rdzv-endpoint) addr="${2%:*}"; port="${2##*:}"; shift 2 ;;
+    --rdzv-id) rdzv_id="${2:?--rdzv-id needs a value}"; shift 2 ;;
+    --max-restarts) max_restarts="${2:?--max-restarts needs a value}"; shift 2 ;;
+    --monitor-interval) monitor="${2:?--monitor-interval needs a value}"; shift 2 ;;
+    --ifname) ifname="${2:?--ifname needs a value}"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) break ;;
+  esac
+done
+[ $# -ge 1 ] || die "missing CONFIG, e.g. launch/torchrun.sh configs/demo.toml (see --help)"
+config="$1"; shift
+
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+if [[ "$nnodes" =~ ^([0-9]+):([0-9]+)$ ]]; then
+  min_nodes="${BASH_REMATCH[1]}" max_nodes="${BASH_REMATCH[2]}"
+  [ "$min_nodes" -ge 1 ] && [ "$min_nodes" -le "$max_nodes" ] \
+    || die "--nnodes $nnodes: need 1 <= MIN <= MAX, e.g. --nnodes 2:4"
+else
+  is_int "$nnodes" && [ "$nnodes" -ge 1 ] || die "--nnodes $nnodes: write a count (2) or a range MIN:MAX (2:4)"
+  min_nodes="$nnodes" max_nodes="$nnodes"
+fi
+if [ -z "$nproc" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    nproc="$(nvidia-smi -L | wc -l)"
+  else
+    nproc=1
+  fi
+fi
+is_int "$nproc" && [ "$nproc" -ge 1 ] || die "--nproc-per-node $nproc: write a positive count, e.g. 8"
+is_int "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--master-port $port is not a port (1-65535)"
+is_int "$max_restarts" || die "--max-restarts $max_restarts: write a count, e.g. 3"
+
+cmd=()
+[ -n "$ifname" ] && cmd+=("NCCL_SOCKET_IFNAME=$ifname" "GLOO_SOCKET_IFNAME=$ifname")
+cmd+=("${TORCHRUN:-torchrun}")
+if [ "$max_nodes" -eq 1 ] && [ -z "$addr" ]; then
+  cmd+=(--standalone --nnodes=1 "--nproc-per-node=$nproc")
+else
+  [ -n "$addr" ] || die "--nnodes $nnodes needs --master-addr HOST (the address of node 0, reachable from every node)"
+  cmd+=("--nnodes=$nnodes" "--nproc-per-node=$nproc")
+  if [ "$min_nodes" -eq "$max_nodes" ]; then
+    [ -n "$node_rank" ] || die "--nnodes $nnodes needs --node-rank R on every node (0 on $addr, then 1..$((max_nodes - 1)))"
+    is_int "$node_rank" && [ "$node_rank" -lt "$max_nodes" ] \
+      || die "--node-rank $node_rank must lie in [0, $max_nodes)"
+    cmd+=("--node-rank=$node_rank")
+  elif [ -n "$node_rank" ]; then
+    die "--node-rank is assigned by the rendezvous when --nnodes is a range ($nnodes); drop it"
+  fi
+  cmd+=(--rdzv-backend=c10d "--rdzv-endpoint=$addr:$port" "--rdzv-id=$rdzv_id")
+fi
+[ "$max_restarts" -gt 0 ] && cmd+=("--max-restarts=$max_restarts")
+[ -n "$monitor" ] && cmd+=("--monitor-interval=$monitor")
+cmd+=(-m fr_trainer train "$config" "$@")
+
+if [ "$dry_run" -eq 1 ]; then
+  printf '%q ' "${cmd[@]}" | sed 's/ $//'
+  echo
+  exit 0
+fi
+if [ -n "$ifname" ]; then
+  export NCCL_SOCKET_IFNAME="$ifname" GLOO_SOCKET_IFNAME="$ifname"
+  cmd=("${cmd[@]:2}")
+fi
+exec "${cmd[@]}"
