@@ -1,0 +1,69 @@
+"""The seams around the trainer: load_backbone for export/verify, the shards tool,
+`fr-trainer bench train`."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from fr_trainer.train.bench import main as bench_main
+from fr_trainer.train.checkpoint import load_backbone
+from test_train_support import config_dict, make_data, make_trainer
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "checkpoint_shards.py"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tools")
+    data = make_data(root / "data")
+    cfg = config_dict(data, root / "out", model={"backbone": "demonet", "embedding_size": 16},
+                      train={"max_steps": 2})
+    trainer = make_trainer(0, 1, cfg)
+    trainer.fit()
+    return root / "out" / "t", trainer.state_snapshot()
+
+
+def test_load_backbone_from_a_run_dir(run):
+    run_dir, snapshot = run
+    model = load_backbone(run_dir)
+    assert not model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshot["backbone"][name]), name
+
+
+def test_export_cli_reads_a_training_checkpoint(run, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fr_trainer.export.cli import main as export_main
+
+    run_dir, _ = run
+    # the export CLI takes a file: a checkpoint's common.pt (or a merged file) holds the backbone
+    common = run_dir / "checkpoints" / "step_00000002" / "common.pt"
+    assert export_main([str(common), str(tmp_path / "m.onnx"), "--latency-runs", "0"]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+
+
+def test_shards_tool_merge_split(run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = run
+    for argv in (["merge", str(run_dir), str(tmp_path / "m.pt")],
+                 ["split", str(tmp_path / "m.pt"), str(tmp_path / "s"), "--world-size", "3"]):
+        monkeypatch.setattr("sys.argv", [str(TOOL), *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(TOOL), run_name="__main__")
+        assert exit_info.value.code == 0
+    assert len(list((tmp_path / "s").glob("step_*/shard_*_of_00003.pt"))) == 3
+
+
+def test_bench_train_reports_throughput_and_shares(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench_main(["--backbone", "demonet", "--embedding-size", "16", "--batch-size", "4", "--steps", "2",
+                       "--warmup", "1", "--num-classes", "50", "--world-size", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples_per_s"] > 0
+    assert set(result["share"]) == {"data", "backbone", "head", "optimizer"}
+    assert sum(result["share"].values()) == pytest.approx(1.0)
+    assert "samples/s" in capsys.readouterr().out
