@@ -7,13 +7,17 @@ On the synthetic set (generated into a temporary folder unless `--root` names on
 - torch: decoded, flipped, normalised 112x112 images per second through `build_loader`
   (Pillow in `W` DataLoader workers), for W = 1 and W = `--workers`;
 - dali: the same through `DaliLoader` on the CPU with `num_threads` = 1 and `--workers`.
-"Per core" divides by W. The first batch (start-up) is not timed.
+"Per core" divides by W. The first batch (start-up) is not timed. Each row also gives
+images per CPU-second (user + system time of this process and its reaped workers, start-up
+included), which stays meaningful on a machine shared with other jobs.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import resource
 import os
 import platform
 import tempfile
@@ -22,6 +26,12 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) and its reaped children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _images_per_second(batches: Iterable, limit: int) -> tuple[float, int]:
@@ -35,7 +45,19 @@ def _images_per_second(batches: Iterable, limit: int) -> tuple[float, int]:
         if count >= limit:
             break
     elapsed = time.perf_counter() - start
+    del iterator  # shuts DataLoader workers down, so their CPU time is counted
+    gc.collect()
     return (count / elapsed if elapsed > 0 else 0.0), count
+
+
+def _with_cpu(run, *args) -> dict:
+    """Run a benchmark and add `cpu_s` and `images_per_cpu_s` (all images, start-up included)."""
+    before = cpu_seconds()
+    row = run(*args)
+    row["cpu_s"] = cpu_seconds() - before
+    total = row.get("total_images", row["images"])
+    row["images_per_cpu_s"] = total / row["cpu_s"] if row["cpu_s"] > 0 else 0.0
+    return row
 
 
 def bench_torch(rec: Path, workers: int, batch_size: int, limit: int) -> dict:
@@ -45,7 +67,8 @@ def bench_torch(rec: Path, workers: int, batch_size: int, limit: int) -> dict:
     dataset = RecordDataset(rec)
     loader = build_loader(dataset, batch_size=batch_size, num_workers=workers, decode="pil")
     rate, count = _images_per_second(loader, limit)
-    return {"pipeline": "torch", "workers": workers, "images_per_s": rate, "per_core": rate / max(workers, 1), "images": count}
+    return {"pipeline": "torch", "workers": workers, "images_per_s": rate, "per_core": rate / max(workers, 1),
+            "images": count, "total_images": count + batch_size}
 
 
 def bench_dali(rec: Path, threads: int, batch_size: int, limit: int) -> dict:
@@ -53,7 +76,10 @@ def bench_dali(rec: Path, threads: int, batch_size: int, limit: int) -> dict:
 
     loader = DaliLoader(rec, batch_size=batch_size, num_threads=threads, device="cpu", initial_fill=batch_size)
     rate, count = _images_per_second(loader, limit)
-    return {"pipeline": "dali-cpu", "workers": threads, "images_per_s": rate, "per_core": rate / max(threads, 1), "images": count}
+    del loader
+    gc.collect()
+    return {"pipeline": "dali-cpu", "workers": threads, "images_per_s": rate, "per_core": rate / max(threads, 1),
+            "images": count, "total_images": count + batch_size}
 
 
 def export_tree(rec: Path, out: Path, limit: int) -> int:
@@ -76,11 +102,14 @@ def export_tree(rec: Path, out: Path, limit: int) -> int:
 def bench_pack(rec: Path, workers: int, limit: int, scratch: Path) -> dict:
     from fr_trainer.data.pack import pack_image_folder
 
-    tree = scratch / "tree"
+    tree = scratch / f"tree{workers}"
     count = export_tree(rec, tree, limit)
-    summary = pack_image_folder(tree, scratch / "packed", workers=workers, progress=False)
+    before = cpu_seconds()
+    summary = pack_image_folder(tree, scratch / f"packed{workers}", workers=workers, progress=False)
+    cpu = cpu_seconds() - before
     return {"pipeline": "pack", "workers": workers, "images_per_s": summary.images_per_second,
-            "per_core": summary.images_per_second / max(workers, 1), "images": count}
+            "per_core": summary.images_per_second / max(workers, 1), "images": count,
+            "cpu_s": cpu, "images_per_cpu_s": count / cpu if cpu > 0 else 0.0}
 
 
 def bench_synth(out: Path, workers: int, identities: int, per_identity: int) -> dict:
@@ -106,8 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| pipeline | workers | images/s | images/s per core | images |", "|---|---|---|---|---|"]
-    lines += [f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | {r['per_core']:.0f} | {r['images']} |" for r in rows]
+    lines = ["| pipeline | workers | images/s | images/s per core | images per CPU-second | images |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | {r['per_core']:.0f} | "
+              f"{r.get('images_per_cpu_s', 0):.0f} | {r['images']} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -120,21 +151,21 @@ def main(argv: list[str]) -> int:
         scratch = Path(scratch_name)
         if args.root is None:
             root = scratch / "synth"
-            row = bench_synth(root, args.workers, args.identities, args.images_per_identity)
+            row = _with_cpu(bench_synth, root, args.workers, args.identities, args.images_per_identity)
             if "synth" in wanted:
                 rows.append(row)
         else:
             root = Path(args.root)
         rec = root / "train.rec"
         counts = sorted({1, args.workers})
-        if "pack" in wanted:
-            rows.append(bench_pack(rec, args.workers, args.max_images, scratch))
         for workers in counts:
+            if "pack" in wanted:
+                rows.append(bench_pack(rec, workers, args.max_images, scratch))
             if "torch" in wanted:
-                rows.append(bench_torch(rec, workers, args.batch_size, args.max_images))
+                rows.append(_with_cpu(bench_torch, rec, workers, args.batch_size, args.max_images))
             if "dali" in wanted:
                 try:
-                    rows.append(bench_dali(rec, workers, args.batch_size, args.max_images))
+                    rows.append(_with_cpu(bench_dali, rec, workers, args.batch_size, args.max_images))
                 except ImportError as error:
                     print(f"dali skipped: {error}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")

@@ -61,9 +61,12 @@ def load_image(task: tuple[str, bool, int | None, int]) -> tuple[bytes | None, s
         if not verify and image_size is None:
             return data, None
         with Image.open(io.BytesIO(data)) as image:
-            image.load()
             fmt = image.format
-            if fmt in ("JPEG", "PNG") and (image_size is None or image.size == (image_size, image_size)):
+            keep = fmt in ("JPEG", "PNG") and (image_size is None or image.size == (image_size, image_size))
+            if keep and fmt == "JPEG":  # decode every coefficient, but skip the full-size IDCT
+                image.draft("RGB", (max(image.size[0] // 8, 1), max(image.size[1] // 8, 1)))
+            image.load()
+            if keep:
                 return data, None
             image = image.convert("RGB")
             if image_size is not None and image.size != (image_size, image_size):
