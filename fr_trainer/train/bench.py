@@ -118,13 +118,19 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
                               ("optimizer", t5 - t4)):
             parts[name] += seconds
     total = time.perf_counter() - total_start
-    return {"seconds": total, "parts": parts, "loss": float(loss)}
+    return {"seconds": total, "parts": parts, "loss": float(loss.detach()), "num_classes": num_classes}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.world_size > 1:
         from fr_trainer.distributed.spawn import run_ranks
+
+        if args.data and args.num_workers:
+            # spawned ranks are daemonic and cannot start DataLoader workers
+            print(f"note: --world-size {args.world_size} with --data decodes in the rank processes "
+                  "(--num-workers 0); the data share is then the full decode cost")
+            args.num_workers = 0
 
         backend = "nccl" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "gloo"
         results = run_ranks(bench_rank, args.world_size, args, backend=backend, threads=args.threads,
@@ -136,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = {k: sum(r["parts"][k] for r in results) / len(results) for k in results[0]["parts"]}
     share = {k: v / sum(parts.values()) for k, v in parts.items()}
     out = {"backbone": args.backbone, "batch_size": args.batch_size, "world_size": args.world_size,
-           "num_classes": args.num_classes, "sample_rate": args.sample_rate, "device": args.device,
+           "num_classes": results[0]["num_classes"], "sample_rate": args.sample_rate, "device": args.device,
            "precision": args.precision, "threads_per_rank": args.threads,
            "data": args.data or "random tensors", "samples_per_s": samples / seconds,
            "step_ms": 1000 * seconds / args.steps, "share": share}
-    print(f"{args.backbone} batch {args.batch_size} x {args.world_size} rank(s), {args.num_classes} classes "
+    print(f"{args.backbone} batch {args.batch_size} x {args.world_size} rank(s), {out['num_classes']} classes "
           f"(sample_rate {args.sample_rate}), {out['data']}: {out['samples_per_s']:.1f} samples/s, "
           f"{out['step_ms']:.0f} ms/step; time share: "
           + ", ".join(f"{k} {v * 100:.0f}%" for k, v in share.items()))
