@@ -7,11 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_train_support import NUM_CLASSES, config_dict, make_data, make_trainer
 
 from fr_trainer.train.cli import main as train_main
 from fr_trainer.train.config import ConfigError, config_from_dict, load_config
 from fr_trainer.train.schedule import poly_lr
-from test_train_support import NUM_CLASSES, config_dict, make_data, make_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,8 +29,10 @@ def test_unknown_keys_are_rejected_with_the_accepted_ones():
 
 
 def test_dotted_overrides_and_types(tmp_path):
-    config = load_config(CONFIGS / "demo.toml", ["optim.lr=0.2", "model.backbone=iresnet50",
-                                                  "head.margin_args.m=0.4", "train.max_steps=7"])
+    config = load_config(
+        CONFIGS / "demo.toml",
+        ["optim.lr=0.2", "model.backbone=iresnet50", "head.margin_args.m=0.4", "train.max_steps=7"],
+    )
     assert config.optim.lr == 0.2 and config.model.backbone == "iresnet50"
     assert config.head.margin_args["m"] == 0.4 and config.train.max_steps == 7
     with pytest.raises(ConfigError, match=r"optim.lr must be float, got 'fast'"):
@@ -41,8 +43,15 @@ def test_dotted_overrides_and_types(tmp_path):
         load_config(None, ["optim.lr"])
 
 
-@pytest.mark.parametrize("name", ["demo.toml", "ms1mv3_r50_arcface.toml", "glint360k_r100_cosface.toml",
-                                  "wf42m_r100_pfc02_cosface.toml"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "demo.toml",
+        "ms1mv3_r50_arcface.toml",
+        "glint360k_r100_cosface.toml",
+        "wf42m_r100_pfc02_cosface.toml",
+    ],
+)
 def test_shipped_configs_load(name):
     config = load_config(CONFIGS / name)
     assert config.data.batch_size >= 1
@@ -51,7 +60,7 @@ def test_shipped_configs_load(name):
 def test_poly_schedule():
     assert poly_lr(0, 0.1, 100, 10) == pytest.approx(0.01)
     assert poly_lr(9, 0.1, 100, 10) == pytest.approx(0.1)
-    assert poly_lr(55, 0.1, 100, 10) == pytest.approx(0.1 * 0.5 ** 2)
+    assert poly_lr(55, 0.1, 100, 10) == pytest.approx(0.1 * 0.5**2)
     assert poly_lr(100, 0.1, 100, 10) == 0.0
 
 
@@ -85,10 +94,16 @@ def test_nonfinite_loss_stops_or_skips(data, tmp_path):
     trainer.backbone.linear.weight.data.fill_(float("nan"))
     with pytest.raises(NonFiniteLoss, match="train.nonfinite=skip"):
         trainer.fit()
-    cfg = config_dict(data, tmp_path / "skip", train={"max_steps": 3, "nonfinite": "skip", "max_nonfinite_skips": 2})
+    cfg = config_dict(
+        data,
+        tmp_path / "skip",
+        train={"max_steps": 3, "nonfinite": "skip", "max_nonfinite_skips": 2},
+    )
     trainer = make_trainer(0, 1, cfg)
     before = trainer.head.weight.detach().clone()
     trainer.backbone.linear.weight.data.fill_(float("nan"))
     with pytest.raises(NonFiniteLoss, match="3 non-finite steps in a row"):
         trainer.fit()
-    assert trainer.step == 2 and (trainer.head.weight == before).all()  # skipped steps changed nothing
+    assert (
+        trainer.step == 2 and (trainer.head.weight == before).all()
+    )  # skipped steps changed nothing

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_support import config_dict, make_data, make_trainer, rank_fit, rank_load_and_save
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.train import checkpoint as ckpt
-from test_train_support import config_dict, make_data, make_trainer, rank_fit, rank_load_and_save
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +22,17 @@ def _cat_heads(results: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_two_ranks_reduce_the_loss_and_repeat_exactly(data, tmp_path):
-    cfg = config_dict(data, tmp_path / "a", model={"backbone": "demonet", "embedding_size": 16},
-                      train={"max_steps": 12})
+    cfg = config_dict(
+        data,
+        tmp_path / "a",
+        model={"backbone": "demonet", "embedding_size": 16},
+        train={"max_steps": 12},
+    )
     cfg["checkpoint"]["resume"] = "never"
     first = run_ranks(rank_fit, 2, cfg)
-    second = run_ranks(rank_fit, 2, config_dict(data, tmp_path / "b", model=cfg["model"], train=cfg["train"]))
+    second = run_ranks(
+        rank_fit, 2, config_dict(data, tmp_path / "b", model=cfg["model"], train=cfg["train"])
+    )
     losses = first[0]["losses"]
     assert len(losses) == 12 and losses == first[1]["losses"]  # identical on every rank
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
@@ -37,7 +43,9 @@ def test_two_ranks_reduce_the_loss_and_repeat_exactly(data, tmp_path):
 
 def test_kill_and_resume_reaches_the_same_weights(data, tmp_path):
     # sampled head (sparse grads, sampling RNG) and an epoch boundary (6 batches / epoch) inside
-    sections = dict(head={"sample_rate": 0.5}, train={"max_steps": 9}, checkpoint={"every_steps": 0})
+    sections = {
+        "head": {"sample_rate": 0.5}, "train": {"max_steps": 9}, "checkpoint": {"every_steps": 0}
+    }
     straight = run_ranks(rank_fit, 2, config_dict(data, tmp_path / "straight", **sections))
     cfg = config_dict(data, tmp_path / "resumed", **sections)
     stopped = run_ranks(rank_fit, 2, cfg, 4)  # "killed" after the checkpoint of step 4
@@ -56,15 +64,21 @@ def test_reshard_two_three_one_keeps_centres_and_momentum(data, tmp_path):
     two = run_ranks(rank_fit, 2, config_dict(data, tmp_path / "two", train={"max_steps": 3}))
     weight2, momentum2 = _cat_heads(two)
     source = tmp_path / "two" / "t" / "checkpoints"
-    three = run_ranks(rank_load_and_save, 3,
-                      config_dict(data, tmp_path / "three", checkpoint={"resume": str(source)}))
+    three = run_ranks(
+        rank_load_and_save,
+        3,
+        config_dict(data, tmp_path / "three", checkpoint={"resume": str(source)}),
+    )
     weight3, momentum3 = _cat_heads(three)
     assert [r["head"]["weight"].shape[0] for r in three] == [4, 4, 4]
     assert torch.equal(weight2, weight3) and torch.equal(momentum2, momentum3)
     assert three[0]["step"] == 3
     assert three[0]["position"]["batch_in_epoch"] == 2  # 3 batches x 2 ranks = 2 batches x 3 ranks
-    one = run_ranks(rank_load_and_save, 1,
-                    config_dict(data, tmp_path / "one", checkpoint={"resume": str(tmp_path / "three" / "t")}))
+    one = run_ranks(
+        rank_load_and_save,
+        1,
+        config_dict(data, tmp_path / "one", checkpoint={"resume": str(tmp_path / "three" / "t")}),
+    )
     weight1, momentum1 = _cat_heads(one)
     assert torch.equal(weight2, weight1) and torch.equal(momentum2, momentum1)
     for name, value in two[0]["snapshot"]["backbone"].items():
@@ -84,9 +98,13 @@ def test_merge_and_split_round_trip(data, tmp_path):
         assert torch.equal(rows["head"]["weight"], weight)
         assert torch.equal(rows["optim_head"]["weight"]["momentum_buffer"], momentum)
     # split back to the saved world size keeps each rank's own file content (exact resume)
-    original = torch.load(tmp_path / "run" / "t" / "checkpoints" / "step_00000002" / ckpt.shard_name(1, 2),
-                          weights_only=False)
-    again = torch.load(tmp_path / "split2" / "step_00000002" / ckpt.shard_name(1, 2), weights_only=False)
+    original = torch.load(
+        tmp_path / "run" / "t" / "checkpoints" / "step_00000002" / ckpt.shard_name(1, 2),
+        weights_only=False,
+    )
+    again = torch.load(
+        tmp_path / "split2" / "step_00000002" / ckpt.shard_name(1, 2), weights_only=False
+    )
     assert torch.equal(original["head"]["weight"], again["head"]["weight"])
     assert torch.equal(original["rng"]["torch"], again["rng"]["torch"])
     model = ckpt.load_backbone(merged)
@@ -100,12 +118,21 @@ def _one_step(cfg: dict) -> dict:
 
 
 def test_accumulating_two_batches_equals_one_double_batch(data, tmp_path):
-    common = dict(train={"max_steps": 2, "precision": "fp64"}, optim={"lr": 0.3, "momentum": 0.9},
-                  head={"sample_rate": 1.0})
+    common = {
+        "train": {"max_steps": 2, "precision": "fp64"},
+        "optim": {"lr": 0.3, "momentum": 0.9},
+        "head": {"sample_rate": 1.0},
+    }
     big = _one_step(config_dict(data, tmp_path / "big", data={"batch_size": 16}, **common))
-    accumulated = _one_step(config_dict(data, tmp_path / "acc", data={"batch_size": 8},
-                                        optim={**common["optim"], "accumulate": 2},
-                                        **{k: v for k, v in common.items() if k != "optim"}))
+    accumulated = _one_step(
+        config_dict(
+            data,
+            tmp_path / "acc",
+            data={"batch_size": 8},
+            optim={**common["optim"], "accumulate": 2},
+            **{k: v for k, v in common.items() if k != "optim"},
+        )
+    )
     assert big["head"].dtype == torch.float64
     torch.testing.assert_close(accumulated["head"], big["head"], rtol=0, atol=1e-12)
     for name, value in big["backbone"].items():
@@ -113,10 +140,16 @@ def test_accumulating_two_batches_equals_one_double_batch(data, tmp_path):
 
 
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(data, tmp_path):
-    sections = dict(train={"max_steps": 2, "precision": "fp64"}, optim={"clip_grad_norm": 1.0})
-    one = run_ranks(rank_fit, 1, config_dict(data, tmp_path / "one", data={"batch_size": 16}, **sections))
-    two = run_ranks(rank_fit, 2, config_dict(data, tmp_path / "two", data={"batch_size": 8}, **sections))
-    torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=0, atol=1e-12)
+    sections = {"train": {"max_steps": 2, "precision": "fp64"}, "optim": {"clip_grad_norm": 1.0}}
+    one = run_ranks(
+        rank_fit, 1, config_dict(data, tmp_path / "one", data={"batch_size": 16}, **sections)
+    )
+    two = run_ranks(
+        rank_fit, 2, config_dict(data, tmp_path / "two", data={"batch_size": 8}, **sections)
+    )
+    torch.testing.assert_close(
+        torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=0, atol=1e-12
+    )
     weight, _ = _cat_heads(two)
     torch.testing.assert_close(weight, one[0]["head"]["weight"], rtol=0, atol=1e-12)
     for name, value in one[0]["snapshot"]["backbone"].items():

@@ -37,8 +37,15 @@ def make_data(root: Path) -> Path:
     from fr_trainer.data.synthetic import generate
 
     if not (root / "train.rec").is_file():
-        generate(root, num_identities=NUM_CLASSES, images_per_identity=PER_CLASS, num_holdout_identities=0,
-                 num_pairs=0, num_ijbc_subjects=0, workers=0)
+        generate(
+            root,
+            num_identities=NUM_CLASSES,
+            images_per_identity=PER_CLASS,
+            num_holdout_identities=0,
+            num_pairs=0,
+            num_ijbc_subjects=0,
+            workers=0,
+        )
     return root
 
 
@@ -62,7 +69,9 @@ def config_dict(data_root: Path, out: Path, **sections) -> dict:
 def make_trainer(rank: int, world_size: int, cfg: dict):
     from fr_trainer.train.trainer import Trainer
 
-    env = DistributedEnv(rank, world_size, 0, "gloo" if world_size > 1 else None, torch.device("cpu"))
+    env = DistributedEnv(
+        rank, world_size, 0, "gloo" if world_size > 1 else None, torch.device("cpu")
+    )
     return Trainer(config_from_dict(cfg), env)
 
 
@@ -70,21 +79,32 @@ def head_state(trainer) -> dict:
     """This rank's centres and their momentum (CPU copies)."""
     weight = trainer.head.weight
     momentum = trainer.optimizer.state[weight].get("momentum_buffer")
-    return {"start": trainer.head.shard.start, "weight": weight.detach().clone(),
-            "momentum": None if momentum is None else momentum.clone()}
+    return {
+        "start": trainer.head.shard.start,
+        "weight": weight.detach().clone(),
+        "momentum": None if momentum is None else momentum.clone(),
+    }
 
 
 # ------------------------------------------------------------------ rank functions
 def rank_fit(rank: int, world_size: int, cfg: dict, stop_after: int | None = None) -> dict:
     trainer = make_trainer(rank, world_size, cfg)
     result = trainer.fit(stop_after=stop_after)
-    return {"losses": result["losses"], "snapshot": trainer.state_snapshot(), "head": head_state(trainer),
-            "step": trainer.step}
+    return {
+        "losses": result["losses"],
+        "snapshot": trainer.state_snapshot(),
+        "head": head_state(trainer),
+        "step": trainer.step,
+    }
 
 
 def rank_load_and_save(rank: int, world_size: int, cfg: dict) -> dict:
     """Build (resuming from cfg's checkpoint.resume), save again in this world size."""
     trainer = make_trainer(rank, world_size, cfg)
     trainer.save()
-    return {"head": head_state(trainer), "step": trainer.step, "snapshot": trainer.state_snapshot(),
-            "position": trainer.stream.position()}
+    return {
+        "head": head_state(trainer),
+        "step": trainer.step,
+        "snapshot": trainer.state_snapshot(),
+        "position": trainer.stream.position(),
+    }

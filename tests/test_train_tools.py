@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_support import config_dict, make_data, make_trainer
 
 from fr_trainer.train.bench import main as bench_main
 from fr_trainer.train.checkpoint import load_backbone
-from test_train_support import config_dict, make_data, make_trainer
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "checkpoint_shards.py"
 
@@ -21,8 +21,12 @@ TOOL = Path(__file__).resolve().parents[1] / "tools" / "checkpoint_shards.py"
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tools")
     data = make_data(root / "data")
-    cfg = config_dict(data, root / "out", model={"backbone": "demonet", "embedding_size": 16},
-                      train={"max_steps": 2})
+    cfg = config_dict(
+        data,
+        root / "out",
+        model={"backbone": "demonet", "embedding_size": 16},
+        train={"max_steps": 2},
+    )
     trainer = make_trainer(0, 1, cfg)
     trainer.fit()
     return root / "out" / "t", trainer.state_snapshot()
@@ -49,8 +53,10 @@ def test_export_cli_reads_a_training_checkpoint(run, tmp_path):
 
 def test_shards_tool_merge_split(run, tmp_path, monkeypatch, capsys):
     run_dir, _ = run
-    for argv in (["merge", str(run_dir), str(tmp_path / "m.pt")],
-                 ["split", str(tmp_path / "m.pt"), str(tmp_path / "s"), "--world-size", "3"]):
+    for argv in (
+        ["merge", str(run_dir), str(tmp_path / "m.pt")],
+        ["split", str(tmp_path / "m.pt"), str(tmp_path / "s"), "--world-size", "3"],
+    ):
         monkeypatch.setattr("sys.argv", [str(TOOL), *argv])
         with pytest.raises(SystemExit) as exit_info:
             runpy.run_path(str(TOOL), run_name="__main__")
@@ -60,8 +66,29 @@ def test_shards_tool_merge_split(run, tmp_path, monkeypatch, capsys):
 
 def test_bench_train_reports_throughput_and_shares(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert bench_main(["--backbone", "demonet", "--embedding-size", "16", "--batch-size", "4", "--steps", "2",
-                       "--warmup", "1", "--num-classes", "50", "--world-size", "2", "--json", str(out)]) == 0
+    assert (
+        bench_main(
+            [
+                "--backbone",
+                "demonet",
+                "--embedding-size",
+                "16",
+                "--batch-size",
+                "4",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--num-classes",
+                "50",
+                "--world-size",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["samples_per_s"] > 0
     assert set(result["share"]) == {"data", "backbone", "head", "optimizer"}

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank (CPU)")
-    p.add_argument("--data", default=None, help="a data root with train.rec (default: random images)")
+    p.add_argument(
+        "--data", default=None, help="a data root with train.rec (default: random images)"
+    )
     p.add_argument("--num-workers", type=int, default=1)
     p.add_argument("--json", default=None, help="also write the result here")
     return p
@@ -49,8 +51,15 @@ def _batches(args, rank: int, world_size: int, device: torch.device):
         from fr_trainer.train.config import config_from_dict
         from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
 
-        cfg = config_from_dict({"data": {"root": args.data, "batch_size": args.batch_size,
-                                         "num_workers": args.num_workers}})
+        cfg = config_from_dict(
+            {
+                "data": {
+                    "root": args.data,
+                    "batch_size": args.batch_size,
+                    "num_workers": args.num_workers,
+                }
+            }
+        )
         dataset = open_dataset(cfg)
         stream = BatchStream(build_train_data(cfg, dataset, rank, world_size, device))
         return stream.next, dataset.num_classes
@@ -78,12 +87,17 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     backbone = create_backbone(args.backbone, embedding_size=args.embedding_size).to(device)
     model = DistributedDataParallel(backbone) if world_size > 1 else backbone
-    head = PartialFC(num_classes, args.embedding_size, margin=args.margin, sample_rate=args.sample_rate,
-                     seed=0).to(device)
-    optimizer = SGD([{"params": list(backbone.parameters())}, {"params": list(head.parameters())}],
-                    lr=0.01, momentum=0.9, weight_decay=5e-4)
+    head = PartialFC(
+        num_classes, args.embedding_size, margin=args.margin, sample_rate=args.sample_rate, seed=0
+    ).to(device)
+    optimizer = SGD(
+        [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}],
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=5e-4,
+    )
     scaler = torch.amp.GradScaler(device_type) if precision.scaler else None
-    parts = dict(data=0.0, backbone=0.0, head=0.0, optimizer=0.0)
+    parts = {"data": 0.0, "backbone": 0.0, "head": 0.0, "optimizer": 0.0}
     total_start = None
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
@@ -114,11 +128,20 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
         t5 = time.perf_counter()
-        for name, seconds in (("data", t1 - t0), ("backbone", (t2 - t1) + (t4 - t3)), ("head", t3 - t2),
-                              ("optimizer", t5 - t4)):
+        for name, seconds in (
+            ("data", t1 - t0),
+            ("backbone", (t2 - t1) + (t4 - t3)),
+            ("head", t3 - t2),
+            ("optimizer", t5 - t4),
+        ):
             parts[name] += seconds
     total = time.perf_counter() - total_start
-    return {"seconds": total, "parts": parts, "loss": float(loss.detach()), "num_classes": num_classes}
+    return {
+        "seconds": total,
+        "parts": parts,
+        "loss": float(loss.detach()),
+        "num_classes": num_classes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,28 +151,46 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.data and args.num_workers:
             # spawned ranks are daemonic and cannot start DataLoader workers
-            print(f"note: --world-size {args.world_size} with --data decodes in the rank processes "
-                  "(--num-workers 0); the data share is then the full decode cost")
+            print(
+                f"note: --world-size {args.world_size} with --data decodes in the rank processes "
+                "(--num-workers 0); the data share is then the full decode cost"
+            )
             args.num_workers = 0
 
-        backend = "nccl" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "gloo"
-        results = run_ranks(bench_rank, args.world_size, args, backend=backend, threads=args.threads,
-                            timeout_s=3600)
+        backend = (
+            "nccl"
+            if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+            else "gloo"
+        )
+        results = run_ranks(
+            bench_rank, args.world_size, args, backend=backend, threads=args.threads, timeout_s=3600
+        )
     else:
         results = [bench_rank(0, 1, args)]
     seconds = max(r["seconds"] for r in results)
     samples = args.steps * args.batch_size * args.world_size
     parts = {k: sum(r["parts"][k] for r in results) / len(results) for k in results[0]["parts"]}
     share = {k: v / sum(parts.values()) for k, v in parts.items()}
-    out = {"backbone": args.backbone, "batch_size": args.batch_size, "world_size": args.world_size,
-           "num_classes": results[0]["num_classes"], "sample_rate": args.sample_rate, "device": args.device,
-           "precision": args.precision, "threads_per_rank": args.threads,
-           "data": args.data or "random tensors", "samples_per_s": samples / seconds,
-           "step_ms": 1000 * seconds / args.steps, "share": share}
-    print(f"{args.backbone} batch {args.batch_size} x {args.world_size} rank(s), {out['num_classes']} classes "
-          f"(sample_rate {args.sample_rate}), {out['data']}: {out['samples_per_s']:.1f} samples/s, "
-          f"{out['step_ms']:.0f} ms/step; time share: "
-          + ", ".join(f"{k} {v * 100:.0f}%" for k, v in share.items()))
+    out = {
+        "backbone": args.backbone,
+        "batch_size": args.batch_size,
+        "world_size": args.world_size,
+        "num_classes": results[0]["num_classes"],
+        "sample_rate": args.sample_rate,
+        "device": args.device,
+        "precision": args.precision,
+        "threads_per_rank": args.threads,
+        "data": args.data or "random tensors",
+        "samples_per_s": samples / seconds,
+        "step_ms": 1000 * seconds / args.steps,
+        "share": share,
+    }
+    print(
+        f"{args.backbone} batch {args.batch_size} x {args.world_size} rank(s), {out['num_classes']} classes "
+        f"(sample_rate {args.sample_rate}), {out['data']}: {out['samples_per_s']:.1f} samples/s, "
+        f"{out['step_ms']:.0f} ms/step; time share: "
+        + ", ".join(f"{k} {v * 100:.0f}%" for k, v in share.items())
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(out, handle, indent=2)

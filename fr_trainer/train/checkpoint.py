@@ -55,7 +55,11 @@ def step_name(step: int) -> str:
 
 # --------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -95,8 +99,16 @@ def _barrier(group) -> None:
         dist.barrier(group)
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, common: dict | None, shard: dict,
-                    rank: int, world_size: int, keep_last: int = 2, group=None) -> Path:
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    common: dict | None,
+    shard: dict,
+    rank: int,
+    world_size: int,
+    keep_last: int = 2,
+    group=None,
+) -> Path:
     """Collective: every rank passes its `shard` dict; rank 0 also `common`.
 
     Returns the final folder. Older complete checkpoints beyond `keep_last` are removed.
@@ -115,7 +127,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, common: dict | None, sha
     if rank == 0:
         if common is None:
             raise ValueError("rank 0 must pass the common part of the checkpoint")
-        _atomic_torch_save(dict(common, world_size=world_size, format=FORMAT, step=step), tmp / COMMON)
+        _atomic_torch_save(
+            dict(common, world_size=world_size, format=FORMAT, step=step), tmp / COMMON
+        )
     _barrier(group)
     if rank == 0:
         _publish(root, tmp, final, world_size)
@@ -125,10 +139,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, common: dict | None, sha
 
 
 def _publish(root: Path, tmp: Path, final: Path, world_size: int) -> None:
-    missing = [shard_name(r, world_size) for r in range(world_size) if not (tmp / shard_name(r, world_size)).is_file()]
+    missing = [
+        shard_name(r, world_size)
+        for r in range(world_size)
+        if not (tmp / shard_name(r, world_size)).is_file()
+    ]
     if missing:
-        raise CheckpointError(f"{tmp}: shards {missing} were not written; is the checkpoint folder on a "
-                              "file system every rank shares?")
+        raise CheckpointError(
+            f"{tmp}: shards {missing} were not written; is the checkpoint folder on a "
+            "file system every rank shares?"
+        )
     _atomic_write_text(tmp / COMPLETE, "ok\n")
     if final.exists():
         shutil.rmtree(final)
@@ -173,10 +193,14 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         if found is not None:
             return found
     if (path / COMMON).is_file():
-        raise CheckpointError(f"{path} has no {COMPLETE} marker: the save was interrupted; use an "
-                              f"older checkpoint from {path.parent}")
-    raise CheckpointError(f"no complete checkpoint at {path} (expected a step_XXXXXXXX folder, its "
-                          "parent 'checkpoints' folder, or a run directory)")
+        raise CheckpointError(
+            f"{path} has no {COMPLETE} marker: the save was interrupted; use an "
+            f"older checkpoint from {path.parent}"
+        )
+    raise CheckpointError(
+        f"no complete checkpoint at {path} (expected a step_XXXXXXXX folder, its "
+        "parent 'checkpoints' folder, or a run directory)"
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -193,7 +217,11 @@ def load_common(folder: str | os.PathLike) -> dict:
 
 def _row_tensors(state: dict, rows: int) -> dict:
     """The entries of a head state dict / optimizer state that are per-class rows."""
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows}
+    return {
+        k: v
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == rows
+    }
 
 
 def load_shard_rows(folder: str | os.PathLike, start: int, end: int) -> dict:
@@ -215,12 +243,23 @@ def load_shard_rows(folder: str | os.PathLike, start: int, end: int) -> dict:
             continue
         data = _load(folder / shard_name(rank, saved_world))
         sl = slice(lo - shard.start, hi - shard.start)
-        pieces.append((_slice_rows(data["head"], shard.num_local, sl),
-                       {name: _slice_rows(st, shard.num_local, sl) for name, st in data["optim_head"].items()}))
+        pieces.append(
+            (
+                _slice_rows(data["head"], shard.num_local, sl),
+                {
+                    name: _slice_rows(st, shard.num_local, sl)
+                    for name, st in data["optim_head"].items()
+                },
+            )
+        )
         counts.append(hi - lo)
-    return {"head": _concat([p[0] for p in pieces], counts),
-            "optim_head": {name: _concat([p[1][name] for p in pieces], counts) for name in pieces[0][1]},
-            "saved_world_size": saved_world}
+    return {
+        "head": _concat([p[0] for p in pieces], counts),
+        "optim_head": {
+            name: _concat([p[1][name] for p in pieces], counts) for name in pieces[0][1]
+        },
+        "saved_world_size": saved_world,
+    }
 
 
 def _slice_rows(state: dict, rows: int, sl: slice) -> dict:
@@ -234,7 +273,10 @@ def _concat(parts: list[dict], counts: list[int]) -> dict:
     out = {}
     for key, first in parts[0].items():
         rows = [p[key] for p in parts]
-        if all(isinstance(r, torch.Tensor) and r.dim() >= 1 and r.shape[0] == c for r, c in zip(rows, counts)):
+        if all(
+            isinstance(r, torch.Tensor) and r.dim() >= 1 and r.shape[0] == c
+            for r, c in zip(rows, counts)
+        ):
             out[key] = torch.cat(rows)
         elif key == "_extra_state":  # the sampling stream of one rank: only exact when unsplit
             out[key] = first if len(parts) == 1 else {"sampling_rng": None}
@@ -261,16 +303,32 @@ def merge_shards(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path
     common = load_common(folder)
     world = int(common["world_size"])
     rows = load_shard_rows(folder, 0, int(common["num_classes"]))
-    per_rank = [{k: v for k, v in _load(folder / shard_name(r, world)).items() if k not in ("head", "optim_head")}
-                for r in range(world)]
+    per_rank = [
+        {
+            k: v
+            for k, v in _load(folder / shard_name(r, world)).items()
+            if k not in ("head", "optim_head")
+        }
+        for r in range(world)
+    ]
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({"kind": MERGED_KIND, "common": common, "head": rows["head"],
-                        "optim_head": rows["optim_head"], "per_rank": per_rank}, out)
+    _atomic_torch_save(
+        {
+            "kind": MERGED_KIND,
+            "common": common,
+            "head": rows["head"],
+            "optim_head": rows["optim_head"],
+            "per_rank": per_rank,
+        },
+        out,
+    )
     return out
 
 
-def split_shards(merged_file: str | os.PathLike, out_root: str | os.PathLike, world_size: int) -> Path:
+def split_shards(
+    merged_file: str | os.PathLike, out_root: str | os.PathLike, world_size: int
+) -> Path:
     """Write a merged file as a complete checkpoint for `world_size` ranks under `out_root`
     (a checkpoints folder; `latest` is set). Returns the checkpoint folder."""
     merged = _load(Path(merged_file))
@@ -293,8 +351,12 @@ def split_shards(merged_file: str | os.PathLike, out_root: str | os.PathLike, wo
             head["_extra_state"] = {"sampling_rng": None}
         optim = {n: _slice_rows(st, num_classes, sl) for n, st in merged["optim_head"].items()}
         extra = merged["per_rank"][rank] if world_size == saved_world else {}
-        _atomic_torch_save(dict(extra, head=head, optim_head=optim, rank=rank, world_size=world_size, format=FORMAT),
-                           tmp / shard_name(rank, world_size))
+        _atomic_torch_save(
+            dict(
+                extra, head=head, optim_head=optim, rank=rank, world_size=world_size, format=FORMAT
+            ),
+            tmp / shard_name(rank, world_size),
+        )
     if world_size != saved_world:
         common = convert_data_position(common, world_size)
     _atomic_torch_save(dict(common, world_size=world_size), tmp / COMMON)

@@ -9,11 +9,20 @@ PROG = "fr-trainer train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Train a face-recognition model (DDP backbone, "
-                                "model-parallel PartialFC head). Launch with torchrun for several ranks.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a face-recognition model (DDP backbone, "
+        "model-parallel PartialFC head). Launch with torchrun for several ranks.",
+    )
     p.add_argument("config", help="a .toml or .json config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.lr=0.2 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.2 (repeatable)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 

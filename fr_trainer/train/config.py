@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 
 class ConfigError(ValueError):
@@ -27,19 +28,19 @@ class ConfigError(ValueError):
 @dataclass
 class RunConfig:
     name: str = "run"
-    output_dir: str = "runs"       # the run directory is output_dir/name
+    output_dir: str = "runs"  # the run directory is output_dir/name
     seed: int = 0
 
 
 @dataclass
 class DataConfig:
-    root: str = ""                 # holds train.rec/.idx and the .bin sets
-    rec: str = "train.rec"         # relative to root
+    root: str = ""  # holds train.rec/.idx and the .bin sets
+    rec: str = "train.rec"  # relative to root
     num_classes: int | None = None  # None: read from the data
-    batch_size: int = 128          # per rank, per micro-step
+    batch_size: int = 128  # per rank, per micro-step
     num_workers: int = 2
     flip: bool = True
-    decode: str = "auto"           # auto | pil | gpu
+    decode: str = "auto"  # auto | pil | gpu
 
 
 @dataclass
@@ -60,8 +61,8 @@ class HeadConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "sgd"              # sgd | adamw
-    lr: float = 0.1                # for the whole global batch
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.1  # for the whole global batch
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
@@ -69,44 +70,44 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_epochs: float = 0.0
     warmup_steps: int | None = None  # overrides warmup_epochs when set
-    power: float = 2.0             # polynomial decay exponent
-    clip_grad_norm: float = 0.0    # 0: no clipping
-    accumulate: int = 1            # micro-steps per optimizer step
+    power: float = 2.0  # polynomial decay exponent
+    clip_grad_norm: float = 0.0  # 0: no clipping
+    accumulate: int = 1  # micro-steps per optimizer step
 
 
 @dataclass
 class TrainConfig:
     epochs: float = 20.0
-    max_steps: int | None = None   # optimizer steps; overrides epochs when set
-    device: str = "auto"           # auto | cpu | cuda
-    precision: str = "auto"        # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16 | fp64
-    nonfinite: str = "stop"        # stop | skip
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16 | fp64
+    nonfinite: str = "stop"  # stop | skip
     max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
     deterministic: bool = False
-    threads: int = 0               # torch intra-op threads per rank (0: torch default)
+    threads: int = 0  # torch intra-op threads per rank (0: torch default)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 1000        # 0: only at the end
+    every_steps: int = 1000  # 0: only at the end
     keep_last: int = 2
-    resume: str = "auto"           # auto (latest in the run dir) | never | PATH
+    resume: str = "auto"  # auto (latest in the run dir) | never | PATH
 
 
 @dataclass
 class LogConfig:
     every_steps: int = 50
     tensorboard: bool = True
-    progress: str = "auto"         # auto (a bar when attached to a terminal) | on | off
+    progress: str = "auto"  # auto (a bar when attached to a terminal) | on | off
 
 
 @dataclass
 class EvalConfig:
-    every_steps: int = 2000        # 0: only at the end
+    every_steps: int = 2000  # 0: only at the end
     bins: list[str] = field(default_factory=lambda: ["*"])  # names/globs in data.root
     batch_size: int = 128
     at_end: bool = True
-    at_start: bool = False         # also verify the initial weights (not when resuming)
+    at_start: bool = False  # also verify the initial weights (not when resuming)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     hint = annotation
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, __import__("types").UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
@@ -163,8 +164,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if isinstance(value, bool) and base is not bool:
         raise ConfigError(f"{where} must be {getattr(base, '__name__', base)}, got {value!r}")
     if not isinstance(value, base):
-        raise ConfigError(f"{where} must be {getattr(base, '__name__', base)}, got {value!r} "
-                          f"({type(value).__name__})")
+        raise ConfigError(
+            f"{where} must be {getattr(base, '__name__', base)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
     return value
 
 
@@ -177,8 +180,10 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         name = f"{where}.{key}" if where else key
         if key not in known:
-            raise ConfigError(f"unknown config key {name!r}; accepted in "
-                              f"{'[' + where + ']' if where else 'the top level'}: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown config key {name!r}; accepted in "
+                f"{'[' + where + ']' if where else 'the top level'}: {', '.join(known)}"
+            )
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, name)
         else:
@@ -224,8 +229,9 @@ def apply_override(values: dict, assignment: str) -> None:
 def read_config_file(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a .toml or .json file "
-                          f"(see configs/)")
+        raise ConfigError(
+            f"config file {path} does not exist; pass a .toml or .json file (see configs/)"
+        )
     if path.suffix == ".toml":
         try:
             return tomllib.loads(path.read_text())
@@ -266,32 +272,63 @@ def validate(config: Config) -> None:
     d, o, t, h = config.data, config.optim, config.train, config.head
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
-    _check(d.num_classes is None or d.num_classes >= 1,
-           f"data.num_classes must be >= 1 or left out, got {d.num_classes}")
-    _check(config.model.embedding_size >= 1,
-           f"model.embedding_size must be >= 1, got {config.model.embedding_size}")
+    _check(
+        d.num_classes is None or d.num_classes >= 1,
+        f"data.num_classes must be >= 1 or left out, got {d.num_classes}",
+    )
+    _check(
+        config.model.embedding_size >= 1,
+        f"model.embedding_size must be >= 1, got {config.model.embedding_size}",
+    )
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
-    _check(h.chunk_size is None or h.chunk_size >= 1,
-           f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}")
+    _check(
+        h.chunk_size is None or h.chunk_size >= 1,
+        f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",
+    )
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
-    _check(o.momentum >= 0 and o.weight_decay >= 0,
-           f"optim.momentum and optim.weight_decay must be >= 0, got {o.momentum}, {o.weight_decay}")
-    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
-           f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    _check(
+        o.momentum >= 0 and o.weight_decay >= 0,
+        f"optim.momentum and optim.weight_decay must be >= 0, got {o.momentum}, {o.weight_decay}",
+    )
+    _check(
+        len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+        f"optim.betas must be two numbers in [0, 1), got {o.betas}",
+    )
     _check(o.warmup_epochs >= 0, f"optim.warmup_epochs must be >= 0, got {o.warmup_epochs}")
-    _check(o.warmup_steps is None or o.warmup_steps >= 0,
-           f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _check(
+        o.warmup_steps is None or o.warmup_steps >= 0,
+        f"optim.warmup_steps must be >= 0, got {o.warmup_steps}",
+    )
     _check(o.power >= 0, f"optim.power must be >= 0, got {o.power}")
-    _check(o.clip_grad_norm >= 0, f"optim.clip_grad_norm must be >= 0 (0 = off), got {o.clip_grad_norm}")
+    _check(
+        o.clip_grad_norm >= 0,
+        f"optim.clip_grad_norm must be >= 0 (0 = off), got {o.clip_grad_norm}",
+    )
     _check(o.accumulate >= 1, f"optim.accumulate must be >= 1, got {o.accumulate}")
-    _check(t.epochs > 0 or (t.max_steps or 0) > 0,
-           f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}")
-    _check(t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}")
-    _check(t.max_nonfinite_skips >= 1, f"train.max_nonfinite_skips must be >= 1, got {t.max_nonfinite_skips}")
+    _check(
+        t.epochs > 0 or (t.max_steps or 0) > 0,
+        f"train.epochs must be > 0 (or set train.max_steps), got {t.epochs}",
+    )
+    _check(
+        t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"
+    )
+    _check(
+        t.max_nonfinite_skips >= 1,
+        f"train.max_nonfinite_skips must be >= 1, got {t.max_nonfinite_skips}",
+    )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
-    _check(config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,
-           "checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1")
-    _check(config.log.every_steps >= 1, f"log.every_steps must be >= 1, got {config.log.every_steps}")
-    _check(config.eval.every_steps >= 0, f"eval.every_steps must be >= 0, got {config.eval.every_steps}")
-    _check(bool(config.run.name) and "/" not in config.run.name,
-           f"run.name must be a non-empty name without '/', got {config.run.name!r}")
+    _check(
+        config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,
+        "checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1",
+    )
+    _check(
+        config.log.every_steps >= 1, f"log.every_steps must be >= 1, got {config.log.every_steps}"
+    )
+    _check(
+        config.eval.every_steps >= 0,
+        f"eval.every_steps must be >= 0, got {config.eval.every_steps}",
+    )
+    _check(
+        bool(config.run.name) and "/" not in config.run.name,
+        f"run.name must be a non-empty name without '/', got {config.run.name!r}",
+    )

@@ -8,8 +8,8 @@ checkpoint can restart the stream at the next batch.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -21,40 +21,58 @@ from fr_trainer.train.config import Config, ConfigError
 def check_data_root(config: Config) -> Path:
     """The .rec path; ConfigError naming what is missing and how to get it."""
     if not config.data.root:
-        raise ConfigError("data.root is not set; pass --set data.root=DIR (a folder with train.rec/train.idx, "
-                          "e.g. made by `fr-trainer synth DIR`)")
+        raise ConfigError(
+            "data.root is not set; pass --set data.root=DIR (a folder with train.rec/train.idx, "
+            "e.g. made by `fr-trainer synth DIR`)"
+        )
     root = Path(config.data.root)
     if not root.is_dir():
-        raise ConfigError(f"data.root={str(root)!r} does not exist; create it with `fr-trainer synth {root}` "
-                          "or point data.root at your dataset")
+        raise ConfigError(
+            f"data.root={str(root)!r} does not exist; create it with `fr-trainer synth {root}` "
+            "or point data.root at your dataset"
+        )
     rec = root / config.data.rec
     idx = rec.with_suffix(".idx")
     missing = [p.name for p in (rec, idx) if not p.is_file()]
     if missing:
         present = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
-        raise ConfigError(f"data.root={str(root)!r} has no {' / '.join(missing)} (it holds: {present}); "
-                          f"set data.rec to the .rec file name or pack the data with `fr-trainer pack`")
+        raise ConfigError(
+            f"data.root={str(root)!r} has no {' / '.join(missing)} (it holds: {present}); "
+            f"set data.rec to the .rec file name or pack the data with `fr-trainer pack`"
+        )
     return rec
 
 
 def open_dataset(config: Config) -> RecordDataset:
     rec = check_data_root(config)
     try:
-        return RecordDataset(rec, num_classes=config.data.num_classes, flip=config.data.flip,
-                             seed=config.run.seed)
+        return RecordDataset(
+            rec, num_classes=config.data.num_classes, flip=config.data.flip, seed=config.run.seed
+        )
     except ValueError as error:
         raise ConfigError(f"data.num_classes does not fit the data: {error}") from None
 
 
-def build_train_data(config: Config, dataset: RecordDataset, rank: int, world_size: int,
-                     device: torch.device) -> PrefetchLoader:
+def build_train_data(
+    config: Config, dataset: RecordDataset, rank: int, world_size: int, device: torch.device
+) -> PrefetchLoader:
     batch = config.data.batch_size
     if len(dataset) < batch * world_size:
-        raise ConfigError(f"{dataset.rec_path} has {len(dataset)} images, fewer than one global batch "
-                          f"(data.batch_size={batch} x {world_size} ranks); lower data.batch_size")
-    return build_loader(dataset, batch_size=batch, rank=rank, world_size=world_size, seed=config.run.seed,
-                        num_workers=config.data.num_workers, device=device, decode=config.data.decode,
-                        drop_last=True)
+        raise ConfigError(
+            f"{dataset.rec_path} has {len(dataset)} images, fewer than one global batch "
+            f"(data.batch_size={batch} x {world_size} ranks); lower data.batch_size"
+        )
+    return build_loader(
+        dataset,
+        batch_size=batch,
+        rank=rank,
+        world_size=world_size,
+        seed=config.run.seed,
+        num_workers=config.data.num_workers,
+        device=device,
+        decode=config.data.decode,
+        drop_last=True,
+    )
 
 
 class BatchStream:
@@ -87,4 +105,8 @@ class BatchStream:
         return batch
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "batch_size": self.batch_size}
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "batch_size": self.batch_size,
+        }

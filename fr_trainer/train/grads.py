@@ -10,7 +10,7 @@ place where that factor lives.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,12 @@ def _square_sum(params: Iterable[torch.nn.Parameter], device: torch.device) -> t
     return total
 
 
-def clip_global_norm(replicated: list[torch.nn.Parameter], sharded: list[torch.nn.Parameter],
-                     max_norm: float, group=None) -> float:
+def clip_global_norm(
+    replicated: list[torch.nn.Parameter],
+    sharded: list[torch.nn.Parameter],
+    max_norm: float,
+    group=None,
+) -> float:
     """Clip the gradient norm of the whole model: replicated parameters (the backbone,
     identical on every rank after DDP) counted once, sharded ones (the head) summed over
     ranks. Returns the norm before clipping (same on every rank)."""

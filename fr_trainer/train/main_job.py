@@ -13,7 +13,9 @@ Writes `summary.json` into the run dir and prints a results table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import operator
 import os
 import subprocess
 import sys
@@ -23,20 +25,40 @@ from pathlib import Path
 import torch
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-SYNTH = dict(num_identities=200, images_per_identity=20, num_holdout_identities=100, num_pairs=600,
-             num_ijbc_subjects=30, seed=0)
+SYNTH = {
+    "num_identities": 200,
+    "images_per_identity": 20,
+    "num_holdout_identities": 100,
+    "num_pairs": 600,
+    "num_ijbc_subjects": 30,
+    "seed": 0,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fr_trainer.train.main_job", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m fr_trainer.train.main_job", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--config", default=str(DEMO_CONFIG))
-    p.add_argument("--data", default="data/synth", help="synthetic set folder (reused when complete)")
+    p.add_argument(
+        "--data", default="data/synth", help="synthetic set folder (reused when complete)"
+    )
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--name", default="quickstart")
-    p.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training config overrides")
-    p.add_argument("--fresh", action="store_true", help="delete the run dir first (default: resume it)")
+    p.add_argument(
+        "--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra training config overrides",
+    )
+    p.add_argument(
+        "--fresh", action="store_true", help="delete the run dir first (default: resume it)"
+    )
     return p
 
 
@@ -46,18 +68,31 @@ def synth_step(data: Path) -> dict:
     marker = data / "summary.json"
     if marker.is_file():
         saved = json.loads(marker.read_text())
-        if saved.get("num_classes") == SYNTH["num_identities"] and saved.get("seed") == SYNTH["seed"]:
+        if (
+            saved.get("num_classes") == SYNTH["num_identities"]
+            and saved.get("seed") == SYNTH["seed"]
+        ):
             return {"cached": True}
     summary = generate(data, workers=os.cpu_count() or 1, **SYNTH)
     return {"cached": False, "images": summary.images_rendered}
 
 
 def train_step(args, overrides: list[str]) -> int:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", "fr_trainer", "train", args.config, *sum((["--set", o] for o in overrides), [])]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        "-m",
+        "fr_trainer",
+        "train",
+        args.config,
+        *functools.reduce(operator.iadd, (["--set", o] for o in overrides), []),
+    ]
     print("$ " + " ".join(command[2:]), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def export_step(run_dir: Path) -> dict:
@@ -66,9 +101,13 @@ def export_step(run_dir: Path) -> dict:
 
     model = load_backbone(run_dir)
     report = export_onnx_with_report(model, run_dir / "model.onnx", latency_runs=3)
-    return {"path": str(report.path), "max_relative_diff": report.max_relative_diff,
-            "min_cosine": report.min_cosine, "size_bytes": report.size_bytes,
-            "latency_ms": {str(k): v for k, v in report.latency_ms.items()}}
+    return {
+        "path": str(report.path),
+        "max_relative_diff": report.max_relative_diff,
+        "min_cosine": report.min_cosine,
+        "size_bytes": report.size_bytes,
+        "latency_ms": {str(k): v for k, v in report.latency_ms.items()},
+    }
 
 
 def ijb_step(onnx_path: Path, data: Path) -> dict:
@@ -77,8 +116,13 @@ def ijb_step(onnx_path: Path, data: Path) -> dict:
 
     result = evaluate_ijb(OnnxEmbedder(onnx_path), data, "IJBC", num_workers=2)
     ident = result.get("identification") or {}
-    return to_jsonable({"tar_at_far": result["tar_at_far"], "num_pairs": result["num_pairs"],
-                        "identification": ident})
+    return to_jsonable(
+        {
+            "tar_at_far": result["tar_at_far"],
+            "num_pairs": result["num_pairs"],
+            "identification": ident,
+        }
+    )
 
 
 def _timed(times: dict, name: str, fn, *args):
@@ -99,10 +143,15 @@ def print_table(summary: dict) -> None:
         print("| " + " | ".join(row) + " |")
     tar = summary.get("ijbc", {}).get("tar_at_far", {})
     if tar:
-        print("\nmini IJB-C 1:1 TAR@FAR: " + ", ".join(f"{far}: {value * 100:.1f}%" for far, value in tar.items()))
+        print(
+            "\nmini IJB-C 1:1 TAR@FAR: "
+            + ", ".join(f"{far}: {value * 100:.1f}%" for far, value in tar.items())
+        )
     loss = summary["training"]
-    print(f"loss {loss.get('first_loss', float('nan')):.3f} -> {loss.get('final_loss', float('nan')):.3f} over "
-          f"{loss.get('steps')} steps, {loss.get('samples_per_s', 0):.0f} samples/s")
+    print(
+        f"loss {loss.get('first_loss', float('nan')):.3f} -> {loss.get('final_loss', float('nan')):.3f} over "
+        f"{loss.get('steps')} steps, {loss.get('samples_per_s', 0):.0f} samples/s"
+    )
     print("time (s): " + ", ".join(f"{k} {v}" for k, v in summary["seconds"].items()))
     print(f"summary: {summary['run_dir']}/summary.json\n")
 
@@ -112,9 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     from fr_trainer.train.config import load_config
 
     data = Path(args.data).resolve()
-    overrides = [f"data.root={json.dumps(str(data))}", f"run.output_dir={json.dumps(str(Path(args.output_dir).resolve()))}",
-                 f"run.name={json.dumps(args.name)}", "eval.at_start=true", "eval.at_end=true",
-                 *args.overrides]
+    output_dir = Path(args.output_dir).resolve()
+    overrides = [
+        f"data.root={json.dumps(str(data))}",
+        f"run.output_dir={json.dumps(str(output_dir))}",
+        f"run.name={json.dumps(args.name)}",
+        "eval.at_start=true",
+        "eval.at_end=true",
+        *args.overrides,
+    ]
     config = load_config(args.config, overrides)
     run_dir = config.run_dir
     if args.fresh and run_dir.exists():
@@ -134,14 +189,31 @@ def main(argv: list[str] | None = None) -> int:
     ijbc = _timed(times, "ijbc", ijb_step, Path(exported["path"]), data)
     times["total"] = round(time.perf_counter() - start, 1)
     summary = {
-        "run_dir": str(run_dir), "config": args.config, "nproc": args.nproc,
-        "untrained_accuracy": {k: v["accuracy"] for k, v in training.get("verification_initial", {}).items()},
+        "run_dir": str(run_dir),
+        "config": args.config,
+        "nproc": args.nproc,
+        "untrained_accuracy": {
+            k: v["accuracy"] for k, v in training.get("verification_initial", {}).items()
+        },
         "trained_accuracy": {k: v["accuracy"] for k, v in training.get("verification", {}).items()},
-        "training": {k: training.get(k) for k in ("steps", "first_loss", "final_loss", "samples_per_s",
-                                                   "train_seconds", "wall_seconds")},
-        "export": exported, "ijbc": ijbc, "seconds": times,
+        "training": {
+            k: training.get(k)
+            for k in (
+                "steps",
+                "first_loss",
+                "final_loss",
+                "samples_per_s",
+                "train_seconds",
+                "wall_seconds",
+            )
+        },
+        "export": exported,
+        "ijbc": ijbc,
+        "seconds": times,
     }
-    (run_dir / "summary.json").write_text(json.dumps(dict(training, main_job=summary), indent=2) + "\n")
+    (run_dir / "summary.json").write_text(
+        json.dumps(dict(training, main_job=summary), indent=2) + "\n"
+    )
     print_table(summary)
     return 0
 

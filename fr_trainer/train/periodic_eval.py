@@ -22,7 +22,9 @@ def find_bins(root: str | Path, patterns: list[str]) -> list[Path]:
     """`.bin` files of `root` whose stem matches any pattern (e.g. "*", "lfw")."""
     root = Path(root)
     found = sorted(root.glob("*.bin"))
-    return [p for p in found if any(fnmatch.fnmatch(p.stem, pat) or p.name == pat for pat in patterns)]
+    return [
+        p for p in found if any(fnmatch.fnmatch(p.stem, pat) or p.name == pat for pat in patterns)
+    ]
 
 
 class _ModuleEmbedder:
@@ -51,7 +53,9 @@ class PeriodicVerifier:
         results = {}
         try:
             for binset in self.sets:
-                part = embed_shard(embedder, binset.images, self.rank, self.world_size, self.batch_size)
+                part = embed_shard(
+                    embedder, binset.images, self.rank, self.world_size, self.batch_size
+                )
                 if self.world_size > 1:
                     parts: list = [None] * self.world_size
                     dist.all_gather_object(parts, part)

@@ -21,8 +21,14 @@ def _format_seconds(seconds: float) -> str:
 
 
 class Reporter:
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, progress: str = "auto",
-                 tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        progress: str = "auto",
+        tensorboard: bool = True,
+    ) -> None:
         self.rank, self.total_steps = rank, total_steps
         self.active = rank == 0
         self.logger = logging.getLogger(LOGGER_NAME)
@@ -55,9 +61,14 @@ class Reporter:
 
     def info(self, message: str) -> None:
         if self.active:
-            if self._bar is not None:
+            if (
+                self._bar is not None
+            ):  # the bar owns the terminal: message above it, and to the file
                 self._bar.write(message)
-                self.logger.handlers[0].handle(self.logger.makeRecord(LOGGER_NAME, logging.INFO, "", 0, message, None, None))
+                record = self.logger.makeRecord(
+                    LOGGER_NAME, logging.INFO, "", 0, message, None, None
+                )
+                self.logger.handlers[0].handle(record)
             else:
                 self.logger.info(message)
 
@@ -78,8 +89,10 @@ class Reporter:
             self._bar.update(1)
             self._bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.4g}", sps=f"{rate:.0f}")
         if log:
-            self.info(f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.5g} "
-                      f"samples/s {rate:.1f} eta {_format_seconds(eta)}")
+            self.info(
+                f"step {step}/{self.total_steps} loss {loss:.4f} lr {lr:.5g} "
+                f"samples/s {rate:.1f} eta {_format_seconds(eta)}"
+            )
             self.scalars(step, {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate})
         return {"samples_per_s": rate, "elapsed_s": elapsed}
 

@@ -11,7 +11,12 @@ import torch
 
 from fr_trainer.train.config import ConfigError
 
-DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {
+    "fp32": torch.float32,
+    "fp64": torch.float64,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,9 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device='cuda' but CUDA is not available; use train.device=cpu or auto")
+        raise ConfigError(
+            "train.device='cuda' but CUDA is not available; use train.device=cpu or auto"
+        )
     return name
 
 
@@ -43,7 +50,9 @@ def resolve_precision(name: str, device_type: str) -> Precision:
     if name == "auto":
         name = "fp16" if device_type == "cuda" else "fp32"
     if name == "fp16" and device_type != "cuda":
-        raise ConfigError("train.precision='fp16' needs CUDA (a grad scaler on GPU); on CPU use fp32 or bf16")
+        raise ConfigError(
+            "train.precision='fp16' needs CUDA (a grad scaler on GPU); on CPU use fp32 or bf16"
+        )
     if name in ("fp16", "bf16"):
         return Precision(name, torch.float32, DTYPES[name], name == "fp16")
     return Precision(name, DTYPES[name], None, False)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def poly_lr(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 2.0) -> float:
+def poly_lr(
+    step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, power: float = 2.0
+) -> float:
     """The learning rate of optimizer step `step` (0-based)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
@@ -23,8 +25,14 @@ class PolySchedule:
     """Sets every param group's lr before each optimizer step (base lr scaled per group
     by its optional `lr_scale`)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, total_steps: int,
-                 warmup_steps: int = 0, power: float = 2.0) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        power: float = 2.0,
+    ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
         self.optimizer, self.base_lr = optimizer, base_lr
@@ -46,8 +54,13 @@ class PolySchedule:
         self.step_count += 1
 
     def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "base_lr": self.base_lr,
-                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps, "power": self.power}
+        return {
+            "step_count": self.step_count,
+            "base_lr": self.base_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "power": self.power,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step_count"])

@@ -16,9 +16,13 @@ from fr_trainer.backbones.base import FaceBackbone, init_weights
 from fr_trainer.backbones.registry import BACKBONES
 
 
-def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
+def _conv_bn(
+    cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act:
         layers.append(nn.PReLU(cout))
     return nn.Sequential(*layers)
@@ -36,14 +40,18 @@ class DemoNet(FaceBackbone):
         w = width
         self.num_features = embedding_size
         self.feature_channels = 8 * w
-        self.stem = _conv_bn(3, w, 3, stride=2)                      # 56
-        self.blocks = nn.ModuleList([
-            _separable(w, 2 * w, 2),                                  # 28
-            _separable(2 * w, 4 * w, 2),                              # 14
-            nn.Sequential(_separable(4 * w, 4 * w, 1), _separable(4 * w, 8 * w, 2)),  # 7
-            _separable(8 * w, 8 * w, 1),
-        ])
-        self.gdc = nn.Sequential(nn.Conv2d(8 * w, 8 * w, 7, groups=8 * w, bias=False), nn.BatchNorm2d(8 * w))
+        self.stem = _conv_bn(3, w, 3, stride=2)  # 56
+        self.blocks = nn.ModuleList(
+            [
+                _separable(w, 2 * w, 2),  # 28
+                _separable(2 * w, 4 * w, 2),  # 14
+                nn.Sequential(_separable(4 * w, 4 * w, 1), _separable(4 * w, 8 * w, 2)),  # 7
+                _separable(8 * w, 8 * w, 1),
+            ]
+        )
+        self.gdc = nn.Sequential(
+            nn.Conv2d(8 * w, 8 * w, 7, groups=8 * w, bias=False), nn.BatchNorm2d(8 * w)
+        )
         self.dropout = nn.Dropout(dropout)
         self.linear = nn.Linear(8 * w, embedding_size, bias=False)
         self.features = nn.BatchNorm1d(embedding_size)
@@ -60,6 +68,7 @@ class DemoNet(FaceBackbone):
 
 
 if "demonet" not in BACKBONES:
+
     @BACKBONES.register("demonet")
     def demonet(embedding_size: int = 128, width: int = 16, dropout: float = 0.0) -> DemoNet:
         """A small CPU-friendly face backbone (see the module docstring)."""

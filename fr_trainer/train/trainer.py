@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_trainer.backbones import create_backbone
@@ -34,7 +33,12 @@ from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
 from fr_trainer.train.reporting import Reporter
-from fr_trainer.train.runtime import resolve_device, resolve_precision, seed_everything, set_deterministic
+from fr_trainer.train.runtime import (
+    resolve_device,
+    resolve_precision,
+    seed_everything,
+    set_deterministic,
+)
 from fr_trainer.train.schedule import PolySchedule
 
 
@@ -51,7 +55,10 @@ class StepResult:
 
 
 def _accuracies(results: dict[str, dict]) -> dict[str, dict]:
-    return {n: {"accuracy": v["accuracy"], "accuracy_std": v["accuracy_std"]} for n, v in results.items()}
+    return {
+        n: {"accuracy": v["accuracy"], "accuracy_std": v["accuracy_std"]}
+        for n, v in results.items()
+    }
 
 
 class Trainer:
@@ -60,7 +67,11 @@ class Trainer:
         self.t_start = time.perf_counter()
         device_type = resolve_device(config.train.device)
         self.env = env or init_distributed(device_type)
-        self.rank, self.world_size, self.device = self.env.rank, self.env.world_size, self.env.device
+        self.rank, self.world_size, self.device = (
+            self.env.rank,
+            self.env.world_size,
+            self.env.device,
+        )
         self.group = None
         self.precision = resolve_precision(config.train.precision, self.device.type)
         set_deterministic(config.train.deterministic, config.train.threads)
@@ -73,8 +84,9 @@ class Trainer:
         self._nonfinite_run = 0
         self._prepare_run_dir()
         self.resumed_from = self._maybe_resume()
-        self.reporter = Reporter(self.run_dir, self.rank, self.total_steps, config.log.progress,
-                                 config.log.tensorboard)
+        self.reporter = Reporter(
+            self.run_dir, self.rank, self.total_steps, config.log.progress, config.log.tensorboard
+        )
         self.verifier = self._build_verifier()
 
     # ------------------------------------------------------------------ set-up steps
@@ -83,14 +95,18 @@ class Trainer:
         self.dataset = open_dataset(c)
         self.num_classes = self.dataset.num_classes
         if self.num_classes < self.world_size:
-            raise ConfigError(f"the data has {self.num_classes} classes, fewer than {self.world_size} ranks; "
-                              "use fewer ranks")
+            raise ConfigError(
+                f"the data has {self.num_classes} classes, fewer than {self.world_size} ranks; "
+                "use fewer ranks"
+            )
         self.loader = build_train_data(c, self.dataset, self.rank, self.world_size, self.device)
         self.stream = BatchStream(self.loader)
         per_epoch = self.stream.batches_per_epoch // c.optim.accumulate
         if per_epoch < 1:
-            raise ConfigError(f"one epoch has {self.stream.batches_per_epoch} batches per rank, fewer than "
-                              f"optim.accumulate={c.optim.accumulate}; lower optim.accumulate or data.batch_size")
+            raise ConfigError(
+                f"one epoch has {self.stream.batches_per_epoch} batches per rank, fewer than "
+                f"optim.accumulate={c.optim.accumulate}; lower optim.accumulate or data.batch_size"
+            )
         self.steps_per_epoch = per_epoch
         self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.epochs * per_epoch))
         self.samples_per_step = c.data.batch_size * c.optim.accumulate * self.world_size
@@ -107,9 +123,16 @@ class Trainer:
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
         margin_args = dict(c.head.margin_args)
-        self.head = PartialFC(self.num_classes, c.model.embedding_size, margin=c.head.margin,
-                              sample_rate=c.head.sample_rate, process_group=self.group,
-                              chunk_size=c.head.chunk_size, seed=c.run.seed, **margin_args)
+        self.head = PartialFC(
+            self.num_classes,
+            c.model.embedding_size,
+            margin=c.head.margin,
+            sample_rate=c.head.sample_rate,
+            process_group=self.group,
+            chunk_size=c.head.chunk_size,
+            seed=c.run.seed,
+            **margin_args,
+        )
         self.head = self.head.to(self.device, self.precision.param_dtype)
         if self.env.is_distributed and self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -120,14 +143,30 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         o = self.config.optim
-        groups = [{"params": list(self.backbone.parameters())}, {"params": list(self.head.parameters())}]
+        groups = [
+            {"params": list(self.backbone.parameters())},
+            {"params": list(self.head.parameters())},
+        ]
         if o.name == "sgd":
-            self.optimizer = SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                 nesterov=o.nesterov)
+            self.optimizer = SGD(
+                groups,
+                lr=o.lr,
+                momentum=o.momentum,
+                weight_decay=o.weight_decay,
+                nesterov=o.nesterov,
+            )
         else:
-            self.optimizer = AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        warmup = o.warmup_steps if o.warmup_steps is not None else int(o.warmup_epochs * self.steps_per_epoch)
-        self.schedule = PolySchedule(self.optimizer, o.lr, self.total_steps, min(warmup, self.total_steps), o.power)
+            self.optimizer = AdamW(
+                groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
+        warmup = (
+            o.warmup_steps
+            if o.warmup_steps is not None
+            else int(o.warmup_epochs * self.steps_per_epoch)
+        )
+        self.schedule = PolySchedule(
+            self.optimizer, o.lr, self.total_steps, min(warmup, self.total_steps), o.power
+        )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
 
     def _prepare_run_dir(self) -> None:
@@ -142,7 +181,9 @@ class Trainer:
             return None
         paths = find_bins(self.config.data.root, e.bins)
         if not paths:
-            self.reporter.info(f"no .bin sets matching {e.bins} in {self.config.data.root}: no verification")
+            self.reporter.info(
+                f"no .bin sets matching {e.bins} in {self.config.data.root}: no verification"
+            )
             return None
         return PeriodicVerifier(paths, e.batch_size, self.rank, self.world_size)
 
@@ -163,24 +204,45 @@ class Trainer:
         common = None
         if self.rank == 0:
             common = {
-                "config": to_dict(self.config), "num_classes": self.num_classes,
+                "config": to_dict(self.config),
+                "num_classes": self.num_classes,
                 "embedding_size": self.config.model.embedding_size,
-                "backbone_name": self.config.model.backbone, "backbone_kwargs": self.backbone_kwargs,
-                "backbone": self.backbone.state_dict(), "optim_backbone": optim_backbone,
-                "param_groups": param_groups, "schedule": self.schedule.state_dict(),
+                "backbone_name": self.config.model.backbone,
+                "backbone_kwargs": self.backbone_kwargs,
+                "backbone": self.backbone.state_dict(),
+                "optim_backbone": optim_backbone,
+                "param_groups": param_groups,
+                "schedule": self.schedule.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                "data": self.stream.position(), "precision": self.precision.name,
+                "data": self.stream.position(),
+                "precision": self.precision.name,
             }
-        shard = {"head": self.head.state_dict(), "optim_head": optim_head, "rng": ckpt.rng_state(),
-                 "shard": (self.head.shard.start, self.head.shard.num_local)}
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, common, shard, self.rank, self.world_size,
-                                    self.config.checkpoint.keep_last, self.group)
+        shard = {
+            "head": self.head.state_dict(),
+            "optim_head": optim_head,
+            "rng": ckpt.rng_state(),
+            "shard": (self.head.shard.start, self.head.shard.num_local),
+        }
+        return ckpt.save_checkpoint(
+            self.ckpt_root,
+            self.step,
+            common,
+            shard,
+            self.rank,
+            self.world_size,
+            self.config.checkpoint.keep_last,
+            self.group,
+        )
 
     def _maybe_resume(self) -> Path | None:
         resume = self.config.checkpoint.resume
         if resume == "never":
             return None
-        folder = ckpt.latest_checkpoint(self.ckpt_root) if resume == "auto" else ckpt.resolve_checkpoint(resume)
+        folder = (
+            ckpt.latest_checkpoint(self.ckpt_root)
+            if resume == "auto"
+            else ckpt.resolve_checkpoint(resume)
+        )
         if folder is None:
             return None
         self.load(folder)
@@ -189,11 +251,17 @@ class Trainer:
     def load(self, folder: Path) -> None:
         common = ckpt.load_common(folder)
         if common["num_classes"] != self.num_classes:
-            raise ckpt.CheckpointError(f"{folder} was trained with {common['num_classes']} classes, this run has "
-                                       f"{self.num_classes}; resume with the same data or checkpoint.resume=never")
+            raise ckpt.CheckpointError(
+                f"{folder} was trained with {common['num_classes']} classes, this run has "
+                f"{self.num_classes}; resume with the same data or checkpoint.resume=never"
+            )
         saved_world = int(common["world_size"])
         self.backbone.load_state_dict(common["backbone"])
-        exact = ckpt.load_shard_exact(folder, self.rank, self.world_size) if saved_world == self.world_size else None
+        exact = (
+            ckpt.load_shard_exact(folder, self.rank, self.world_size)
+            if saved_world == self.world_size
+            else None
+        )
         if exact is None:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
             common = ckpt.convert_data_position(common, self.world_size)
@@ -255,8 +323,12 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         norm = None
         if self.config.optim.clip_grad_norm > 0:
-            norm = clip_global_norm(list(self.backbone.parameters()), list(self.head.parameters()),
-                                    self.config.optim.clip_grad_norm, self.group)
+            norm = clip_global_norm(
+                list(self.backbone.parameters()),
+                list(self.head.parameters()),
+                self.config.optim.clip_grad_norm,
+                self.group,
+            )
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -271,12 +343,18 @@ class Trainer:
         self._nonfinite_run += 1
         where = f"step {self.step + 1}: loss is {loss}"
         if t.nonfinite == "stop":
-            raise NonFiniteLoss(f"{where}; stopping (train.nonfinite=stop). Lower optim.lr, enable "
-                                "optim.clip_grad_norm, or set train.nonfinite=skip")
+            raise NonFiniteLoss(
+                f"{where}; stopping (train.nonfinite=stop). Lower optim.lr, enable "
+                "optim.clip_grad_norm, or set train.nonfinite=skip"
+            )
         if self._nonfinite_run > t.max_nonfinite_skips:
-            raise NonFiniteLoss(f"{where}; {self._nonfinite_run} non-finite steps in a row "
-                                f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); stopping")
-        self.reporter.info(f"{where}; step skipped (train.nonfinite=skip, {self._nonfinite_run} in a row)")
+            raise NonFiniteLoss(
+                f"{where}; {self._nonfinite_run} non-finite steps in a row "
+                f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); stopping"
+            )
+        self.reporter.info(
+            f"{where}; step skipped (train.nonfinite=skip, {self._nonfinite_run} in a row)"
+        )
 
     # ------------------------------------------------------------------ loop
     def verify(self) -> dict[str, dict]:
@@ -285,17 +363,21 @@ class Trainer:
         results = self.verifier.run(self.backbone, self.device, self.precision.param_dtype)
         line = ", ".join(f"{name} {r['accuracy'] * 100:.2f}%" for name, r in results.items())
         self.reporter.info(f"verification at step {self.step}: {line}")
-        self.reporter.scalars(self.step, {f"val/{n}/accuracy": r["accuracy"] for n, r in results.items()})
+        self.reporter.scalars(
+            self.step, {f"val/{n}/accuracy": r["accuracy"] for n, r in results.items()}
+        )
         return results
 
     def fit(self, stop_after: int | None = None) -> dict:
         """Train to `total_steps` (or stop, checkpointed, after `stop_after` steps: tests)."""
         c = self.config
         r = self.reporter
-        r.info(f"training {c.model.backbone} on {self.dataset.rec_path} ({len(self.dataset)} images, "
-               f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
-               f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples"
-               + (f", resumed from {self.resumed_from}" if self.resumed_from else ""))
+        r.info(
+            f"training {c.model.backbone} on {self.dataset.rec_path} ({len(self.dataset)} images, "
+            f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
+            f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples"
+            + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
+        )
         initial = self.verify() if c.eval.at_start and self.step == 0 else {}
         self.backbone.train()
         r.start(self.step)
@@ -309,10 +391,20 @@ class Trainer:
             self.step += 1
             losses.append(result.loss)
             log = self.step % c.log.every_steps == 0 or self.step == self.total_steps
-            throughput = r.step(self.step, result.loss, result.lr, self.samples_per_step, log) or throughput
-            if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0 and self.step < self.total_steps:
+            throughput = (
+                r.step(self.step, result.loss, result.lr, self.samples_per_step, log) or throughput
+            )
+            if (
+                c.checkpoint.every_steps
+                and self.step % c.checkpoint.every_steps == 0
+                and self.step < self.total_steps
+            ):
                 self.save()
-            if c.eval.every_steps and self.step % c.eval.every_steps == 0 and self.step < self.total_steps:
+            if (
+                c.eval.every_steps
+                and self.step % c.eval.every_steps == 0
+                and self.step < self.total_steps
+            ):
                 verification = self.verify()
             if stop_after is not None and self.step - first_step >= stop_after:
                 self.save()
@@ -331,11 +423,18 @@ class Trainer:
     def _summary(self, losses, verification, loop_seconds, folder, first_step) -> dict:
         steps = self.step - first_step
         summary = {
-            "steps": self.step, "steps_this_run": steps, "final_loss": losses[-1] if losses else None,
-            "first_loss": losses[0] if losses else None, "losses": losses,
-            "samples_per_s": steps * self.samples_per_step / loop_seconds if loop_seconds > 0 else None,
-            "train_seconds": loop_seconds, "wall_seconds": time.perf_counter() - self.t_start,
-            "world_size": self.world_size, "checkpoint": str(folder),
+            "steps": self.step,
+            "steps_this_run": steps,
+            "final_loss": losses[-1] if losses else None,
+            "first_loss": losses[0] if losses else None,
+            "losses": losses,
+            "samples_per_s": steps * self.samples_per_step / loop_seconds
+            if loop_seconds > 0
+            else None,
+            "train_seconds": loop_seconds,
+            "wall_seconds": time.perf_counter() - self.t_start,
+            "world_size": self.world_size,
+            "checkpoint": str(folder),
             "verification": _accuracies(verification),
         }
         return summary
@@ -346,5 +445,9 @@ class Trainer:
 
     def state_snapshot(self) -> dict:
         """Backbone and head tensors (CPU copies), for tests."""
-        return {"backbone": {k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()},
-                "head": self.head.weight.detach().cpu().clone()}
+        return {
+            "backbone": {
+                k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()
+            },
+            "head": self.head.weight.detach().cpu().clone(),
+        }
