@@ -22,7 +22,8 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(c, generator=g) * 0.1)
 
 
-@pytest.mark.parametrize("name", ["iresnet18", "iresnet50", "mobilefacenet"])
+# one IResNet depth suffices: all depths are the same class and blocks
+@pytest.mark.parametrize("name", ["iresnet18", "mobilefacenet"])
 def test_channels_last_matches_contiguous_in_eval(name):
     torch.manual_seed(0)
     model = create_backbone(name).eval()

@@ -38,16 +38,27 @@ def test_unknown_name_and_option_are_clear_errors():
 
 @pytest.mark.parametrize("name", ALL)
 def test_output_shape_and_interface(name):
-    torch.manual_seed(0)
-    model = create_backbone(name, embedding_size=128)
+    # shapes on the meta device (no arithmetic); real outputs of every backbone are
+    # checked against onnxruntime in test_export_parity.py
+    model = meta_backbone(name, embedding_size=128)
     assert model.num_features == 128 and model.backbone_name == name
-    x = torch.randn(2, 3, 112, 112)
-    model.train()
-    with torch.no_grad():
+    x = torch.empty(2, 3, 112, 112, device="meta")
+    for mode in (True, False):
+        model.train(mode)
         fmap = model.forward_features(x)
         assert fmap.shape == (2, model.feature_channels, 7, 7)
-        emb = model.forward_head(fmap)
+        assert model.forward_head(fmap).shape == (2, 128)
+        assert model(x).shape == (2, 128)
+
+
+def test_real_forward_is_finite_and_composed_of_features_and_head():
+    torch.manual_seed(0)
+    model = create_backbone("iresnet18", embedding_size=128).eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        emb = model(x)
         assert emb.shape == (2, 128) and torch.isfinite(emb).all()
+        torch.testing.assert_close(emb, model.forward_head(model.forward_features(x)))
 
 
 def test_wrong_input_shape_names_expected_shape():

@@ -203,5 +203,6 @@ def test_cli_uses_the_trainer_checkpoint_loader_when_present(tmp_path, monkeypat
     fake.load_backbone = load_backbone
     monkeypatch.setitem(sys.modules, "fr_trainer.train.checkpoint", fake)
     out = tmp_path / "ck.onnx"
-    assert export_main([str(ckpt), str(out), "--latency-runs", "0"]) == 0, capsys.readouterr().err
+    rc = export_main([str(ckpt), str(out), "--latency-runs", "0", "--batch-sizes", "2"])
+    assert rc == 0, capsys.readouterr().err
     assert seen == [ckpt] and check_onnx_model(out).embedding_size == 16
