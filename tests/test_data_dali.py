@@ -12,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-pytest.importorskip("nvidia.dali", reason="DALI is the `dali` extra (pip install nvidia-dali-cuda130)")
+pytest.importorskip(
+    "nvidia.dali", reason="DALI is the `dali` extra (pip install nvidia-dali-cuda130)"
+)
 
-from fr_trainer.data.dali import DaliLoader, image_index  # noqa: E402
-from fr_trainer.data.dataset import RecordDataset  # noqa: E402
-from fr_trainer.data.recordio import MAGIC_BYTES, IRHeader, RecordReader, RecordWriter, pack  # noqa: E402
-from fr_trainer.data.synthetic import generate  # noqa: E402
+from fr_trainer.data.dali import DaliLoader, image_index
+from fr_trainer.data.dataset import RecordDataset
+from fr_trainer.data.recordio import MAGIC_BYTES, IRHeader, RecordReader, RecordWriter, pack
+from fr_trainer.data.synthetic import generate
 
 CLASSES, PER_CLASS = 5, 4
 
@@ -25,8 +27,16 @@ CLASSES, PER_CLASS = 5, 4
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    generate(out, num_identities=CLASSES, images_per_identity=PER_CLASS, num_holdout_identities=2,
-             num_pairs=0, num_ijbc_subjects=0, workers=0, seed=2)
+    generate(
+        out,
+        num_identities=CLASSES,
+        images_per_identity=PER_CLASS,
+        num_holdout_identities=2,
+        num_pairs=0,
+        num_ijbc_subjects=0,
+        workers=0,
+        seed=2,
+    )
     return out
 
 
@@ -40,7 +50,9 @@ def test_image_index_lists_only_image_records_and_is_cached(synth) -> None:
     assert path == synth / "train.dali.idx"
     reader = RecordReader(synth / "train.rec", synth / "train.idx")
     lines = path.read_text().splitlines()
-    assert [line.split("\t") for line in lines] == [[str(k), str(reader.offset(k))] for k in range(1, 21)]
+    assert [line.split("\t") for line in lines] == [
+        [str(k), str(reader.offset(k))] for k in range(1, 21)
+    ]
     stamp = path.stat().st_mtime_ns
     assert image_index(synth / "train.rec") == path and path.stat().st_mtime_ns == stamp
     os.utime(synth / "train.rec", ns=(stamp + 10**9, stamp + 10**9))  # data newer than the cache
@@ -49,8 +61,15 @@ def test_image_index_lists_only_image_records_and_is_cached(synth) -> None:
 
 
 def test_dali_cpu_matches_the_torch_path_on_an_insightface_file(synth) -> None:
-    loader = DaliLoader(synth / "train.rec", batch_size=6, device="cpu", flip=False, shuffle=False,
-                        drop_last=False, num_threads=1)
+    loader = DaliLoader(
+        synth / "train.rec",
+        batch_size=6,
+        device="cpu",
+        flip=False,
+        shuffle=False,
+        drop_last=False,
+        num_threads=1,
+    )
     images, labels = _all(loader)
     assert images.dtype == torch.float32 and labels.dtype == torch.int64
     assert images.shape == (CLASSES * PER_CLASS, 3, 112, 112)
@@ -62,18 +81,38 @@ def test_dali_cpu_matches_the_torch_path_on_an_insightface_file(synth) -> None:
 
 
 def test_dali_flip_mirrors_some_images(synth) -> None:
-    plain = _all(DaliLoader(synth / "train.rec", batch_size=20, device="cpu", flip=False, shuffle=False))[0]
-    flipped = _all(DaliLoader(synth / "train.rec", batch_size=20, device="cpu", flip=True, shuffle=False, seed=5))[0]
+    plain = _all(
+        DaliLoader(synth / "train.rec", batch_size=20, device="cpu", flip=False, shuffle=False)
+    )[0]
+    flipped = _all(
+        DaliLoader(
+            synth / "train.rec", batch_size=20, device="cpu", flip=True, shuffle=False, seed=5
+        )
+    )[0]
     same = [(flipped[i] - plain[i]).abs().max() < 0.05 for i in range(20)]
     mirrored = [(flipped[i] - plain[i].flip(-1)).abs().max() < 0.05 for i in range(20)]
     assert all(s or m for s, m in zip(same, mirrored)) and 0 < sum(mirrored) < 20
 
 
 def test_dali_shards_by_rank(synth) -> None:
-    shards = [_all(DaliLoader(synth / "train.rec", batch_size=2, rank=r, world_size=2, device="cpu",
-                              drop_last=False, shuffle=False))[1].tolist() for r in range(2)]
+    shards = [
+        _all(
+            DaliLoader(
+                synth / "train.rec",
+                batch_size=2,
+                rank=r,
+                world_size=2,
+                device="cpu",
+                drop_last=False,
+                shuffle=False,
+            )
+        )[1].tolist()
+        for r in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == 10
-    assert Counter(shards[0] + shards[1]) == Counter(np.repeat(np.arange(CLASSES), PER_CLASS).tolist())
+    assert Counter(shards[0] + shards[1]) == Counter(
+        np.repeat(np.arange(CLASSES), PER_CLASS).tolist()
+    )
 
 
 def _jpeg(colour: tuple[int, int, int]) -> bytes:

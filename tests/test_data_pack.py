@@ -41,12 +41,17 @@ def tree(tmp_path):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_pack_writes_insightface_layout_and_reports_bad_images(tree, tmp_path, capsys, workers) -> None:
+def test_pack_writes_insightface_layout_and_reports_bad_images(
+    tree, tmp_path, capsys, workers
+) -> None:
     root, stored = tree
     out = tmp_path / f"out{workers}"
     summary = pack_image_folder(root, out, workers=workers, progress=False)
     assert summary.num_images == 5 and summary.num_classes == 3
-    assert sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p, _ in summary.bad) == ["alice/3.jpg", "carol/1.jpg"]
+    assert sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p, _ in summary.bad) == [
+        "alice/3.jpg",
+        "carol/1.jpg",
+    ]
     assert summary.dropped_classes == ["carol"]
     stderr = capsys.readouterr().err
     assert "skipped" in stderr and "alice/3.jpg" in stderr and "carol/1.jpg" in stderr
@@ -80,7 +85,10 @@ def test_cli_strict_and_missing_folder(tree, tmp_path, capsys) -> None:
     root, _ = tree
     assert pack_main([str(root), str(tmp_path / "o"), "--workers", "0", "--no-progress"]) == 0
     assert "5 images of 3 classes" in capsys.readouterr().out
-    assert pack_main([str(root), str(tmp_path / "o2"), "--workers", "0", "--no-progress", "--strict"]) == 1
+    assert (
+        pack_main([str(root), str(tmp_path / "o2"), "--workers", "0", "--no-progress", "--strict"])
+        == 1
+    )
     assert pack_main([str(tmp_path / "nowhere"), str(tmp_path / "o3")]) == 2
     assert "does not exist" in capsys.readouterr().out
 
@@ -88,9 +96,33 @@ def test_cli_strict_and_missing_folder(tree, tmp_path, capsys) -> None:
 def test_bench_data_runs_on_a_given_root(tmp_path, capsys) -> None:
     from fr_trainer.data.synthetic import generate
 
-    generate(tmp_path / "s", num_identities=4, images_per_identity=8, num_pairs=0, num_ijbc_subjects=0, workers=0)
-    assert bench_main(["--root", str(tmp_path / "s"), "--workers", "1", "--batch-size", "4",
-                       "--max-images", "16", "--pipelines", "torch,pack", "--json", str(tmp_path / "b.json")]) == 0
+    generate(
+        tmp_path / "s",
+        num_identities=4,
+        images_per_identity=8,
+        num_pairs=0,
+        num_ijbc_subjects=0,
+        workers=0,
+    )
+    assert (
+        bench_main(
+            [
+                "--root",
+                str(tmp_path / "s"),
+                "--workers",
+                "1",
+                "--batch-size",
+                "4",
+                "--max-images",
+                "16",
+                "--pipelines",
+                "torch,pack",
+                "--json",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| torch | 1 |" in text and "| pack | 1 |" in text
     assert (tmp_path / "b.json").is_file()

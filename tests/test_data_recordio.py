@@ -76,15 +76,22 @@ def test_writer_reader_round_trip_each_fixture(tmp_path, name: str) -> None:
 def test_pack_matches_hand_made_bytes() -> None:
     scalar = pack(IRHeader(0, 3.0, 7, 0), b"JP")
     assert scalar == (
-        bytes.fromhex("00000000") + bytes.fromhex("00004040") + (7).to_bytes(8, "little")
-        + bytes(8) + b"JP"
+        bytes.fromhex("00000000")
+        + bytes.fromhex("00004040")
+        + (7).to_bytes(8, "little")
+        + bytes(8)
+        + b"JP"
     )
     # Scalar label forces flag 0, as MXNet does.
     assert pack(IRHeader(5, 3.0, 7, 0), b"JP") == scalar
     array = pack(IRHeader(0, [1.0, 2.0], 1, 2), b"")
     assert array == (
-        (2).to_bytes(4, "little") + bytes(4) + (1).to_bytes(8, "little") + (2).to_bytes(8, "little")
-        + bytes.fromhex("0000803f") + bytes.fromhex("00000040")
+        (2).to_bytes(4, "little")
+        + bytes(4)
+        + (1).to_bytes(8, "little")
+        + (2).to_bytes(8, "little")
+        + bytes.fromhex("0000803f")
+        + bytes.fromhex("00000040")
     )
 
 

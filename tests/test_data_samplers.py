@@ -9,8 +9,12 @@ from fr_trainer.data.samplers import DistributedSampler, PKBatchSampler, groups_
 
 
 @pytest.mark.parametrize("num_samples,world_size", [(12, 3), (10, 4), (7, 1), (5, 8)])
-def test_ranks_cover_the_epoch_and_are_disjoint_when_even(num_samples: int, world_size: int) -> None:
-    shares = [list(DistributedSampler(num_samples, r, world_size, seed=3)) for r in range(world_size)]
+def test_ranks_cover_the_epoch_and_are_disjoint_when_even(
+    num_samples: int, world_size: int
+) -> None:
+    shares = [
+        list(DistributedSampler(num_samples, r, world_size, seed=3)) for r in range(world_size)
+    ]
     per_rank = -(-num_samples // world_size)
     assert all(len(share) == per_rank for share in shares)
     flat = [i for share in shares for i in share]

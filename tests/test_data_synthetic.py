@@ -19,8 +19,14 @@ from fr_trainer.data.recordio import RecordReader
 from fr_trainer.data.synth_cli import main as synth_main
 from fr_trainer.data.synthetic import generate, plan_pairs
 
-SMALL = dict(num_identities=5, images_per_identity=3, num_holdout_identities=4, num_pairs=12,
-             num_ijbc_subjects=4, seed=3)
+SMALL = {
+    "num_identities": 5,
+    "images_per_identity": 3,
+    "num_holdout_identities": 4,
+    "num_pairs": 12,
+    "num_ijbc_subjects": 4,
+    "seed": 3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +43,12 @@ def test_train_rec_is_insightface_layout_with_the_claimed_counts(synth) -> None:
     assert layout.insightface and layout.num_images == 15 == summary.num_images
     assert layout.num_classes == 5 == summary.num_classes
     assert len(reader) == 1 + 15 + 5
-    np.testing.assert_array_equal(layout.identity_ranges, [[1 + 3 * c, 4 + 3 * c] for c in range(5)])
-    np.testing.assert_array_equal(read_labels(reader, layout.image_keys), np.repeat(np.arange(5), 3))
+    np.testing.assert_array_equal(
+        layout.identity_ranges, [[1 + 3 * c, 4 + 3 * c] for c in range(5)]
+    )
+    np.testing.assert_array_equal(
+        read_labels(reader, layout.image_keys), np.repeat(np.arange(5), 3)
+    )
     assert (out / "property").read_text() == "5,112,112\n"
     recorded = json.loads((out / "summary.json").read_text())
     assert recorded["num_images"] == 15 and recorded["bins"] == {"synth_val": 12, "synth_hard": 12}
@@ -109,7 +119,9 @@ def _similarity_lstsq(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     for (x, y), (u, v) in zip(src, dst):
         rows.append(([x, -y, 1, 0], u))
         rows.append(([y, x, 0, 1], v))
-    a, b, tx, ty = np.linalg.lstsq(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), rcond=None)[0]
+    a, b, tx, ty = np.linalg.lstsq(
+        np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), rcond=None
+    )[0]
     return np.array([[a, -b, tx], [b, a, ty]])
 
 
@@ -119,7 +131,12 @@ def test_ijbc_landmarks_align_to_the_template(synth) -> None:
         points = np.array(row[1:11], dtype=float).reshape(5, 2)
         with Image.open(out / "IJBC" / "loose_crop" / row[0]) as image:
             width, height = image.size
-        assert width != 112 and (points >= 0).all() and (points[:, 0] < width).all() and (points[:, 1] < height).all()
+        assert (
+            width != 112
+            and (points >= 0).all()
+            and (points[:, 0] < width).all()
+            and (points[:, 1] < height).all()
+        )
         transform = _similarity_lstsq(points, faces.TEMPLATE)
         aligned = points @ transform[:, :2].T + transform[:, 2]
         assert np.sqrt(((aligned - faces.TEMPLATE) ** 2).sum(1).mean()) < 8.0
@@ -129,26 +146,51 @@ def test_aligning_a_loose_render_with_its_landmarks_recovers_the_face() -> None:
     rng = np.random.default_rng(0)
     person = faces.sample_identity(rng)
     nuisance = dataclasses.replace(faces.sample_nuisance(rng), light_strength=0.0, occluder=None)
-    reference, ref_points = faces.render(person, nuisance, faces.similarity(1.0, 0.0, (0, 0), (56, 56)))
+    reference, ref_points = faces.render(
+        person, nuisance, faces.similarity(1.0, 0.0, (0, 0), (56, 56))
+    )
     loose_transform = faces.similarity(1.6, 0.35, (12.0, -9.0), (100, 100))
     loose, loose_points = faces.render(person, nuisance, loose_transform, (200, 200))
     # Map aligned pixels into the loose crop (PIL samples at pixel centres: +0.5).
     m = _similarity_lstsq(ref_points, loose_points)
     a, b, c = m[0, 0], m[0, 1], m[0, 2] + 0.5 - 0.5 * (m[0, 0] + m[0, 1])
     d, e, f = m[1, 0], m[1, 1], m[1, 2] + 0.5 - 0.5 * (m[1, 0] + m[1, 1])
-    warped = Image.fromarray(loose).transform((112, 112), Image.AFFINE, (a, b, c, d, e, f), Image.BILINEAR)
+    warped = Image.fromarray(loose).transform(
+        (112, 112), Image.AFFINE, (a, b, c, d, e, f), Image.BILINEAR
+    )
     inner = (slice(35, 100), slice(25, 87))
     error = np.abs(np.asarray(warped, float)[inner] - reference.astype(float)[inner]).mean()
-    other = faces.render(faces.sample_identity(np.random.default_rng(1)), nuisance,
-                         faces.similarity(1.0, 0.0, (0, 0), (56, 56)))[0]
+    other = faces.render(
+        faces.sample_identity(np.random.default_rng(1)),
+        nuisance,
+        faces.similarity(1.0, 0.0, (0, 0), (56, 56)),
+    )[0]
     baseline = np.abs(other.astype(float)[inner] - reference.astype(float)[inner]).mean()
     assert error < 8.0 and error < baseline / 3
 
 
 def test_cli_writes_the_set_and_rejects_bad_arguments(tmp_path, capsys) -> None:
-    assert synth_main([str(tmp_path / "s"), "--identities", "2", "--images-per-identity", "2",
-                       "--holdout-identities", "2", "--pairs", "2", "--ijbc-subjects", "0",
-                       "--workers", "0", "--no-progress"]) == 0
+    assert (
+        synth_main(
+            [
+                str(tmp_path / "s"),
+                "--identities",
+                "2",
+                "--images-per-identity",
+                "2",
+                "--holdout-identities",
+                "2",
+                "--pairs",
+                "2",
+                "--ijbc-subjects",
+                "0",
+                "--workers",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "train.rec 4 images of 2 classes" in capsys.readouterr().out
     assert synth_main([str(tmp_path / "t"), "--holdout-identities", "1"]) == 2
     assert "num_holdout_identities must be >= 2" in capsys.readouterr().out

@@ -17,20 +17,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import resource
 import os
 import platform
+import resource
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 
 def cpu_seconds() -> float:
     """User + system CPU time of this process (all threads) and its reaped children."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -67,19 +70,33 @@ def bench_torch(rec: Path, workers: int, batch_size: int, limit: int) -> dict:
     dataset = RecordDataset(rec)
     loader = build_loader(dataset, batch_size=batch_size, num_workers=workers, decode="pil")
     rate, count = _images_per_second(loader, limit)
-    return {"pipeline": "torch", "workers": workers, "images_per_s": rate, "per_core": rate / max(workers, 1),
-            "images": count, "total_images": count + batch_size}
+    return {
+        "pipeline": "torch",
+        "workers": workers,
+        "images_per_s": rate,
+        "per_core": rate / max(workers, 1),
+        "images": count,
+        "total_images": count + batch_size,
+    }
 
 
 def bench_dali(rec: Path, threads: int, batch_size: int, limit: int) -> dict:
     from fr_trainer.data.dali import DaliLoader
 
-    loader = DaliLoader(rec, batch_size=batch_size, num_threads=threads, device="cpu", initial_fill=batch_size)
+    loader = DaliLoader(
+        rec, batch_size=batch_size, num_threads=threads, device="cpu", initial_fill=batch_size
+    )
     rate, count = _images_per_second(loader, limit)
     del loader
     gc.collect()
-    return {"pipeline": "dali-cpu", "workers": threads, "images_per_s": rate, "per_core": rate / max(threads, 1),
-            "images": count, "total_images": count + batch_size}
+    return {
+        "pipeline": "dali-cpu",
+        "workers": threads,
+        "images_per_s": rate,
+        "per_core": rate / max(threads, 1),
+        "images": count,
+        "total_images": count + batch_size,
+    }
 
 
 def export_tree(rec: Path, out: Path, limit: int) -> int:
@@ -107,38 +124,63 @@ def bench_pack(rec: Path, workers: int, limit: int, scratch: Path) -> dict:
     before = cpu_seconds()
     summary = pack_image_folder(tree, scratch / f"packed{workers}", workers=workers, progress=False)
     cpu = cpu_seconds() - before
-    return {"pipeline": "pack", "workers": workers, "images_per_s": summary.images_per_second,
-            "per_core": summary.images_per_second / max(workers, 1), "images": count,
-            "cpu_s": cpu, "images_per_cpu_s": count / cpu if cpu > 0 else 0.0}
+    return {
+        "pipeline": "pack",
+        "workers": workers,
+        "images_per_s": summary.images_per_second,
+        "per_core": summary.images_per_second / max(workers, 1),
+        "images": count,
+        "cpu_s": cpu,
+        "images_per_cpu_s": count / cpu if cpu > 0 else 0.0,
+    }
 
 
 def bench_synth(out: Path, workers: int, identities: int, per_identity: int) -> dict:
     from fr_trainer.data.synthetic import generate
 
-    summary = generate(out, num_identities=identities, images_per_identity=per_identity, workers=workers)
+    summary = generate(
+        out, num_identities=identities, images_per_identity=per_identity, workers=workers
+    )
     rate = summary.images_per_second
-    return {"pipeline": "synth", "workers": workers, "images_per_s": rate, "per_core": rate / max(workers, 1),
-            "images": summary.images_rendered, "seconds": summary.seconds}
+    return {
+        "pipeline": "synth",
+        "workers": workers,
+        "images_per_s": rate,
+        "per_core": rate / max(workers, 1),
+        "images": summary.images_rendered,
+        "seconds": summary.seconds,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fr-trainer bench data", description=__doc__.split("\n")[0])
-    parser.add_argument("--root", default=None, help="folder with train.rec/.idx (default: synthesise one)")
+    parser = argparse.ArgumentParser(
+        prog="fr-trainer bench data", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--root", default=None, help="folder with train.rec/.idx (default: synthesise one)"
+    )
     parser.add_argument("--identities", type=int, default=300)
     parser.add_argument("--images-per-identity", type=int, default=20)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-images", type=int, default=6000, help="images timed per loader run")
-    parser.add_argument("--pipelines", default="synth,pack,torch,dali", help="comma-separated subset")
+    parser.add_argument(
+        "--pipelines", default="synth,pack,torch,dali", help="comma-separated subset"
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     return parser
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| pipeline | workers | images/s | images/s per core | images per CPU-second | images |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | {r['per_core']:.0f} | "
-              f"{r.get('images_per_cpu_s', 0):.0f} | {r['images']} |" for r in rows]
+    lines = [
+        "| pipeline | workers | images/s | images/s per core | images per CPU-second | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['pipeline']} | {r['workers']} | {r['images_per_s']:.0f} | {r['per_core']:.0f} | "
+        f"{r.get('images_per_cpu_s', 0):.0f} | {r['images']} |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -151,7 +193,9 @@ def main(argv: list[str]) -> int:
         scratch = Path(scratch_name)
         if args.root is None:
             root = scratch / "synth"
-            row = _with_cpu(bench_synth, root, args.workers, args.identities, args.images_per_identity)
+            row = _with_cpu(
+                bench_synth, root, args.workers, args.identities, args.images_per_identity
+            )
             if "synth" in wanted:
                 rows.append(row)
         else:
@@ -165,10 +209,14 @@ def main(argv: list[str]) -> int:
                 rows.append(_with_cpu(bench_torch, rec, workers, args.batch_size, args.max_images))
             if "dali" in wanted:
                 try:
-                    rows.append(_with_cpu(bench_dali, rec, workers, args.batch_size, args.max_images))
+                    rows.append(
+                        _with_cpu(bench_dali, rec, workers, args.batch_size, args.max_images)
+                    )
                 except ImportError as error:
                     print(f"dali skipped: {error}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    )
     print(_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

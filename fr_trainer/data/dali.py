@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -27,9 +27,8 @@ from fr_trainer.data.recordio import RecordReader
 
 def _import_dali():
     try:
-        import nvidia.dali as dali  # noqa: F401
-        import nvidia.dali.fn as fn
-        import nvidia.dali.types as types
+        from nvidia import dali  # noqa: F401
+        from nvidia.dali import fn, types
         from nvidia.dali.pipeline import pipeline_def
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
     except ImportError as error:
@@ -54,8 +53,11 @@ def _fresh(path: Path, sources: list[Path]) -> bool:
     return all(source.stat().st_mtime <= mtime for source in sources)
 
 
-def image_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None,
-                out_path: str | os.PathLike | None = None) -> Path:
+def image_index(
+    rec_path: str | os.PathLike,
+    idx_path: str | os.PathLike | None = None,
+    out_path: str | os.PathLike | None = None,
+) -> Path:
     """Path of an index that lists only the image records of `rec_path` (built if stale).
 
     For a file without the insightface header this is the original index's records.
@@ -83,7 +85,7 @@ def image_index(rec_path: str | os.PathLike, idx_path: str | os.PathLike | None 
 
 
 def dali_device(device: str = "auto") -> str:
-    """"gpu" when asked or when CUDA is present under "auto", else "cpu"."""
+    """ "gpu" when asked or when CUDA is present under "auto", else "cpu"."""
     if device == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "gpu"):
@@ -91,10 +93,22 @@ def dali_device(device: str = "auto") -> str:
     return device
 
 
-def build_pipeline(rec_path: str | os.PathLike, index_path: str | os.PathLike, *, batch_size: int,
-                   rank: int = 0, world_size: int = 1, seed: int = 0, num_threads: int = 2,
-                   device: str = "auto", image_size: int | None = None, flip: bool = True,
-                   shuffle: bool = True, initial_fill: int = 1024, prefetch_queue_depth: int = 2):
+def build_pipeline(
+    rec_path: str | os.PathLike,
+    index_path: str | os.PathLike,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_threads: int = 2,
+    device: str = "auto",
+    image_size: int | None = None,
+    flip: bool = True,
+    shuffle: bool = True,
+    initial_fill: int = 1024,
+    prefetch_queue_depth: int = 2,
+):
     """A built DALI pipeline with outputs ("images" float [3,H,W], "labels" int64 scalar).
 
     `index_path` must list image records only (see `image_index`). `image_size` resizes
@@ -102,21 +116,42 @@ def build_pipeline(rec_path: str | os.PathLike, index_path: str | os.PathLike, *
     """
     fn, types, pipeline_def, _, _ = _import_dali()
     device = dali_device(device)
-    device_id = (torch.cuda.current_device() if torch.cuda.is_available() else 0) if device == "gpu" else None
+    device_id = (
+        (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+        if device == "gpu"
+        else None
+    )
 
-    @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                  seed=seed * 1009 + rank, prefetch_queue_depth=prefetch_queue_depth)
+    @pipeline_def(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=seed * 1009 + rank,
+        prefetch_queue_depth=prefetch_queue_depth,
+    )
     def face_pipeline():
         jpegs, labels = fn.readers.mxnet(
-            path=[str(rec_path)], index_path=[str(index_path)], shard_id=rank, num_shards=world_size,
-            random_shuffle=shuffle, initial_fill=initial_fill, name="Reader",
+            path=[str(rec_path)],
+            index_path=[str(index_path)],
+            shard_id=rank,
+            num_shards=world_size,
+            random_shuffle=shuffle,
+            initial_fill=initial_fill,
+            name="Reader",
         )
-        images = fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        images = fn.decoders.image(
+            jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB
+        )
         if image_size is not None:
             images = fn.resize(images, resize_x=image_size, resize_y=image_size)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
         images = fn.crop_mirror_normalize(
-            images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[127.5] * 3,
+            std=[127.5] * 3,
+            mirror=mirror,
         )
         labels = fn.cast(labels[0], dtype=types.INT64)
         if device == "gpu":
@@ -131,20 +166,44 @@ def build_pipeline(rec_path: str | os.PathLike, index_path: str | os.PathLike, *
 class DaliLoader:
     """Iterates a DALI pipeline as torch batches; one pass over this rank's shard per epoch."""
 
-    def __init__(self, rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None, *,
-                 batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_threads: int = 2, device: str = "auto", image_size: int | None = None,
-                 flip: bool = True, shuffle: bool = True, drop_last: bool = True,
-                 initial_fill: int = 1024) -> None:
+    def __init__(
+        self,
+        rec_path: str | os.PathLike,
+        idx_path: str | os.PathLike | None = None,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        num_threads: int = 2,
+        device: str = "auto",
+        image_size: int | None = None,
+        flip: bool = True,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        initial_fill: int = 1024,
+    ) -> None:
         _, _, _, iterator_class, policy = _import_dali()
         self.index_path = image_index(rec_path, idx_path)
         self.pipeline = build_pipeline(
-            rec_path, self.index_path, batch_size=batch_size, rank=rank, world_size=world_size,
-            seed=seed, num_threads=num_threads, device=device, image_size=image_size, flip=flip,
-            shuffle=shuffle, initial_fill=initial_fill,
+            rec_path,
+            self.index_path,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            seed=seed,
+            num_threads=num_threads,
+            device=device,
+            image_size=image_size,
+            flip=flip,
+            shuffle=shuffle,
+            initial_fill=initial_fill,
         )
         self.iterator = iterator_class(
-            [self.pipeline], ["images", "labels"], reader_name="Reader", auto_reset=True,
+            [self.pipeline],
+            ["images", "labels"],
+            reader_name="Reader",
+            auto_reset=True,
             last_batch_policy=policy.DROP if drop_last else policy.PARTIAL,
         )
 

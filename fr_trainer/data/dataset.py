@@ -72,7 +72,9 @@ class RecordDataset(Dataset):
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
         if on_bad not in ("raise", "skip"):
             raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
-        self.reader = RecordReader(rec_path, idx_path if idx_path is not None else default_index_path(rec_path))
+        self.reader = RecordReader(
+            rec_path, idx_path if idx_path is not None else default_index_path(rec_path)
+        )
         self.layout: RecordLayout = read_layout(self.reader)
         self.num_classes = self._resolve_classes(num_classes)
         self.image_size, self.flip, self.seed = image_size, flip, seed
@@ -114,7 +116,11 @@ class RecordDataset(Dataset):
         """Dataset indices per identity (from the identity records when present)."""
         ranges = self.layout.identity_ranges
         if ranges is not None:  # image keys are 1..N, dataset index = key - 1
-            return [np.arange(first - 1, end - 1, dtype=np.int64) for first, end in ranges if end > first]
+            return [
+                np.arange(first - 1, end - 1, dtype=np.int64)
+                for first, end in ranges
+                if end > first
+            ]
         return groups_from_labels(self.labels())
 
     def _where(self, key: int) -> str:
@@ -140,7 +146,7 @@ class RecordDataset(Dataset):
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, torch.tensor(flip)
         try:
             pixels = decode_rgb(data, self.image_size)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any decoder failure names the record
             raise RecordIOError(
                 f"{self._where(key)}: image of {len(data)} bytes does not decode "
                 f"({type(error).__name__}: {error}); repack the data, or pass on_bad='skip'"
@@ -158,8 +164,10 @@ class RecordDataset(Dataset):
                 if self.on_bad == "raise":
                     raise
                 self.skipped += 1
-                warnings.warn(f"skipped bad record ({self.skipped} so far in this process): {error}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"skipped bad record ({self.skipped} so far in this process): {error}",
+                    stacklevel=2,
+                )
         raise RecordIOError(
             f"{self.reader.rec_path}: {self.max_consecutive_bad} consecutive bad records from "
             f"index {index}; the file is badly damaged, re-copy or repack it"

@@ -44,12 +44,14 @@ def gpu_decode_available() -> bool:
         return False
     try:
         import torchvision.io  # noqa: F401
-    except Exception:
+    except Exception:  # noqa: BLE001 - a CPU-only torch makes torchvision fail at import
         return False
     return True
 
 
-def decode_jpeg_batch_gpu(datas: list[torch.Tensor], device: torch.device, size: int) -> torch.Tensor:
+def decode_jpeg_batch_gpu(
+    datas: list[torch.Tensor], device: torch.device, size: int
+) -> torch.Tensor:
     """Encoded images (uint8 1-D tensors) -> uint8 [B,3,size,size] on `device` (nvJPEG).
 
     Needs the `vision` extra (torchvision with CUDA). Images of another size are resized.
@@ -65,8 +67,13 @@ def decode_jpeg_batch_gpu(datas: list[torch.Tensor], device: torch.device, size:
     out = []
     for image in images:
         if image.shape[-2:] != (size, size):
-            image = torch.nn.functional.interpolate(
-                image[None].float(), size=(size, size), mode="bilinear", align_corners=False
-            )[0].round().clamp(0, 255).to(torch.uint8)
+            image = (
+                torch.nn.functional.interpolate(
+                    image[None].float(), size=(size, size), mode="bilinear", align_corners=False
+                )[0]
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
         out.append(image)
     return torch.stack(out)

@@ -23,14 +23,30 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    [
+        [38.2946, 51.6963],
+        [73.5318, 51.5014],
+        [56.0252, 71.7366],
+        [41.5493, 92.3655],
+        [70.7299, 92.2041],
+    ],
     dtype=np.float64,
 )
 CENTER = 56.0
 
 HAIR_COLOURS = np.array(
-    [[20, 16, 14], [45, 30, 20], [80, 52, 30], [120, 80, 45], [170, 130, 80], [200, 170, 110],
-     [130, 50, 25], [150, 150, 150], [215, 215, 210], [60, 40, 40]],
+    [
+        [20, 16, 14],
+        [45, 30, 20],
+        [80, 52, 30],
+        [120, 80, 45],
+        [170, 130, 80],
+        [200, 170, 110],
+        [130, 50, 25],
+        [150, 150, 150],
+        [215, 215, 210],
+        [60, 40, 40],
+    ],
     dtype=np.float32,
 )
 SKIN_DARK = np.array([75, 45, 30], dtype=np.float32)
@@ -125,7 +141,11 @@ def sample_identity(rng: np.random.Generator) -> Identity:
     )
     num_moles = int(rng.integers(0, 5))
     moles = np.stack(
-        [rng.uniform(30, 82, num_moles), rng.uniform(45, 100, num_moles), rng.uniform(0.8, 1.8, num_moles)],
+        [
+            rng.uniform(30, 82, num_moles),
+            rng.uniform(45, 100, num_moles),
+            rng.uniform(0.8, 1.8, num_moles),
+        ],
         axis=1,
     )
     lip = skin * np.array([1.0, 0.62, 0.62]) * rng.uniform(0.8, 1.05)
@@ -139,7 +159,9 @@ def sample_identity(rng: np.random.Generator) -> Identity:
         eye_y=rng.uniform(48, 55),
         eye_w=rng.uniform(5.0, 7.5),
         eye_h=rng.uniform(2.4, 3.8),
-        eye_colour=(EYE_COLOURS[rng.integers(len(EYE_COLOURS))] * rng.uniform(0.8, 1.2, 3)).astype(np.float32),
+        eye_colour=(EYE_COLOURS[rng.integers(len(EYE_COLOURS))] * rng.uniform(0.8, 1.2, 3)).astype(
+            np.float32
+        ),
         iris=rng.uniform(0.75, 1.0),
         brow_gap=rng.uniform(6, 11),
         brow_len=rng.uniform(6.5, 9.5),
@@ -200,7 +222,9 @@ def sample_nuisance(rng: np.random.Generator, difficulty: float = 1.0) -> Nuisan
     )
 
 
-def similarity(scale: float, angle: float, shift: tuple[float, float], canvas_center: tuple[float, float]) -> np.ndarray:
+def similarity(
+    scale: float, angle: float, shift: tuple[float, float], canvas_center: tuple[float, float]
+) -> np.ndarray:
     """2x3 matrix: face frame -> canvas, rotating/scaling about the template centre."""
     c, s = scale * np.cos(angle), scale * np.sin(angle)
     rot = np.array([[c, -s], [s, c]])
@@ -231,7 +255,7 @@ class Patch:
     region: tuple[slice, slice]
     alpha: np.ndarray
 
-    def __mul__(self, other: "np.ndarray | float") -> "Patch":
+    def __mul__(self, other: np.ndarray | float) -> Patch:
         """Scale by a number or by a full-canvas mask [H,W]."""
         if isinstance(other, np.ndarray):
             return Patch(self.region, self.alpha * other[self.region])
@@ -268,7 +292,12 @@ class _Canvas:
         return rows, cols
 
     def ellipse(
-        self, cx: float, cy: float, a: float, b: float, angle: float = 0.0,
+        self,
+        cx: float,
+        cy: float,
+        a: float,
+        b: float,
+        angle: float = 0.0,
         region: tuple[slice, slice] | None = None,
     ) -> Patch:
         """Soft ellipse mask (about one canvas pixel of anti-aliasing) on its bounding box
@@ -281,7 +310,7 @@ class _Canvas:
         r = np.sqrt((du / a) ** 2 + (dv / b) ** 2)
         return Patch(region, _unit((1.0 - r) * (min(a, b) * self.px) + 0.5))
 
-    def paint(self, patch: Patch, colour: "np.ndarray | float") -> None:
+    def paint(self, patch: Patch, colour: np.ndarray | float) -> None:
         """image = image * (1 - alpha) + colour * alpha on the patch; colour [3] or [h,w,3]."""
         if patch.alpha.size == 0:
             return
@@ -355,12 +384,16 @@ def _draw_skin(cv: _Canvas, p: Identity, n: Nuisance, cx: float, cy: float, a: f
     return mask
 
 
-def _draw_hair_front(cv: _Canvas, p: Identity, n: Nuisance, face: np.ndarray, cx: float, cy: float) -> None:
+def _draw_hair_front(
+    cv: _Canvas, p: Identity, n: Nuisance, face: np.ndarray, cx: float, cy: float
+) -> None:
     if p.bald:
         return
     region = cv.region(cx, cy, max(p.face_a, p.face_b) + 1.0)
     top = cy - p.face_b + p.hairline + 4.0 * np.sin(n.pitch)
-    line = top + p.fringe_amp * np.cos(p.fringe_freq * (cv.u[region] - cx) / p.face_a + p.fringe_phase)
+    line = top + p.fringe_amp * np.cos(
+        p.fringe_freq * (cv.u[region] - cx) / p.face_a + p.fringe_phase
+    )
     alpha = _unit((line - cv.v[region]) * cv.px + 0.5)
     cv.paint(Patch(region, alpha) * face, p.hair_colour)
 
@@ -380,7 +413,9 @@ def _draw_eyes(cv: _Canvas, p: Identity, n: Nuisance, lm: np.ndarray, face: np.n
             cv.paint(Patch(sclera.region, iris.alpha * sclera.alpha), colour)
         by = ey - p.brow_gap - n.brow_raise
         tilt = side * p.brow_tilt
-        cv.paint(cv.ellipse(ex, by, p.brow_len * squeeze, p.brow_thick, tilt) * face, p.hair_colour * 0.8)
+        cv.paint(
+            cv.ellipse(ex, by, p.brow_len * squeeze, p.brow_thick, tilt) * face, p.hair_colour * 0.8
+        )
         if p.glasses:
             ring = cv.ellipse(ex, ey, w + 4.5, w + 3.0)
             inner = cv.ellipse(ex, ey, w + 4.5 - p.glasses, w + 3.0 - p.glasses, region=ring.region)
@@ -395,7 +430,10 @@ def _draw_nose(cv: _Canvas, p: Identity, lm: np.ndarray, face: np.ndarray) -> No
     bridge_x = 0.5 * (lm[0, 0] + lm[1, 0])
     angle = np.arctan2(nx - bridge_x, ny - lm[0, 1])
     length = 0.5 * (ny - lm[0, 1])
-    cv.paint(0.35 * cv.ellipse(0.5 * (nx + bridge_x), ny - length, 1.6, length, -angle) * face, p.skin * 0.7)
+    cv.paint(
+        0.35 * cv.ellipse(0.5 * (nx + bridge_x), ny - length, 1.6, length, -angle) * face,
+        p.skin * 0.7,
+    )
     cv.paint(0.5 * cv.ellipse(nx, ny - 1.0, p.nose_w, 3.5) * face, p.skin * 1.08)
     for side in (-1.0, 1.0):
         cv.paint(cv.ellipse(nx + side * p.nose_w * 0.55, ny + 1.0, 1.4, 0.9) * face, p.skin * 0.35)
@@ -434,8 +472,12 @@ def _draw_occluder(cv: _Canvas, n: Nuisance) -> None:
     x0, y0, x1, y1 = (float(value) for value in n.occluder[:4])
     region = cv.region(0.5 * (x0 + x1), 0.5 * (y0 + y1), 0.75 * max(x1 - x0, y1 - y0))
     u, v = cv.u[region], cv.v[region]
-    box = (np.clip((u - x0) * cv.px, 0, 1) * np.clip((x1 - u) * cv.px, 0, 1)
-           * np.clip((v - y0) * cv.px, 0, 1) * np.clip((y1 - v) * cv.px, 0, 1))
+    box = (
+        np.clip((u - x0) * cv.px, 0, 1)
+        * np.clip((x1 - u) * cv.px, 0, 1)
+        * np.clip((v - y0) * cv.px, 0, 1)
+        * np.clip((y1 - v) * cv.px, 0, 1)
+    )
     cv.paint(Patch(region, box), n.occluder[4:])
 
 
@@ -498,7 +540,11 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
 
 
 def render_jpeg(
-    p: Identity, n: Nuisance, transform: np.ndarray, rng: np.random.Generator, size: tuple[int, int] = (112, 112)
+    p: Identity,
+    n: Nuisance,
+    transform: np.ndarray,
+    rng: np.random.Generator,
+    size: tuple[int, int] = (112, 112),
 ) -> tuple[bytes, np.ndarray]:
     """`render` + blur + JPEG: (JPEG bytes, landmarks [5,2] in canvas pixels)."""
     pixels, landmarks = render(p, n, transform, size)

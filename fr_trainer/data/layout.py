@@ -92,7 +92,9 @@ def read_label(reader: RecordReader, key: int) -> int:
 
 def read_labels(reader: RecordReader, keys: np.ndarray) -> np.ndarray:
     """Classes of the image records `keys` [N] -> int64 [N], from their headers only."""
-    return np.fromiter((read_label(reader, int(key)) for key in keys), dtype=np.int64, count=len(keys))
+    return np.fromiter(
+        (read_label(reader, int(key)) for key in keys), dtype=np.int64, count=len(keys)
+    )
 
 
 def read_layout(reader: RecordReader) -> RecordLayout:

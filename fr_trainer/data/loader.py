@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -30,7 +30,9 @@ def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch
 class PrefetchLoader:
     """Iterates a DataLoader and delivers normalised batches on `device` one batch ahead."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, decode: str, image_size: int) -> None:
+    def __init__(
+        self, loader: DataLoader, device: torch.device, decode: str, image_size: int
+    ) -> None:
         self.loader, self.device, self.decode, self.image_size = loader, device, decode, image_size
 
     @property
@@ -108,16 +110,18 @@ def build_loader(
     if decode == "gpu" and device.type != "cuda":
         raise ValueError("decode='gpu' needs a CUDA device; use decode='pil' on CPU")
     dataset.output = "bytes" if decode == "gpu" else "uint8"
-    kwargs = dict(
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=_collate_bytes if decode == "gpu" else None,
-    )
+    kwargs = {
+        "num_workers": num_workers,
+        "pin_memory": device.type == "cuda",
+        "collate_fn": _collate_bytes if decode == "gpu" else None,
+    }
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
     if batch_sampler is not None:
         loader = DataLoader(dataset, batch_sampler=batch_sampler, **kwargs)
     else:
         sampler = DistributedSampler(len(dataset), rank, world_size, seed=seed, drop_last=drop_last)
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+        loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs
+        )
     return PrefetchLoader(loader, device, decode, dataset.image_size)

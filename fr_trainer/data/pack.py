@@ -46,7 +46,9 @@ def list_image_folder(image_dir: str | os.PathLike) -> list[tuple[str, list[Path
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
         classes.append((folder.name, files))
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; expected IMAGE_DIR/<class>/<image>")
@@ -62,7 +64,9 @@ def load_image(task: tuple[str, bool, int | None, int]) -> tuple[bytes | None, s
             return data, None
         with Image.open(io.BytesIO(data)) as image:
             fmt = image.format
-            keep = fmt in ("JPEG", "PNG") and (image_size is None or image.size == (image_size, image_size))
+            keep = fmt in ("JPEG", "PNG") and (
+                image_size is None or image.size == (image_size, image_size)
+            )
             if keep and fmt == "JPEG":  # decode every coefficient, but skip the full-size IDCT
                 image.draft("RGB", (max(image.size[0] // 8, 1), max(image.size[1] // 8, 1)))
             image.load()
@@ -74,7 +78,7 @@ def load_image(task: tuple[str, bool, int | None, int]) -> tuple[bytes | None, s
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=quality)
             return buffer.getvalue(), None
-    except Exception as error:  # any decoder failure is reported, never fatal
+    except Exception as error:  # noqa: BLE001 - any decoder failure is reported, never fatal
         return None, f"{type(error).__name__}: {error}"
 
 
@@ -91,9 +95,17 @@ def _header(first_identity_key: int, num_classes: int) -> bytes:
     return pack(IRHeader(0, [first_identity_key, first_identity_key + num_classes], 0, 0))
 
 
-def pack_image_folder(image_dir: str | os.PathLike, out_dir: str | os.PathLike, *, name: str = "train",
-                      workers: int | None = None, verify: bool = True, image_size: int | None = None,
-                      quality: int = 95, progress: bool = True) -> PackSummary:
+def pack_image_folder(
+    image_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    name: str = "train",
+    workers: int | None = None,
+    verify: bool = True,
+    image_size: int | None = None,
+    quality: int = 95,
+    progress: bool = True,
+) -> PackSummary:
     """Write `OUT_DIR/<name>.rec/.idx` from the class-per-folder tree (see the module docstring)."""
     start = time.perf_counter()
     classes = list_image_folder(image_dir)
@@ -144,11 +156,16 @@ def _rewrite_header(rec: Path, header: bytes) -> None:
         handle.write(record)
 
 
-def _write_reports(out: Path, classes: list, kept: list[int], summary: PackSummary,
-                   image_size: int | None) -> None:
-    (out / "classes.txt").write_text("".join(f"{label}\t{classes[i][0]}\n" for label, i in enumerate(kept)))
+def _write_reports(
+    out: Path, classes: list, kept: list[int], summary: PackSummary, image_size: int | None
+) -> None:
+    (out / "classes.txt").write_text(
+        "".join(f"{label}\t{classes[i][0]}\n" for label, i in enumerate(kept))
+    )
     if image_size is not None:  # insightface's property file: "num_classes,height,width"
         (out / "property").write_text(f"{summary.num_classes},{image_size},{image_size}\n")
     with open(out / "bad_images.txt", "w") as handle:
         handle.writelines(f"{path}\t{reason}\n" for path, reason in summary.bad)
-        handle.writelines(f"{name}\tclass dropped: no readable image\n" for name in summary.dropped_classes)
+        handle.writelines(
+            f"{name}\tclass dropped: no readable image\n" for name in summary.dropped_classes
+        )

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import NamedTuple, Union
 
 import numpy as np
 
@@ -36,8 +37,8 @@ MAX_LENGTH = (1 << 29) - 1
 IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 
-Label = Union[float, np.ndarray, Sequence[float]]
-PathLike = Union[str, "os.PathLike[str]"]
+Label = Union[float, np.ndarray, Sequence[float]]  # noqa: UP007 - runtime alias
+PathLike = Union[str, os.PathLike]  # noqa: UP007
 
 
 class RecordIOError(ValueError):
@@ -46,7 +47,7 @@ class RecordIOError(ValueError):
 
 REINDEX_FIX = (
     "if the .rec is intact, rebuild the index with "
-    "`python -c \"from fr_trainer.data.recordio import build_index; build_index(REC, IDX)\"`"
+    '`python -c "from fr_trainer.data.recordio import build_index; build_index(REC, IDX)"`'
 )
 
 
@@ -65,7 +66,7 @@ def pack(header: IRHeader, image: bytes = b"") -> bytes:
     A scalar label forces `flag = 0`; an array label of n values sets `flag = n` and
     stores the values after the header (header label field 0).
     """
-    flag, label, key, key2 = header
+    _, label, key, key2 = header  # the flag follows from the label
     if isinstance(label, (int, float, np.integer, np.floating)):
         head = struct.pack(IR_FORMAT, 0, float(label), int(key), int(key2))
         return head + bytes(image)
@@ -129,8 +130,8 @@ class RecordWriter:
     def __init__(self, rec_path: PathLike, idx_path: PathLike | None = None) -> None:
         self.rec_path = Path(rec_path)
         self.idx_path = Path(idx_path) if idx_path is not None else None
-        self._rec = open(self.rec_path, "wb")
-        self._idx = open(self.idx_path, "w") if self.idx_path is not None else None
+        self._rec = open(self.rec_path, "wb")  # noqa: SIM115 - closed by close()/__exit__
+        self._idx = open(self.idx_path, "w") if self.idx_path is not None else None  # noqa: SIM115
         self._keys: set[int] = set()
         self._offset = 0
 
@@ -159,7 +160,7 @@ class RecordWriter:
         if self._idx is not None:
             self._idx.close()
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> RecordWriter:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -327,10 +328,10 @@ class RecordReader:
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - never raise from a finaliser
             pass
 
-    def __enter__(self) -> "RecordReader":
+    def __enter__(self) -> RecordReader:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -6,7 +6,7 @@ permutation on every rank from `(seed, epoch)`, and resume from a position.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -32,8 +32,16 @@ class DistributedSampler(Sampler[int]):
     position)` reshuffles and skips the first `position` samples of this rank (resume).
     """
 
-    def __init__(self, num_samples: int, rank: int, world_size: int, *, seed: int = 0,
-                 shuffle: bool = True, drop_last: bool = False) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int,
+        world_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ) -> None:
         _check_rank(rank, world_size)
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -72,8 +80,13 @@ class DistributedSampler(Sampler[int]):
 
     def state_dict(self, consumed: int) -> dict:
         """Where to resume after this rank consumed `consumed` samples of the current epoch."""
-        return {"epoch": self.epoch, "position": int(consumed), "seed": self.seed,
-                "num_samples": self.num_samples, "world_size": self.world_size}
+        return {
+            "epoch": self.epoch,
+            "position": int(consumed),
+            "seed": self.seed,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("seed", "num_samples", "world_size"):
@@ -89,7 +102,7 @@ def groups_from_labels(labels: Sequence[int] | np.ndarray) -> list[np.ndarray]:
     """Dataset indices per class: labels [N] -> list over classes of int64 index arrays."""
     labels = np.asarray(labels, dtype=np.int64)
     order = np.argsort(labels, kind="stable")
-    classes, starts = np.unique(labels[order], return_index=True)
+    _, starts = np.unique(labels[order], return_index=True)
     bounds = list(starts[1:]) + [labels.size]
     return [order[start:end] for start, end in zip(starts, bounds)]
 
@@ -104,13 +117,24 @@ class PKBatchSampler(Sampler[list[int]]):
     class by class. `set_epoch(epoch, position)` resumes at batch `position`.
     """
 
-    def __init__(self, groups: Sequence[np.ndarray], p: int, k: int, rank: int, world_size: int, *,
-                 seed: int = 0, min_images: int = 1) -> None:
+    def __init__(
+        self,
+        groups: Sequence[np.ndarray],
+        p: int,
+        k: int,
+        rank: int,
+        world_size: int,
+        *,
+        seed: int = 0,
+        min_images: int = 1,
+    ) -> None:
         _check_rank(rank, world_size)
         if p < 1 or k < 1:
             raise ValueError(f"P and K must be >= 1, got P={p}, K={k}")
         self.groups = [np.asarray(group, dtype=np.int64) for group in groups]
-        self.classes = np.array([c for c, g in enumerate(self.groups) if len(g) >= max(min_images, 1)])
+        self.classes = np.array(
+            [c for c, g in enumerate(self.groups) if len(g) >= max(min_images, 1)]
+        )
         if self.classes.size < p * world_size:
             raise ValueError(
                 f"P x world_size = {p} x {world_size} classes per step, but only {self.classes.size} "
@@ -120,8 +144,15 @@ class PKBatchSampler(Sampler[list[int]]):
         self.seed, self.epoch, self.position = seed, 0, 0
 
     @classmethod
-    def from_labels(cls, labels: Sequence[int] | np.ndarray, p: int, k: int, rank: int, world_size: int,
-                    **kwargs) -> "PKBatchSampler":
+    def from_labels(
+        cls,
+        labels: Sequence[int] | np.ndarray,
+        p: int,
+        k: int,
+        rank: int,
+        world_size: int,
+        **kwargs,
+    ) -> PKBatchSampler:
         return cls(groups_from_labels(labels), p, k, rank, world_size, **kwargs)
 
     @property
@@ -151,7 +182,9 @@ class PKBatchSampler(Sampler[list[int]]):
             if group.size >= self.k:
                 chosen = rng.choice(group, size=self.k, replace=False)
             else:  # every image once, then repeats to fill K
-                chosen = np.concatenate([rng.permutation(group), rng.choice(group, self.k - group.size)])
+                chosen = np.concatenate(
+                    [rng.permutation(group), rng.choice(group, self.k - group.size)]
+                )
             picked.extend(int(i) for i in chosen)
         return picked
 

@@ -16,9 +16,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out_dir", help="output directory (created if missing)")
     parser.add_argument("--identities", type=int, default=300, help="training identities (classes)")
     parser.add_argument("--images-per-identity", type=int, default=20)
-    parser.add_argument("--holdout-identities", type=int, default=100, help="identities of the .bin pairs")
+    parser.add_argument(
+        "--holdout-identities", type=int, default=100, help="identities of the .bin pairs"
+    )
     parser.add_argument("--pairs", type=int, default=1000, help="pairs per .bin (half genuine)")
-    parser.add_argument("--ijbc-subjects", type=int, default=40, help="subjects of the mini IJB-C (0: none)")
+    parser.add_argument(
+        "--ijbc-subjects", type=int, default=40, help="subjects of the mini IJB-C (0: none)"
+    )
     parser.add_argument("--image-size", type=int, default=112, help="side of the training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")

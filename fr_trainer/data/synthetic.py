@@ -44,9 +44,9 @@ import multiprocessing as mp
 import os
 import pickle
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -118,7 +118,9 @@ def _pair_image(task: tuple[int, int, int, int, float]) -> bytes:
     seed, set_index, image_index, identity, difficulty = task
     rng = _rng(seed, _PAIR_IMAGE, set_index, image_index)
     nuisance = faces.sample_nuisance(rng, difficulty)
-    jpeg, _ = faces.render_jpeg(identity_params(seed, identity), nuisance, faces.jitter_transform(rng), rng)
+    jpeg, _ = faces.render_jpeg(
+        identity_params(seed, identity), nuisance, faces.jitter_transform(rng), rng
+    )
     return jpeg
 
 
@@ -144,7 +146,9 @@ def _ijbc_image(task: tuple[int, int, int, int]) -> tuple[bytes, np.ndarray, flo
         shift=(float(media_rng.uniform(-slack, slack)), float(media_rng.uniform(-slack, slack))),
         canvas_center=(side / 2, side / 2),
     )
-    jpeg, landmarks = faces.render_jpeg(identity_params(seed, identity), nuisance, transform, rng, (side, side))
+    jpeg, landmarks = faces.render_jpeg(
+        identity_params(seed, identity), nuisance, transform, rng, (side, side)
+    )
     quality = 0.99 - 0.25 * abs(nuisance.yaw) - 0.08 * nuisance.blur - 0.01 * nuisance.noise
     score = float(np.clip(quality + rng.normal(0, 0.02), 0.3, 0.999))
     return jpeg, landmarks, score
@@ -153,7 +157,7 @@ def _ijbc_image(task: tuple[int, int, int, int]) -> tuple[bytes, np.ndarray, flo
 # ---- parallel map -----------------------------------------------------------------------
 
 
-def _map(fn: Callable, tasks: Sequence, workers: int, pool: "mp.pool.Pool | None") -> Iterator:
+def _map(fn: Callable, tasks: Sequence, workers: int, pool: mp.pool.Pool | None) -> Iterator:
     """Ordered map, in-process when there is no pool."""
     if pool is None:
         return map(fn, tasks)
@@ -172,16 +176,28 @@ def _progress(iterable: Iterable, total: int, desc: str, show: bool) -> Iterable
 # ---- writers ----------------------------------------------------------------------------
 
 
-def _write_train(out: Path, seed: int, num_identities: int, per_identity: int, size: int,
-                 workers: int, pool, show: bool) -> int:
+def _write_train(
+    out: Path,
+    seed: int,
+    num_identities: int,
+    per_identity: int,
+    size: int,
+    workers: int,
+    pool,
+    show: bool,
+) -> int:
     num_images = num_identities * per_identity
     first_identity_key = num_images + 1
     tasks = [(seed, identity, per_identity, size) for identity in range(num_identities)]
     ranges = []
     with RecordWriter(out / "train.rec", out / "train.idx") as writer:
-        writer.write(0, pack(IRHeader(0, [first_identity_key, first_identity_key + num_identities], 0, 0)))
+        writer.write(
+            0, pack(IRHeader(0, [first_identity_key, first_identity_key + num_identities], 0, 0))
+        )
         key = 1
-        images = _progress(_map(_train_images, tasks, workers, pool), num_identities, "train identities", show)
+        images = _progress(
+            _map(_train_images, tasks, workers, pool), num_identities, "train identities", show
+        )
         for identity, jpegs in enumerate(images):
             ranges.append((key, key + len(jpegs)))
             for jpeg in jpegs:
@@ -193,7 +209,9 @@ def _write_train(out: Path, seed: int, num_identities: int, per_identity: int, s
     return num_images
 
 
-def plan_pairs(seed: int, set_index: int, identities: np.ndarray, num_pairs: int) -> list[tuple[int, int, bool]]:
+def plan_pairs(
+    seed: int, set_index: int, identities: np.ndarray, num_pairs: int
+) -> list[tuple[int, int, bool]]:
     """(identity_a, identity_b, issame) per pair: half genuine, order shuffled."""
     rng = _rng(seed, _PAIRS, set_index)
     pairs = []
@@ -208,8 +226,17 @@ def plan_pairs(seed: int, set_index: int, identities: np.ndarray, num_pairs: int
     return [pairs[i] for i in order]
 
 
-def _write_bin(path: Path, seed: int, set_index: int, identities: np.ndarray, num_pairs: int,
-               difficulty: float, workers: int, pool, show: bool) -> int:
+def _write_bin(
+    path: Path,
+    seed: int,
+    set_index: int,
+    identities: np.ndarray,
+    num_pairs: int,
+    difficulty: float,
+    workers: int,
+    pool,
+    show: bool,
+) -> int:
     pairs = plan_pairs(seed, set_index, identities, num_pairs)
     tasks = []
     for index, (a, b, _) in enumerate(pairs):
@@ -238,33 +265,49 @@ def plan_ijbc(seed: int, identities: np.ndarray) -> list[_IjbcImage]:
     for subject_index, identity in enumerate(identities):
         num_media = int(rng.integers(3, 7))
         num_templates = int(rng.integers(2, 4))
-        owner = np.concatenate([np.arange(num_templates), rng.integers(0, num_templates, num_media - num_templates)])
+        owner = np.concatenate(
+            [np.arange(num_templates), rng.integers(0, num_templates, num_media - num_templates)]
+        )
         owner = np.sort(owner)
         for media in range(num_media):
             media_id += 1
             for frame in range(int(rng.integers(1, 4))):
                 image_number += 1
-                rows.append(_IjbcImage(
-                    name=f"{image_number}.jpg",
-                    subject=subject_index + 1,
-                    template=template_id + 1 + int(owner[media]),
-                    media=media_id,
-                    task=(seed, int(identity), media, frame),
-                ))
+                rows.append(
+                    _IjbcImage(
+                        name=f"{image_number}.jpg",
+                        subject=subject_index + 1,
+                        template=template_id + 1 + int(owner[media]),
+                        media=media_id,
+                        task=(seed, int(identity), media, frame),
+                    )
+                )
         template_id += num_templates
     return rows
 
 
-def _template_pairs(seed: int, rows: list[_IjbcImage], impostors_per_genuine: int) -> list[tuple[int, int, int]]:
+def _template_pairs(
+    seed: int, rows: list[_IjbcImage], impostors_per_genuine: int
+) -> list[tuple[int, int, int]]:
     subject_of: dict[int, int] = {}
     for row in rows:
         subject_of[row.template] = row.subject
     templates = sorted(subject_of)
-    genuine = [(a, b, 1) for i, a in enumerate(templates) for b in templates[i + 1 :] if subject_of[a] == subject_of[b]]
+    genuine = [
+        (a, b, 1)
+        for i, a in enumerate(templates)
+        for b in templates[i + 1 :]
+        if subject_of[a] == subject_of[b]
+    ]
     rng = _rng(seed, _IJBC_PLAN, 1)
     wanted = impostors_per_genuine * len(genuine)
     impostor: set[tuple[int, int]] = set()
-    candidates = [(a, b) for i, a in enumerate(templates) for b in templates[i + 1 :] if subject_of[a] != subject_of[b]]
+    candidates = [
+        (a, b)
+        for i, a in enumerate(templates)
+        for b in templates[i + 1 :]
+        if subject_of[a] != subject_of[b]
+    ]
     if candidates:
         picks = rng.choice(len(candidates), size=min(wanted, len(candidates)), replace=False)
         impostor = {candidates[int(i)] for i in picks}
@@ -275,7 +318,10 @@ def _write_1n(meta: Path, rows: list[_IjbcImage]) -> None:
     first_template: dict[int, int] = {}
     for row in rows:
         first_template.setdefault(row.subject, row.template)
-    files = {name: [] for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv")}
+    files = {
+        name: []
+        for name in ("ijbc_1N_gallery_G1.csv", "ijbc_1N_gallery_G2.csv", "ijbc_1N_probe_mixed.csv")
+    }
     for row in rows:
         if row.template == first_template[row.subject]:
             name = "ijbc_1N_gallery_G1.csv" if row.subject % 2 == 0 else "ijbc_1N_gallery_G2.csv"
@@ -289,14 +335,26 @@ def _write_1n(meta: Path, rows: list[_IjbcImage]) -> None:
             writer.writerows(lines)
 
 
-def _write_ijbc(root: Path, seed: int, identities: np.ndarray, impostors_per_genuine: int,
-                workers: int, pool, show: bool) -> tuple[int, int, int]:
+def _write_ijbc(
+    root: Path,
+    seed: int,
+    identities: np.ndarray,
+    impostors_per_genuine: int,
+    workers: int,
+    pool,
+    show: bool,
+) -> tuple[int, int, int]:
     crops, meta = root / "loose_crop", root / "meta"
     crops.mkdir(parents=True, exist_ok=True)
     meta.mkdir(parents=True, exist_ok=True)
     rows = plan_ijbc(seed, identities)
-    results = _progress(_map(_ijbc_image, [row.task for row in rows], workers, pool), len(rows), "IJB-C", show)
-    with open(meta / "ijbc_face_tid_mid.txt", "w") as tid_mid, open(meta / "ijbc_name_5pts_score.txt", "w") as points:
+    results = _progress(
+        _map(_ijbc_image, [row.task for row in rows], workers, pool), len(rows), "IJB-C", show
+    )
+    with (
+        open(meta / "ijbc_face_tid_mid.txt", "w") as tid_mid,
+        open(meta / "ijbc_name_5pts_score.txt", "w") as points,
+    ):
         for row, (jpeg, landmarks, score) in zip(rows, results):
             (crops / row.name).write_bytes(jpeg)
             tid_mid.write(f"{row.name} {row.template} {row.media}\n")
@@ -330,29 +388,56 @@ def generate(
     `num_holdout_identities`, IJB-C the `num_ijbc_subjects` after those. `val_sets` lists
     (name, difficulty) per `.bin`; `workers` defaults to the CPU count (0 or 1: in-process).
     """
-    _validate(num_identities, images_per_identity, num_holdout_identities, num_pairs, num_ijbc_subjects, image_size)
+    _validate(
+        num_identities,
+        images_per_identity,
+        num_holdout_identities,
+        num_pairs,
+        num_ijbc_subjects,
+        image_size,
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     workers = (os.cpu_count() or 1) if workers is None else int(workers)
     start = time.perf_counter()
-    summary = SyntheticSummary(str(out), seed, num_identities, num_identities * images_per_identity, image_size)
+    summary = SyntheticSummary(
+        str(out), seed, num_identities, num_identities * images_per_identity, image_size
+    )
     pool = _make_pool(workers)
     try:
-        summary.images_rendered += _write_train(out, seed, num_identities, images_per_identity, image_size, workers, pool, progress)
+        summary.images_rendered += _write_train(
+            out, seed, num_identities, images_per_identity, image_size, workers, pool, progress
+        )
         summary.files.update(rec="train.rec", idx="train.idx", property="property")
         holdout = np.arange(num_identities, num_identities + num_holdout_identities)
         for set_index, (name, difficulty) in enumerate(val_sets):
             if num_pairs and num_holdout_identities >= 2:
-                summary.images_rendered += _write_bin(out / f"{name}.bin", seed, set_index, holdout, num_pairs, difficulty, workers, pool, progress)
+                summary.images_rendered += _write_bin(
+                    out / f"{name}.bin",
+                    seed,
+                    set_index,
+                    holdout,
+                    num_pairs,
+                    difficulty,
+                    workers,
+                    pool,
+                    progress,
+                )
                 summary.bins[name] = num_pairs
                 summary.files[name] = f"{name}.bin"
         if num_ijbc_subjects:
             first = num_identities + num_holdout_identities
             subjects = np.arange(first, first + num_ijbc_subjects)
-            images, templates, pairs = _write_ijbc(out / "IJBC", seed, subjects, ijbc_impostors_per_genuine, workers, pool, progress)
+            images, templates, pairs = _write_ijbc(
+                out / "IJBC", seed, subjects, ijbc_impostors_per_genuine, workers, pool, progress
+            )
             summary.images_rendered += images
-            summary.ijbc_subjects, summary.ijbc_templates, summary.ijbc_images, summary.ijbc_pairs = (
-                num_ijbc_subjects, templates, images, pairs)
+            (
+                summary.ijbc_subjects,
+                summary.ijbc_templates,
+                summary.ijbc_images,
+                summary.ijbc_pairs,
+            ) = (num_ijbc_subjects, templates, images, pairs)
             summary.files["ijbc"] = "IJBC"
     finally:
         if pool is not None:
@@ -377,12 +462,16 @@ def _make_pool(workers: int):
     return mp.get_context(method).Pool(workers)
 
 
-def _validate(num_identities: int, per_identity: int, holdout: int, num_pairs: int, ijbc: int, size: int) -> None:
+def _validate(
+    num_identities: int, per_identity: int, holdout: int, num_pairs: int, ijbc: int, size: int
+) -> None:
     checks = [
         (num_identities >= 1, f"num_identities must be >= 1, got {num_identities}"),
         (per_identity >= 1, f"images_per_identity must be >= 1, got {per_identity}"),
-        (holdout >= 0 and (num_pairs == 0 or holdout >= 2),
-         f"num_holdout_identities must be >= 2 to build impostor pairs, got {holdout} (or set num_pairs=0)"),
+        (
+            holdout >= 0 and (num_pairs == 0 or holdout >= 2),
+            f"num_holdout_identities must be >= 2 to build impostor pairs, got {holdout} (or set num_pairs=0)",
+        ),
         (num_pairs >= 0, f"num_pairs must be >= 0, got {num_pairs}"),
         (ijbc == 0 or ijbc >= 2, f"num_ijbc_subjects must be 0 or >= 2, got {ijbc}"),
         (size >= 32, f"image_size must be >= 32, got {size}"),
