@@ -90,6 +90,7 @@ def test_loader_yields_normalised_batches_covering_the_shard(synth) -> None:
     loader = build_loader(
         dataset, batch_size=5, rank=1, world_size=2, num_workers=2, drop_last=False, seed=3
     )
+    assert loader.decode == "pil"  # "auto" without CUDA
     loader.set_epoch(2)
     labels = []
     for images, batch_labels in loader:

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from fr_trainer.data.layout import read_labels, read_layout
+from fr_trainer.data.layout import describe, read_labels, read_layout
 from fr_trainer.data.recordio import (
     IRHeader,
     RecordIOError,
@@ -172,6 +172,8 @@ def test_insightface_layout_is_understood(tmp_path) -> None:
     np.testing.assert_array_equal(layout.image_keys, np.arange(1, 10))
     np.testing.assert_array_equal(layout.identity_ranges, [[1, 4], [4, 6], [6, 10]])
     np.testing.assert_array_equal(read_labels(RecordReader(rec, idx), layout.image_keys), labels)
+    described = describe(rec)  # the .idx beside the .rec
+    assert (described.num_images, described.num_classes) == (9, 3)
 
 
 def test_plain_file_uses_every_key_and_array_labels(tmp_path) -> None:

@@ -8,8 +8,10 @@ index as an image and its number of classes is read from the labels (max + 1).
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -116,3 +118,15 @@ def read_layout(reader: RecordReader) -> RecordLayout:
         )
     ranges = _identity_ranges(reader, first, end)
     return RecordLayout(keys, end - first, ranges, insightface=True)
+
+
+def describe(
+    rec_path: str | os.PathLike, idx_path: str | os.PathLike | None = None
+) -> RecordLayout:
+    """Layout of a `.rec` (number of images and classes) for configs: no need to type them.
+
+    >>> layout = describe("ms1mv3/train.rec"); layout.num_images, layout.num_classes
+    """
+    rec = Path(rec_path)
+    with RecordReader(rec, idx_path if idx_path is not None else rec.with_suffix(".idx")) as reader:
+        return read_layout(reader)
