@@ -23,6 +23,8 @@ BENCHMARKS: dict[str, str] = {
     "head": "fr_trainer.heads.bench:main",
     "data": "fr_trainer.data.bench:main",
     "train": "fr_trainer.train.bench:main",
+    "export": "fr_trainer.export.bench:main",
+    "eval": "fr_trainer.eval.bench:main",
 }
 
 USAGE = """usage: fr-trainer <command> [args]
@@ -35,7 +37,7 @@ commands:
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
   plan --classes N [...]               head memory and collective volume per GPU
-  bench head|data|train [...]          benchmarks
+  bench head|data|train|export|eval    benchmarks
 
 `fr-trainer <command> --help` for the options of one command."""
 

@@ -37,7 +37,7 @@ def test_bench_head_parses_options() -> None:
 
 def test_cli_usage_and_unknown_command(capsys) -> None:
     assert cli_main([]) == 0
-    assert "bench head|data|train" in capsys.readouterr().out
+    assert "bench head|data|train|export|eval" in capsys.readouterr().out
     assert cli_main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
     assert cli_main(["bench", "nothing"]) == 2
