@@ -108,3 +108,27 @@ def rank_load_and_save(rank: int, world_size: int, cfg: dict) -> dict:
         "snapshot": trainer.state_snapshot(),
         "position": trainer.stream.position(),
     }
+
+
+def make_data_with_pairs(root: Path) -> Path:
+    """The tiny training set plus two small `.bin` sets of held-out identities."""
+    from fr_trainer.data.synthetic import generate
+
+    if not (root / "train.rec").is_file():
+        generate(
+            root,
+            num_identities=NUM_CLASSES,
+            images_per_identity=PER_CLASS,
+            num_holdout_identities=6,
+            num_pairs=20,
+            num_ijbc_subjects=0,
+            workers=0,
+        )
+    return root
+
+
+def rank_verify(rank: int, world_size: int, cfg: dict) -> dict:
+    """Train briefly with verification every 2 steps; return the last verification."""
+    trainer = make_trainer(rank, world_size, cfg)
+    summary = trainer.fit()
+    return {"verification": summary["verification"], "initial": summary["verification_initial"]}

@@ -94,3 +94,27 @@ def test_bench_train_reports_throughput_and_shares(tmp_path, capsys):
     assert set(result["share"]) == {"data", "backbone", "head", "optimizer"}
     assert sum(result["share"].values()) == pytest.approx(1.0)
     assert "samples/s" in capsys.readouterr().out
+
+
+def test_verification_sharded_over_ranks_equals_one_process(tmp_path):
+    from test_train_support import make_data_with_pairs, rank_verify
+
+    from fr_trainer.distributed.spawn import run_ranks
+    from fr_trainer.eval.embedder import TorchEmbedder
+    from fr_trainer.eval.verification import verify_bin
+
+    data = make_data_with_pairs(tmp_path / "data")
+    cfg = config_dict(
+        data,
+        tmp_path / "out",
+        model={"backbone": "demonet", "embedding_size": 16},
+        train={"max_steps": 4},
+        eval={"every_steps": 2, "at_end": True, "at_start": True, "batch_size": 7},
+    )
+    results = run_ranks(rank_verify, 2, cfg)
+    assert results[0] == results[1]
+    assert set(results[0]["verification"]) == {"synth_val", "synth_hard"}
+    embedder = TorchEmbedder(load_backbone(tmp_path / "out" / "t"), "cpu")
+    for name, value in results[0]["verification"].items():
+        alone = verify_bin(embedder, data / f"{name}.bin")
+        assert value["accuracy"] == pytest.approx(alone["accuracy"], abs=1e-9)

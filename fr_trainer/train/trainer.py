@@ -200,6 +200,7 @@ class Trainer:
         return backbone, head, state["param_groups"]
 
     def save(self) -> Path:
+        self.sync_buffers()
         optim_backbone, optim_head, param_groups = self._split_optimizer_state()
         common = None
         if self.rank == 0:
@@ -357,9 +358,20 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ loop
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's backbone buffers (BatchNorm running statistics).
+
+        DDP broadcasts them at the start of each forward, so after the last step every rank
+        holds statistics updated by its own batch; verification and checkpoints use rank 0's.
+        """
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            for buffer in self.backbone.buffers():
+                dist.broadcast(buffer, 0, group=self.group)
+
     def verify(self) -> dict[str, dict]:
         if not self.verifier:
             return {}
+        self.sync_buffers()
         results = self.verifier.run(self.backbone, self.device, self.precision.param_dtype)
         line = ", ".join(f"{name} {r['accuracy'] * 100:.2f}%" for name, r in results.items())
         self.reporter.info(f"verification at step {self.step}: {line}")
