@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", default=str(DEMO_CONFIG))
     p.add_argument(
-        "--data", default="data/synth", help="synthetic set folder (reused when complete)"
+        "--data", default="data_cache/synth", help="synthetic set folder (reused when complete)"
     )
     p.add_argument("--output-dir", default="runs")
     p.add_argument("--name", default="quickstart")
