@@ -45,11 +45,11 @@ SLOW = {"iresnet100", "iresnet200"}
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_backbones()]
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_backbones() if not n.startswith("test_")]
 )
 def test_onnxruntime_matches_torch_at_batch_1_and_7(name, tmp_path):
     torch.manual_seed(0)
-    model = create_backbone(name)
+    model = create_backbone(name, embedding_size=512)
     randomize_batchnorm(model)
     path = tmp_path / f"{name}.onnx"
     report = export_onnx_with_report(model, path, check=False, latency_runs=0)

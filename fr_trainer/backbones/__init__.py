@@ -1,4 +1,4 @@
-"""Face-recognition backbones: iresnet18/34/50/100/200, mobilefacenet, two-head wrapper.
+"""Face-recognition backbones: iresnet18/34/50/100/200, mobilefacenet, demonet, two-head wrapper.
 
     from fr_trainer.backbones import create_backbone, list_backbones
     model = create_backbone("iresnet50", embedding_size=512)
@@ -9,6 +9,7 @@ Every backbone exposes `num_features` (D), `feature_channels` (C of the last fea
 `forward_head(feature_map) -> [B,D]`. Precision, DDP and compile are applied by the trainer.
 """
 
+from fr_trainer.backbones import demonet as _demonet  # noqa: F401  (registers)
 from fr_trainer.backbones import iresnet as _iresnet  # noqa: F401  (registers)
 from fr_trainer.backbones import mobilefacenet as _mobilefacenet  # noqa: F401  (registers)
 from fr_trainer.backbones.base import FaceBackbone

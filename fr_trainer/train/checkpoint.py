@@ -383,7 +383,6 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     """The trained backbone (eval mode, fp32, CPU) from a checkpoint folder, a run dir,
     a checkpoints root or a merged file."""
     from fr_trainer.backbones import create_backbone
-    from fr_trainer.train import tiny_backbones  # noqa: F401  (registers demonet)
 
     path = Path(path)
     if path.is_file():

@@ -26,7 +26,6 @@ from fr_trainer.backbones import create_backbone
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.train import checkpoint as ckpt
-from fr_trainer.train import tiny_backbones  # noqa: F401  (registers demonet)
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
 from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad

@@ -4,7 +4,7 @@
 reaches the 7x7 map in five stride-2 stages with few channels; on a 2-core CPU it trains
 ~20x faster than MobileFaceNet, which makes the quickstart fit in minutes. It is a real
 face backbone (GDC head, BN1d embedding) and exports to ONNX like the others.
-Importing this module registers it; `fr_trainer.train` modules import it.
+Registered with the other backbones when `fr_trainer.backbones` is imported.
 """
 
 from __future__ import annotations
@@ -67,9 +67,7 @@ class DemoNet(FaceBackbone):
         return self.features(self.linear(self.dropout(x)))
 
 
-if "demonet" not in BACKBONES:
-
-    @BACKBONES.register("demonet")
-    def demonet(embedding_size: int = 128, width: int = 16, dropout: float = 0.0) -> DemoNet:
-        """A small CPU-friendly face backbone (see the module docstring)."""
-        return DemoNet(embedding_size=embedding_size, width=width, dropout=dropout)
+@BACKBONES.register("demonet")
+def demonet(embedding_size: int = 128, width: int = 16, dropout: float = 0.0) -> DemoNet:
+    """A small CPU-friendly face backbone (see the module docstring)."""
+    return DemoNet(embedding_size=embedding_size, width=width, dropout=dropout)
