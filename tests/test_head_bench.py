@@ -11,13 +11,13 @@ from fr_trainer.heads.bench import BenchConfig, format_table, parse_args, run_be
 
 
 def test_bench_head_reports_every_mode(tmp_path) -> None:
-    cfg = BenchConfig(world_size=2, batch=4, dim=8, classes=101, sample_rate=0.5, iters=2, warmup=1)
+    cfg = BenchConfig(world_size=2, batch=4, dim=8, classes=101, sample_rate=0.5, iters=2, warmup=1, rounds=2)
     results = run_benchmark(cfg, ["floor", "head", "reference"])
     assert [r.mode for r in results] == ["floor", "head", "reference"]
     for r in results:
         assert r.step_ms > 0 and r.peak_mb >= r.base_mb > 0
     table = format_table(cfg, results)
-    assert "sample_rate 0.5" in table and "reference" in table
+    assert "sample_rate 0.5" in table and "reference" in table and "x 2 round(s)" in table
 
 
 def test_bench_head_cli_writes_json(tmp_path, capsys) -> None:

@@ -52,6 +52,7 @@ class BenchConfig:
     iters: int = 10
     warmup: int = 2
     dtype: str = "fp32"
+    rounds: int = 1  # the modes run in turn this many times; medians across rounds
 
 
 @dataclass
@@ -184,16 +185,25 @@ def _run_mode(rank: int, world_size: int, mode: str, cfg: BenchConfig) -> dict:
     return {"times": times, "peak_mb": _peak_mb(device), "base_mb": base}
 
 
-def run_benchmark(cfg: BenchConfig, modes: list[str]) -> list[ModeResult]:
+def _measure(cfg: BenchConfig, mode: str) -> ModeResult:
     backend = "nccl" if cfg.device == "cuda" else "gloo"
+    per_rank = run_ranks(_run_mode, cfg.world_size, mode, cfg, backend=backend,
+                         threads=cfg.threads, timeout_s=1800)
+    slowest = [max(r["times"][i] for r in per_rank) for i in range(cfg.iters)]
+    return ModeResult(mode, 1000 * statistics.median(slowest), max(r["peak_mb"] for r in per_rank),
+                      max(r["base_mb"] for r in per_rank))
+
+
+def run_benchmark(cfg: BenchConfig, modes: list[str]) -> list[ModeResult]:
+    """Each mode on fresh ranks; with `cfg.rounds > 1` the modes alternate (floor, head,
+    floor, head, ...) so that load drifting on a shared machine hits them alike, and the
+    step time reported is the median over rounds."""
+    rounds = [[_measure(cfg, mode) for mode in modes] for _ in range(max(1, cfg.rounds))]
     results = []
-    for mode in modes:
-        per_rank = run_ranks(_run_mode, cfg.world_size, mode, cfg, backend=backend,
-                             threads=cfg.threads, timeout_s=1800)
-        slowest = [max(r["times"][i] for r in per_rank) for i in range(cfg.iters)]
-        results.append(ModeResult(mode, 1000 * statistics.median(slowest),
-                                  max(r["peak_mb"] for r in per_rank),
-                                  max(r["base_mb"] for r in per_rank)))
+    for column, mode in enumerate(modes):
+        runs = [round_results[column] for round_results in rounds]
+        results.append(ModeResult(mode, statistics.median(r.step_ms for r in runs),
+                                  max(r.peak_mb for r in runs), max(r.base_mb for r in runs)))
     return results
 
 
@@ -202,7 +212,7 @@ def format_table(cfg: BenchConfig, results: list[ModeResult]) -> str:
     lines = [
         f"PartialFC fwd+bwd: world {cfg.world_size} x {cfg.threads} thread(s) on {cfg.device}, "
         f"batch {cfg.batch}/rank, D {cfg.dim}, {cfg.classes} classes, sample_rate {cfg.sample_rate}, "
-        f"{cfg.margin}, chunk {cfg.chunk_size}, {cfg.dtype}, {cfg.iters} iters",
+        f"{cfg.margin}, chunk {cfg.chunk_size}, {cfg.dtype}, {cfg.iters} iters x {cfg.rounds} round(s)",
         f"{'mode':<10} {'step ms':>9} {'x floor':>8} {'peak MB':>9} {'x floor':>8} {'base MB':>8}",
     ]
     for r in results:
@@ -226,12 +236,14 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds,
+                        help="run the modes in turn this many times (median across rounds)")
     parser.add_argument("--reference", action="store_true", help="also time a plain autograd head")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     cfg = BenchConfig(args.world_size, args.batch, args.dim, args.classes, args.sample_rate,
                       args.margin, args.chunk_size, args.device, args.threads, args.iters,
-                      args.warmup, args.dtype)
+                      args.warmup, args.dtype, args.rounds)
     return cfg, args.reference, args.json
 
 
