@@ -1,0 +1,43 @@
+"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from fr_trainer.heads import PartialFC
+
+
+class LargestStorage(TorchDispatchMode):
+    """Records the largest storage (bytes) among the outputs of every aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse:
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def largest_allocation(chunk_size: int | None, margin: str) -> tuple[int, int]:
+    batch, dim, classes = 64, 8, 3000  # batch > dim: the logits outgrow the weights
+    head = PartialFC(classes, dim, margin=margin, chunk_size=chunk_size, seed=0)
+    x = torch.randn(batch, dim, requires_grad=True)
+    y = torch.randint(0, classes, (batch,))
+    with LargestStorage() as watch:
+        head(x, y).backward()
+    return watch.largest, batch * classes * 4
+
+
+def test_chunked_logits_stay_within_the_chunk() -> None:
+    for margin in ("arcface", "cosface"):
+        full_largest, logits_bytes = largest_allocation(None, margin)
+        assert full_largest >= logits_bytes  # unchunked: the [G, C] buffer exists
+        chunked_largest, _ = largest_allocation(500, margin)
+        weight_bytes = 3000 * 8 * 4
+        assert chunked_largest <= max(64 * 500 * 4, weight_bytes) < logits_bytes
