@@ -74,9 +74,14 @@ is_int "$nproc" && [ "$nproc" -ge 1 ] || die "--nproc-per-node $nproc: write a p
 is_int "$port" && [ "$port" -ge 1 ] && [ "$port" -le 65535 ] || die "--master-port $port is not a port (1-65535)"
 is_int "$max_restarts" || die "--max-restarts $max_restarts: write a count, e.g. 3"
 
-cmd=()
-[ -n "$ifname" ] && cmd+=("NCCL_SOCKET_IFNAME=$ifname" "GLOO_SOCKET_IFNAME=$ifname")
-cmd+=("${TORCHRUN:-torchrun}")
+envs=()
+[ -n "$ifname" ] && envs+=("NCCL_SOCKET_IFNAME=$ifname" "GLOO_SOCKET_IFNAME=$ifname")
+if [ "$max_restarts" -gt 0 ] || [ "$min_nodes" -ne "$max_nodes" ]; then
+  # Restarts: give every round its own store. With the agent's shared TCPStore a restarted
+  # group can read the previous round's addresses and fail to connect (pytorch#135712).
+  envs+=("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+fi
+cmd=("${TORCHRUN:-torchrun}")
 if [ "$max_nodes" -eq 1 ] && [ -z "$addr" ]; then
   cmd+=(--standalone --nnodes=1 "--nproc-per-node=$nproc")
 else
@@ -97,12 +102,11 @@ fi
 cmd+=(-m fr_trainer train "$config" "$@")
 
 if [ "$dry_run" -eq 1 ]; then
-  printf '%q ' "${cmd[@]}" | sed 's/ $//'
+  printf '%q ' "${envs[@]}" "${cmd[@]}" | sed 's/ $//'
   echo
   exit 0
 fi
-if [ -n "$ifname" ]; then
-  export NCCL_SOCKET_IFNAME="$ifname" GLOO_SOCKET_IFNAME="$ifname"
-  cmd=("${cmd[@]:2}")
-fi
+for assignment in "${envs[@]}"; do
+  export "${assignment?}"
+done
 exec "${cmd[@]}"

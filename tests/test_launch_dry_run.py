@@ -42,7 +42,8 @@ def test_elastic_range_restarts_and_interface():
               "--nproc-per-node", "8", "--ifname", "^lo,docker", "c.toml")
     assert out.returncode == 0, out.stderr
     assert out.stdout == (
-        r"NCCL_SOCKET_IFNAME=\^lo\,docker GLOO_SOCKET_IFNAME=\^lo\,docker torchrun --nnodes=2:4 "
+        r"NCCL_SOCKET_IFNAME=\^lo\,docker GLOO_SOCKET_IFNAME=\^lo\,docker "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=2:4 "
         "--nproc-per-node=8 --rdzv-backend=c10d --rdzv-endpoint=head:29500 --rdzv-id=fr_trainer "
         "--max-restarts=3 -m fr_trainer train c.toml\n")
 
@@ -90,7 +91,7 @@ def test_slurm_script_runs_one_agent_per_node(tmp_path, elastic):
     assert out.returncode == 0, out.stderr
     tail = "--rdzv-backend=c10d --rdzv-endpoint=gpu-a17:29500 --rdzv-id=777"
     if elastic:
-        line = f"torchrun --nnodes=1:2 --nproc-per-node=8 {tail} --max-restarts=3 -m fr_trainer train " \
+        line = f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 {tail} --max-restarts=3 -m fr_trainer train " \
                "configs/glint360k_r100_cosface.toml"
         assert out.stdout.splitlines() == [line, line]
     else:
