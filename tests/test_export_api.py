@@ -184,9 +184,11 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "does not fit backbone 'iresnet18'" in err and "missing: " in err and "wrong shape" in err
 
-    monkeypatch.setitem(sys.modules, "fr_trainer.train.checkpoint", None)
+    # without --backbone the file must be a training checkpoint (or a run directory)
     assert export_main([str(bad), str(tmp_path / "o.onnx")]) == 1
-    assert "--backbone NAME --weights" in capsys.readouterr().err
+    assert f"{bad} holds no backbone recipe" in capsys.readouterr().err
+    assert export_main([str(tmp_path), str(tmp_path / "o.onnx")]) == 1
+    assert f"no complete checkpoint at {tmp_path}" in capsys.readouterr().err
     assert export_main(["only-one-path.onnx"]) == 2
 
 

@@ -103,27 +103,21 @@ def split_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
 
 
 def load_model(args: argparse.Namespace, source: Path | None) -> nn.Module:
-    """The seam: a training checkpoint (via the trainer) or a registry backbone + weights."""
-    if source is not None and not source.is_file():
-        what = "weights file" if args.backbone else "checkpoint"
-        raise CliError(f"{what} {source} does not exist (or is not a file)")
+    """A training checkpoint (run dir, step folder, common.pt or a merged file, read by the
+    trainer's `load_backbone`) or a registry backbone + weights."""
     if args.backbone is None:
+        if source is None or not source.exists():
+            raise CliError(f"checkpoint {source} does not exist; pass a run directory, a "
+                           "checkpoints/step_N folder, its common.pt or a merged checkpoint file")
         return load_training_checkpoint(source)
+    if source is not None and not source.is_file():
+        raise CliError(f"weights file {source} does not exist (or is not a file)")
     return load_registry_backbone(args.backbone, source, args.embedding_size)
 
 
 def load_training_checkpoint(path: Path) -> nn.Module:
-    try:
-        from fr_trainer.train.checkpoint import load_backbone
-    except ImportError as error:
-        missing = getattr(error, "name", None)
-        if missing not in (None, "fr_trainer.train.checkpoint") and "load_backbone" not in str(error):
-            raise
-        raise CliError(
-            f"cannot read training checkpoint {path}: this build has no "
-            "fr_trainer.train.checkpoint.load_backbone yet; export a plain state_dict with "
-            f"`{PROG} --backbone NAME --weights STATE_DICT.pt OUT.onnx`"
-        ) from None
+    from fr_trainer.train.checkpoint import load_backbone
+
     loaded = load_backbone(path)
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if not isinstance(model, nn.Module):
