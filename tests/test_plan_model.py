@@ -7,6 +7,8 @@ import math
 
 import pytest
 
+from fr_trainer.train.grads import SQUARE_SUM_BLOCK
+
 from fr_trainer.plan import gpus_needed, parse_bytes, parse_count, plan_head
 from fr_trainer.plan.cli import main
 
@@ -39,8 +41,8 @@ def test_sampling_adamw_chunking_and_clipping_change_the_right_parts():
     chunked = plan_head(4_000_000, world_size=8, chunk_size=8192)
     assert chunked.logits == 2 * 1024 * 8192 * 4
     clipped = plan_head(4_000_000, world_size=8, clip_grad=True)
-    assert clipped.clip_temp == 4 * dense.weight_grad  # fp64 copy + its square
-    assert clipped.peak_phase == "clipping"
+    assert clipped.clip_temp == 8 * SQUARE_SUM_BLOCK  # one float64 block at a time
+    assert clipped.peak == dense.peak  # clipping no longer sets the peak
     plain_sgd = plan_head(4_000_000, world_size=8, momentum=False, weight_decay=False)
     assert plain_sgd.optimizer_state == plain_sgd.optimizer_temp == 0
 

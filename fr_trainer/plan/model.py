@@ -21,8 +21,8 @@ Phase 1, forward + backward (peak inside the backward's block loop):
 Phase 2, optimizer step: the gradient + the optimizer's temporaries (SGD: decayed gradient,
     Nesterov direction, and, for sparse rows, gathered weights and momentum; AdamW: the
     denominator and three update terms, plus gathered rows and moments when sparse)
-Phase 3 (optional, `clip_grad=True`): the trainer's global-norm clipping, which takes an
-    fp64 copy of the head gradient and its square (2 x 8 bytes per gradient element).
+Phase 3 (optional, `clip_grad=True`): the trainer's global-norm clipping, which upcasts the
+    head gradient to fp64 one block of `SQUARE_SUM_BLOCK` elements at a time (8 bytes each).
 
     peak = weights + optimizer_state + max(phase 1, phase 2, phase 3)
 
@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+
+from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
 DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # PartialFC rejects 16-bit centres (AMP keeps it fp32)
 OPTIMIZERS = ("sgd", "adamw")
@@ -266,7 +268,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
     optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
-    clip_temp = used * d * 8 * (2 if item < 8 else 1) if clip_grad else 0
+    clip_temp = min(used * d, SQUARE_SUM_BLOCK) * 8 if clip_grad else 0
     gemms = 3 + (1 if cols < used else 0)
     return HeadPlan(
         classes=classes, embedding_size=d, world_size=world_size, batch_per_rank=batch_per_rank,

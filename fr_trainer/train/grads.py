@@ -34,13 +34,27 @@ def scale_backbone_grad(embeddings: torch.Tensor, world_size: int) -> torch.Tens
     return _ScaleGrad.apply(embeddings, float(world_size))
 
 
+SQUARE_SUM_BLOCK = 1 << 20  # elements upcast to float64 at a time
+
+
+def _float64_square_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """sum(tensor^2) accumulated in float64, upcasting one block at a time (a whole
+    float64 copy of a 10M-class head gradient would be twice the gradient's size)."""
+    flat = tensor.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    for start in range(0, flat.numel(), SQUARE_SUM_BLOCK):
+        block = flat[start : start + SQUARE_SUM_BLOCK]
+        total += torch.linalg.vector_norm(block, dtype=torch.float64).square()
+    return total
+
+
 def _square_sum(params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p in params:
         if p.grad is None:
             continue
         g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-        total = total + g.detach().double().pow(2).sum()
+        total = total + _float64_square_sum(g.detach())
     return total
 
 
