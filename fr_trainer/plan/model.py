@@ -18,8 +18,9 @@ Phase 1, forward + backward (peak inside the backward's block loop):
                      normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
     workspace        sampled-weight copy [S, D] (sample_rate < 1), the ~1 MB elementwise
                      scratch, per-centre vectors (norms, radial coefficients, factors)
-Phase 2, optimizer step: the gradient + the optimizer's temporaries (SGD: decayed gradient,
-    Nesterov direction, and, for sparse rows, gathered weights and momentum; AdamW: the
+Phase 2, optimizer step: the gradient + the optimizer's temporaries (SGD: none when dense,
+    in place; for sparse rows the decayed gradient, gathered weights and momentum and the
+    Nesterov direction; AdamW: the
     denominator and three update terms, plus gathered rows and moments when sparse)
 Phase 3 (optional, `clip_grad=True`): the trainer's global-norm clipping, which upcasts the
     head gradient to fp64 one block of `SQUARE_SUM_BLOCK` elements at a time (8 bytes each).
@@ -225,11 +226,13 @@ def _optimizer_terms(optimizer: str, rows: int, dim: int, item: int, sparse: boo
     """Temporary bytes of one optimizer step over `rows` gradient rows (train/optim.py)."""
     row = rows * dim * item
     if optimizer == "sgd":
-        count = int(weight_decay)
+        if not sparse:
+            return 0  # dense SGD updates the weights and momentum in place
+        # sparse rows: decayed gradient rows, gathered weight rows, gathered momentum rows
+        # and the Nesterov direction
+        count = int(weight_decay) + 1
         if momentum:
-            count += int(nesterov) + (1 if sparse else 0)  # sparse: gathered momentum rows
-        if sparse:
-            count += 1  # gathered weight rows
+            count += 1 + int(nesterov)
         return count * row
     # AdamW: denominator + three live update terms; sparse also gathers weights, m, v.
     return (4 + (3 if sparse else 0)) * row + 2 * rows * INT64

@@ -68,8 +68,27 @@ class SGD(torch.optim.Optimizer):
         return grad.add(current, alpha=momentum) if group["nesterov"] else current
 
     def _dense_step(self, param, group) -> None:
-        direction = self._direction(param, param.grad, param, group)
-        param.add_(direction, alpha=-group["lr"])
+        """In place, without a weight-sized temporary (the head's shard can be GBs):
+        buf = momentum * buf + grad + decay * w; w -= lr * buf."""
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        grad = param.grad
+        if not momentum:
+            if decay:
+                param.mul_(1.0 - lr * decay)
+            param.add_(grad, alpha=-lr)
+            return
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
+        if decay:
+            buffer.add_(param, alpha=decay)
+        if group["nesterov"]:  # w -= lr * (grad + decay * w + momentum * buf), w the old weights
+            if decay:
+                param.mul_(1.0 - lr * decay)
+            param.add_(grad, alpha=-lr).add_(buffer, alpha=-lr * momentum)
+        else:
+            param.add_(buffer, alpha=-lr)
 
     def _sparse_step(self, param, group) -> None:
         rows, grad = _sparse_rows(param.grad)
