@@ -111,6 +111,12 @@ class EvalConfig:
 
 
 @dataclass
+class EngineConfig:
+    name: str = "ddp"  # ddp | deepspeed (the `deepspeed` extra; see train/deepspeed_engine.py)
+    zero_stage: int = 1  # deepspeed: ZeRO stage 1 (optimizer states) or 2 (+ gradients)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -121,6 +127,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -134,6 +141,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.precision": ("auto", "fp32", "fp16", "bf16", "fp64"),
     "train.nonfinite": ("stop", "skip"),
     "log.progress": ("auto", "on", "off"),
+    "engine.name": ("ddp", "deepspeed"),
 }
 
 
@@ -270,6 +278,9 @@ def validate(config: Config) -> None:
         value = getattr(getattr(config, section), name)
         _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
     d, o, t, h = config.data, config.optim, config.train, config.head
+    from fr_trainer.train.deepspeed_engine import check_config  # no deepspeed import
+
+    check_config(config)
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     _check(

@@ -133,7 +133,9 @@ class Trainer:
             **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
-        if self.env.is_distributed and self.world_size > 1:
+        if c.engine.name == "deepspeed":
+            self.model = None  # the DeepSpeed engine, built with its optimizer
+        elif self.env.is_distributed and self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.backbone, device_ids=ids)
         else:
@@ -157,6 +159,13 @@ class Trainer:
         else:
             self.optimizer = AdamW(
                 groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay
+            )
+        if self.config.engine.name == "deepspeed":  # backbone optimizer inside the engine
+            from fr_trainer.train.deepspeed_engine import build_engine
+
+            kind, defaults = type(self.optimizer), dict(self.optimizer.defaults)
+            self.model, self.optimizer = build_engine(
+                self.backbone, self.head, lambda g: kind(g, **defaults), self.config, self.env
             )
         warmup = (
             o.warmup_steps
@@ -223,6 +232,8 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "shard": (self.head.shard.start, self.head.shard.num_local),
         }
+        if hasattr(self.optimizer, "shard_state"):  # DeepSpeed: this rank's ZeRO partition
+            shard["engine"] = self.optimizer.shard_state()
         return ckpt.save_checkpoint(
             self.ckpt_root,
             self.step,
@@ -270,6 +281,9 @@ class Trainer:
             head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
         self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
         self._load_optimizer(common, exact["optim_head"])
+        if hasattr(self.optimizer, "load_shard_state"):
+            same = saved_world == self.world_size
+            self.optimizer.load_shard_state(exact.get("engine") if same else None)
         self.schedule.load_state_dict(common["schedule"])
         if self.scaler is not None and common.get("scaler"):
             self.scaler.load_state_dict(common["scaler"])
@@ -302,7 +316,12 @@ class Trainer:
             embeddings = scale_backbone_grad(embeddings, self.world_size)
             loss = self.head(embeddings.to(self.precision.param_dtype), labels)
             scaled = loss / accumulate
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if self.config.engine.name == "deepspeed":
+                self.model.backward(scaled, scale_wrt_gas=False)  # loss already / accumulate
+                if not last:
+                    self.model.step()  # before the boundary: only counts the micro-step
+            else:
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return float(loss.detach())
 
     def train_step(self) -> StepResult:
