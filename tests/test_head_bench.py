@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from fr_trainer.cli import main as cli_main
 from fr_trainer.heads.bench import BenchConfig, format_table, parse_args, run_benchmark
 

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
+from head_reference import reference_loss
 
+from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import RankFailed, run_ranks
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.init import init_centres
-from fr_trainer.distributed.shard import ClassShard
-from head_reference import reference_loss
 
 NUM_CLASSES, DIM, BATCH, SEED = 1003, 24, 6, 11
 CASES = [  # (margin, keywords, chunk_size)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from head_reference import reference_loss
 
+from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads import PartialFC, num_sampled, sample_centres
 from fr_trainer.heads.init import init_centres
-from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.train.optim import SGD, AdamW
-from head_reference import reference_loss
 
 NUM_CLASSES, DIM, BATCH, SEED = 1003, 16, 8, 5
 
 
 def test_positives_always_sampled() -> None:
     generator = torch.Generator().manual_seed(0)
-    for trial in range(50):
+    for _ in range(50):
         positives = torch.unique(torch.randint(0, 500, (40,), generator=generator))
         index = sample_centres(positives, 500, 50, generator)
         assert index.numel() == 50
@@ -73,7 +73,7 @@ def test_unsampled_centres_and_state_unchanged(optimizer: str) -> None:
     params = list(backbone.parameters()) + list(head.parameters())
     opt = SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4) if optimizer == "sgd" \
         else AdamW(params, lr=0.01, weight_decay=0.05)
-    for step in range(3):
+    for _ in range(3):
         before_w = head.weight.detach().clone()
         state = opt.state.get(head.weight, {})
         before_state = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}

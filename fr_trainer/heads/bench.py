@@ -30,10 +30,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad
+from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads.partial_fc import PartialFC
 from fr_trainer.heads.sampling import num_sampled
-from fr_trainer.distributed.shard import ClassShard
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
