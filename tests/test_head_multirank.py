@@ -48,8 +48,9 @@ def _rank_losses(rank: int, world_size: int) -> list[dict]:
     for margin, kw, chunk in CASES:
         head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=chunk, seed=SEED, **kw).double()
         if head.bias is not None:
+            biases = torch.linspace(-0.5, 0.5, NUM_CLASSES, dtype=torch.float64)
             with torch.no_grad():
-                head.bias.copy_(torch.linspace(-0.5, 0.5, NUM_CLASSES, dtype=torch.float64)[head.shard.start:head.shard.end])
+                head.bias.copy_(biases[head.shard.start:head.shard.end])
         x = x_all[rows].clone().requires_grad_()
         loss = head(x, y_all[rows])
         loss.backward()
