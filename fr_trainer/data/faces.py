@@ -22,16 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-TEMPLATE = np.array(
-    [
-        [38.2946, 51.6963],
-        [73.5318, 51.5014],
-        [56.0252, 71.7366],
-        [41.5493, 92.3655],
-        [70.7299, 92.2041],
-    ],
-    dtype=np.float64,
-)
+from fr_trainer.eval.align import TEMPLATE_112
+
+TEMPLATE = TEMPLATE_112  # the 5-point alignment template (eval.align owns it)
 CENTER = 56.0
 
 HAIR_COLOURS = np.array(
