@@ -21,7 +21,27 @@ def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return grad.indices()[0], grad.values()
 
 
-class SGD(torch.optim.Optimizer):
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """The shared `step`: the closure, then `_update(param, group)` for every parameter
+    that has a gradient (dense or sparse COO)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+        return loss
+
+    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
+        raise NotImplementedError
+
+
+class SGD(_RowSparseOptimizer):
     """SGD with momentum, coupled weight decay and optional Nesterov; row-sparse aware."""
 
     def __init__(self, params: Iterable, lr: float, momentum: float = 0.0,
@@ -33,21 +53,11 @@ class SGD(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    self._sparse_step(param, group)
-                else:
-                    self._dense_step(param, group)
-        return loss
+    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
+        if param.grad.is_sparse:
+            self._sparse_step(param, group)
+        else:
+            self._dense_step(param, group)
 
     def _direction(self, param, grad, weights, group, rows=None):
         if group["weight_decay"]:
@@ -96,7 +106,7 @@ class SGD(torch.optim.Optimizer):
         param.index_add_(0, rows, direction, alpha=-group["lr"])
 
 
-class AdamW(torch.optim.Optimizer):
+class AdamW(_RowSparseOptimizer):
     """AdamW (decoupled decay); row-sparse gradients update only their rows, with a step
     count per row so each row's bias correction counts the updates it has seen."""
 
@@ -107,31 +117,21 @@ class AdamW(torch.optim.Optimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                    state["step"] = torch.zeros(param.shape[0] if param.dim() else 1, dtype=torch.int64,
-                                                device=param.device)
-                if param.grad.is_sparse:
-                    rows, grad = _sparse_rows(param.grad)
-                else:
-                    rows, grad = None, param.grad
-                self._update(param, grad, rows, state, group)
-        return loss
+    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
+        state = self.state[param]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(param)
+            state["exp_avg_sq"] = torch.zeros_like(param)
+            state["step"] = torch.zeros(param.shape[0] if param.dim() else 1, dtype=torch.int64,
+                                        device=param.device)
+        if param.grad.is_sparse:
+            rows, grad = _sparse_rows(param.grad)
+        else:
+            rows, grad = None, param.grad
+        self._adam_rows(param, grad, rows, state, group)
 
     @staticmethod
-    def _update(param, grad, rows, state, group) -> None:
+    def _adam_rows(param, grad, rows, state, group) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
         select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
