@@ -15,6 +15,12 @@ from test_train_support import config_dict, make_data, rank_fit  # noqa: E402
 from fr_trainer.distributed.spawn import run_ranks  # noqa: E402
 from fr_trainer.train.config import ConfigError, config_from_dict  # noqa: E402
 
+
+def rank_runs(rank: int, world_size: int, runs: list[tuple[dict, int | None]]) -> list[dict]:
+    """`rank_fit` for each (config, stop_after) in turn, in one pair of processes: each
+    spawn pays for importing torch and DeepSpeed, which is most of this test's time."""
+    return [rank_fit(rank, world_size, cfg, stop_after) for cfg, stop_after in runs]
+
 # 4 optimizer steps of 2 micro-batches, lr warming up over 2 steps then decaying: the
 # schedule must reach the backbone's optimizer inside the engine, and the engine must
 # reduce only at the accumulation boundary.
@@ -51,23 +57,27 @@ def _assert_same_run(got: list[dict], want: list[dict], what: str) -> None:
 
 
 def test_zero_stage_1_and_2_train_like_ddp_and_resume(data, tmp_path):
-    ddp = run_ranks(rank_fit, 2, _config(data, tmp_path / "ddp"))
+    zero1, zero2 = ({"name": "deepspeed", "zero_stage": s} for s in (1, 2))
+    resumable = _config(data, tmp_path / "resumed", zero2)
+    runs = [
+        (_config(data, tmp_path / "ddp"), None),
+        (_config(data, tmp_path / "zero1", zero1), None),
+        (_config(data, tmp_path / "zero2", zero2), None),
+        # stopped after step 2 (checkpointed: weights, head, ZeRO partitions), then a new
+        # trainer resumes from the checkpoint on disk
+        (resumable, 2),
+        (resumable, None),
+    ]
+    per_rank = run_ranks(rank_runs, 2, runs)
+    ddp, zero_1, zero_2, stopped, resumed = (list(r) for r in zip(*per_rank))
     assert ddp[0]["losses"][-1] < ddp[0]["losses"][0]
     assert ddp[0]["losses"] == ddp[1]["losses"]
-    for stage in (1, 2):
-        engine = {"name": "deepspeed", "zero_stage": stage}
-        zero = run_ranks(rank_fit, 2, _config(data, tmp_path / f"zero{stage}", engine))
+    for stage, zero in ((1, zero_1), (2, zero_2)):
         _assert_same_run(zero, ddp, f"ZeRO stage {stage}")
         # the backbone is replicated again after every ZeRO step
         for name, tensor in zero[0]["snapshot"]["backbone"].items():
             assert torch.equal(tensor, zero[1]["snapshot"]["backbone"][name]), name
-
-    # stopped after step 2 (checkpointed: weights, head, ZeRO partitions), then resumed
-    engine = {"name": "deepspeed", "zero_stage": 2}
-    cfg = _config(data, tmp_path / "resumed", engine)
-    stopped = run_ranks(rank_fit, 2, cfg, 2)
     assert [r["step"] for r in stopped] == [2, 2]
-    resumed = run_ranks(rank_fit, 2, cfg)
     assert [r["step"] for r in resumed] == [4, 4]
     for r, s in zip(resumed, stopped):
         r["losses"] = s["losses"] + r["losses"]
