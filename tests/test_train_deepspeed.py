@@ -45,12 +45,12 @@ def _assert_same_run(got: list[dict], want: list[dict], what: str) -> None:
         # engines add the same numbers: equal to rounding of the flat vs per-tensor update
         torch.testing.assert_close(
             torch.tensor(g["losses"]), torch.tensor(w["losses"]), rtol=1e-6, atol=1e-7,
-            msg=lambda m: f"{what} rank {rank} losses: {m}",
+            msg=f"{what} rank {rank}: losses differ",
         )
         for name, tensor in w["snapshot"]["backbone"].items():
             torch.testing.assert_close(
                 g["snapshot"]["backbone"][name], tensor, rtol=1e-6, atol=1e-7,
-                msg=lambda m, n=name: f"{what} rank {rank} backbone {n}: {m}",
+                msg=f"{what} rank {rank}: backbone {name} differs",
             )
         torch.testing.assert_close(g["snapshot"]["head"], w["snapshot"]["head"], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(g["head"]["momentum"], w["head"]["momentum"], rtol=1e-6, atol=1e-7)
