@@ -3,5 +3,5 @@
 # and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh dev,onnx,eval,dali
+bash scripts/setup.sh dev,onnx,eval,dali,deepspeed
 exec .venv/bin/python -m pytest -q "$@"
