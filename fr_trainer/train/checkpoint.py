@@ -224,10 +224,18 @@ def _row_tensors(state: dict, rows: int) -> dict:
     }
 
 
-def load_shard_rows(folder: str | os.PathLike, start: int, end: int) -> dict:
+def load_shard_rows(
+    folder: str | os.PathLike,
+    start: int,
+    end: int,
+    state_key: str = "head",
+    optim_key: str = "optim_head",
+) -> dict:
     """Head state and head optimizer state for classes [start, end), from whichever shards
     of the saved world size hold them. Returns {"head": {...}, "optim_head": {name: {...}},
-    "saved_world_size": W}."""
+    "saved_world_size": W}. Other class-sharded state saved beside the head (the center
+    loss's centres: `state_key="regularizer", optim_key="optim_regularizer"`) is read the
+    same way and returned under those keys."""
     folder = Path(folder)
     common = load_common(folder)
     saved_world = int(common["world_size"])
@@ -245,17 +253,17 @@ def load_shard_rows(folder: str | os.PathLike, start: int, end: int) -> dict:
         sl = slice(lo - shard.start, hi - shard.start)
         pieces.append(
             (
-                _slice_rows(data["head"], shard.num_local, sl),
+                _slice_rows(data[state_key], shard.num_local, sl),
                 {
                     name: _slice_rows(st, shard.num_local, sl)
-                    for name, st in data["optim_head"].items()
+                    for name, st in data[optim_key].items()
                 },
             )
         )
         counts.append(hi - lo)
     return {
-        "head": _concat([p[0] for p in pieces], counts),
-        "optim_head": {
+        state_key: _concat([p[0] for p in pieces], counts),
+        optim_key: {
             name: _concat([p[1][name] for p in pieces], counts) for name in pieces[0][1]
         },
         "saved_world_size": saved_world,

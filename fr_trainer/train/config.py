@@ -41,6 +41,8 @@ class DataConfig:
     num_workers: int = 2
     flip: bool = True
     decode: str = "auto"  # auto | pil | gpu
+    sampler: str = "random"  # random | pk (P classes x K images per rank; P = batch_size / pk_k)
+    pk_k: int = 4  # K of the P x K sampler
 
 
 @dataclass
@@ -57,6 +59,19 @@ class HeadConfig:
     margin_args: dict[str, Any] = field(default_factory=lambda: {"s": 64.0, "m": 0.5})
     sample_rate: float = 1.0
     chunk_size: int | None = None
+
+
+@dataclass
+class RegularizerConfig:
+    """A loss added to the head's: total = head loss + weight * regularizer (LOSSES.md)."""
+
+    name: str = ""  # "" (none) | center | triplet | circle_pair
+    weight: float = 1.0  # lambda (center loss: 0.003 in the paper)
+    # keyword arguments of the regularizer: center {alpha, update = "paper" | "sgd"},
+    # triplet {margin, mining = "batch_hard" | "semi_hard", normalize}, circle_pair {gamma, m}
+    args: dict[str, Any] = field(default_factory=dict)
+    second_dim: int = 256  # triplet: width of the second (ranking) head
+    with_head: bool = True  # false: train with the regularizer alone (circle_pair, triplet)
 
 
 @dataclass
@@ -122,6 +137,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -136,6 +152,8 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode": ("auto", "pil", "gpu"),
+    "data.sampler": ("random", "pk"),
+    "regularizer.name": ("", "center", "triplet", "circle_pair"),
     "optim.name": ("sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "fp16", "bf16", "fp64"),
@@ -295,6 +313,25 @@ def validate(config: Config) -> None:
     _check(
         h.chunk_size is None or h.chunk_size >= 1,
         f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",
+    )
+    r = config.regularizer
+    _check(d.pk_k >= 1, f"data.pk_k must be >= 1, got {d.pk_k}")
+    _check(
+        d.sampler != "pk" or d.batch_size % d.pk_k == 0,
+        f"data.sampler='pk' needs data.batch_size (P x K per rank) a multiple of data.pk_k; "
+        f"got batch_size={d.batch_size}, pk_k={d.pk_k}",
+    )
+    _check(r.weight >= 0, f"regularizer.weight must be >= 0, got {r.weight}")
+    _check(r.second_dim >= 1, f"regularizer.second_dim must be >= 1, got {r.second_dim}")
+    _check(
+        r.with_head or r.name in ("triplet", "circle_pair"),
+        f"regularizer.with_head=false needs regularizer.name triplet or circle_pair "
+        f"(got {r.name!r}): nothing else would train the embedding",
+    )
+    _check(
+        r.name != "center" or "loss_weight" not in r.args,
+        "regularizer.args.loss_weight is not used: put the center-loss lambda in "
+        "regularizer.weight",
     )
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(

@@ -15,6 +15,7 @@ import torch
 
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.loader import PrefetchLoader, build_loader
+from fr_trainer.data.samplers import PKBatchSampler
 from fr_trainer.train.config import Config, ConfigError
 
 
@@ -62,8 +63,21 @@ def build_train_data(
             f"{dataset.rec_path} has {len(dataset)} images, fewer than one global batch "
             f"(data.batch_size={batch} x {world_size} ranks); lower data.batch_size"
         )
+    batch_sampler = None
+    if config.data.sampler == "pk":
+        k = config.data.pk_k
+        try:
+            batch_sampler = PKBatchSampler(
+                dataset.class_groups(), batch // k, k, rank, world_size, seed=config.run.seed
+            )
+        except ValueError as error:
+            raise ConfigError(
+                f"data.sampler='pk' (P={batch // k} classes x K={k} per rank): {error}; lower "
+                "data.batch_size or use data.sampler='random'"
+            ) from None
     return build_loader(
         dataset,
+        batch_sampler=batch_sampler,
         batch_size=batch,
         rank=rank,
         world_size=world_size,
@@ -80,16 +94,22 @@ class BatchStream:
 
     def __init__(self, loader: PrefetchLoader, epoch: int = 0, batch_in_epoch: int = 0) -> None:
         self.loader = loader
-        self.batch_size = loader.loader.batch_size
+        sampler = loader.sampler
+        # the P x K batch sampler counts its position in batches, the DistributedSampler in samples
+        self.pk = hasattr(sampler, "batches_per_epoch")
+        self.batch_size = sampler.p * sampler.k if self.pk else loader.loader.batch_size
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         self._iterator: Iterator | None = None
 
     @property
     def batches_per_epoch(self) -> int:
+        if self.pk:
+            return self.loader.sampler.batches_per_epoch
         return self.loader.sampler.per_rank // self.batch_size
 
     def _start(self) -> None:
-        self.loader.set_epoch(self.epoch, self.batch_in_epoch * self.batch_size)
+        unit = 1 if self.pk else self.batch_size
+        self.loader.set_epoch(self.epoch, self.batch_in_epoch * unit)
         self._iterator = iter(self.loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,4 +129,5 @@ class BatchStream:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "batch_size": self.batch_size,
+            "sampler": "pk" if self.pk else "random",
         }

@@ -23,8 +23,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_trainer.backbones import create_backbone
+from fr_trainer.backbones.two_head import TwoHeadBackbone
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
+from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
 from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
@@ -121,6 +123,19 @@ class Trainer:
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
+        # triplet regularizer (Taha et al. 2020): a second, ranking head on the last feature map
+        self.two_head = None
+        network = self.backbone
+        if c.regularizer.name == "triplet":
+            try:
+                self.two_head = TwoHeadBackbone(self.backbone, c.regularizer.second_dim)
+            except TypeError as error:
+                raise ConfigError(
+                    f"regularizer.name='triplet' needs a two-head capable backbone: {error}; "
+                    "pick a backbone from fr_trainer.backbones (e.g. demonet, iresnet50)"
+                ) from None
+            self.two_head = self.two_head.to(self.device, self.precision.param_dtype)
+            network = self.two_head
         margin_args = dict(c.head.margin_args)
         self.head = PartialFC(
             self.num_classes,
@@ -133,21 +148,57 @@ class Trainer:
             **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
+        self.regularizer = self._build_regularizer()
         if c.engine.name == "deepspeed":
             self.model = None  # the DeepSpeed engine, built with its optimizer
         elif self.env.is_distributed and self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.backbone, device_ids=ids)
+            self.model = DistributedDataParallel(network, device_ids=ids)
         else:
-            self.model = self.backbone
+            self.model = network
         seed_everything(c.run.seed * 1000 + self.rank)  # per-rank streams (dropout, ...)
+
+    def _build_regularizer(self) -> torch.nn.Module | None:
+        """The `[regularizer]` loss (None when `regularizer.name` is empty)."""
+        r = self.config.regularizer
+        if not r.name:
+            return None
+        kinds = {"center": CenterLoss, "triplet": TripletLoss, "circle_pair": CirclePairLoss}
+        args = dict(r.args)
+        if r.name == "center":  # lambda is regularizer.weight, applied in micro_step
+            args = {
+                "num_classes": self.num_classes,
+                "embedding_size": self.config.model.embedding_size,
+                "loss_weight": 1.0,
+                **args,
+            }
+        try:
+            module = kinds[r.name](process_group=self.group, **args)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"regularizer.args={r.args!r} for {r.name!r}: {error}") from None
+        return module.to(self.device, self.precision.param_dtype)
+
+    def _replicated_params(self) -> list[torch.nn.Parameter]:
+        """Parameters identical on every rank (DDP): the backbone, the triplet second head."""
+        params = list(self.backbone.parameters())
+        if self.two_head is not None:
+            params += list(self.two_head.second_head.parameters())
+        return params
+
+    def _regularizer_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """Sharded parameters of the regularizer (the center loss's SGD-learned centres)."""
+        return list(self.regularizer.named_parameters()) if self.regularizer is not None else []
 
     def _build_optimizer(self) -> None:
         o = self.config.optim
         groups = [
-            {"params": list(self.backbone.parameters())},
+            {"params": self._replicated_params()},
             {"params": list(self.head.parameters())},
         ]
+        if self._regularizer_params():
+            groups.append(
+                {"params": [p for _, p in self._regularizer_params()], "weight_decay": 0.0}
+            )
         if o.name == "sgd":
             self.optimizer = SGD(
                 groups,
@@ -199,17 +250,23 @@ class Trainer:
     def _head_param_names(self) -> list[str]:
         return [name for name, _ in self.head.named_parameters()]
 
-    def _split_optimizer_state(self) -> tuple[dict, dict, list]:
+    def _split_optimizer_state(self) -> tuple[dict, dict, list, dict]:
+        """(replicated params' state by index, head state by name, param groups, sharded
+        regularizer state by name)."""
         state = self.optimizer.state_dict()
         num_backbone = len(self.optimizer.param_groups[0]["params"])
-        backbone = {i: s for i, s in state["state"].items() if i < num_backbone}
         names = self._head_param_names()
-        head = {names[i - num_backbone]: s for i, s in state["state"].items() if i >= num_backbone}
-        return backbone, head, state["param_groups"]
+        num_head = num_backbone + len(names)
+        reg_names = [n for n, _ in self._regularizer_params()]
+        items = state["state"].items()
+        backbone = {i: s for i, s in items if i < num_backbone}
+        head = {names[i - num_backbone]: s for i, s in items if num_backbone <= i < num_head}
+        reg = {reg_names[i - num_head]: s for i, s in items if i >= num_head}
+        return backbone, head, state["param_groups"], reg
 
     def save(self) -> Path:
         self.sync_buffers()
-        optim_backbone, optim_head, param_groups = self._split_optimizer_state()
+        optim_backbone, optim_head, param_groups, optim_reg = self._split_optimizer_state()
         common = None
         if self.rank == 0:
             common = {
@@ -225,6 +282,8 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "data": self.stream.position(),
                 "precision": self.precision.name,
+                "regularizer_name": self.config.regularizer.name,
+                "second_head": self.two_head.second_head.state_dict() if self.two_head else None,
             }
         shard = {
             "head": self.head.state_dict(),
@@ -234,6 +293,9 @@ class Trainer:
         }
         if hasattr(self.optimizer, "shard_state"):  # DeepSpeed: this rank's ZeRO partition
             shard["engine"] = self.optimizer.shard_state()
+        if isinstance(self.regularizer, CenterLoss):  # centres sharded like the head
+            shard["regularizer"] = self.regularizer.state_dict()
+            shard["optim_regularizer"] = optim_reg
         return ckpt.save_checkpoint(
             self.ckpt_root,
             self.step,
@@ -280,7 +342,8 @@ class Trainer:
         if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
             head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
         self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
-        self._load_optimizer(common, exact["optim_head"])
+        optim_reg = self._load_regularizer(folder, common, exact, saved_world)
+        self._load_optimizer(common, exact["optim_head"], optim_reg)
         if hasattr(self.optimizer, "load_shard_state"):
             same = saved_world == self.world_size
             self.optimizer.load_shard_state(exact.get("engine") if same else None)
@@ -293,12 +356,46 @@ class Trainer:
             ckpt.set_rng_state(exact["rng"])
         self.step = int(common["step"])
 
-    def _load_optimizer(self, common: dict, optim_head: dict) -> None:
+    def _load_regularizer(self, folder: Path, common: dict, exact: dict, saved_world: int) -> dict:
+        """Restore the regularizer's state (second head; centres, resharded when the world
+        size changed); returns the centres' optimizer state by name."""
+        saved = common.get("regularizer_name", "")
+        fix = "resume with the same [regularizer] or set checkpoint.resume=never"
+        if self.two_head is not None:
+            if not common.get("second_head"):
+                raise ckpt.CheckpointError(
+                    f"{folder} has no triplet second head (saved regularizer {saved!r}); {fix}"
+                )
+            self.two_head.second_head.load_state_dict(common["second_head"])
+        if not isinstance(self.regularizer, CenterLoss):
+            return {}
+        if saved != "center" or (saved_world == self.world_size and "regularizer" not in exact):
+            raise ckpt.CheckpointError(
+                f"{folder} has no center-loss centres (saved regularizer {saved!r}); {fix}"
+            )
+        if saved_world == self.world_size:
+            state, optim = exact["regularizer"], exact.get("optim_regularizer", {})
+        else:
+            shard = self.regularizer.shard
+            rows = ckpt.load_shard_rows(
+                folder, shard.start, shard.end, "regularizer", "optim_regularizer"
+            )
+            state, optim = rows["regularizer"], rows["optim_regularizer"]
+        try:
+            self.regularizer.load_state_dict(state)
+        except RuntimeError as error:
+            raise ckpt.CheckpointError(f"{folder}: the centres do not fit ({error}); {fix}") from None
+        return optim
+
+    def _load_optimizer(self, common: dict, optim_head: dict, optim_reg: dict | None = None) -> None:
         num_backbone = len(self.optimizer.param_groups[0]["params"])
         names = self._head_param_names()
         state = dict(common["optim_backbone"])
         for name, value in optim_head.items():
             state[num_backbone + names.index(name)] = value
+        reg_names = [n for n, _ in self._regularizer_params()]
+        for name, value in (optim_reg or {}).items():
+            state[num_backbone + len(names) + reg_names.index(name)] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": common["param_groups"]})
 
     # ------------------------------------------------------------------ one step
@@ -312,9 +409,13 @@ class Trainer:
         accumulate = self.config.optim.accumulate
         with self._sync_context(last):
             with self.precision.autocast(self.device):
-                embeddings = self.model(images.to(self.precision.param_dtype))
+                output = self.model(images.to(self.precision.param_dtype))
+            embeddings, second = output if self.two_head is not None else (output, None)
+            # the head's and the regularizers' losses are replicated over the ranks and give
+            # the exact gradient for the local rows: x world size turns DDP's mean into a sum
             embeddings = scale_backbone_grad(embeddings, self.world_size)
-            loss = self.head(embeddings.to(self.precision.param_dtype), labels)
+            dtype = self.precision.param_dtype
+            loss = self._regularized_loss(embeddings.to(dtype), second, labels)
             scaled = loss / accumulate
             if self.config.engine.name == "deepspeed":
                 self.model.backward(scaled, scale_wrt_gas=False)  # loss already / accumulate
@@ -323,6 +424,22 @@ class Trainer:
             else:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         return float(loss.detach())
+
+    def _regularized_loss(
+        self, embeddings: torch.Tensor, second: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """head loss + regularizer.weight * regularizer (on the second head's output for
+        the triplet regularizer, else on the embeddings)."""
+        r = self.config.regularizer
+        loss = self.head(embeddings, labels) if r.with_head else None
+        if self.regularizer is None:
+            return loss
+        if second is not None:
+            features = scale_backbone_grad(second, self.world_size).to(embeddings.dtype)
+        else:
+            features = embeddings
+        extra = r.weight * self.regularizer(features, labels)
+        return extra if loss is None else loss + extra
 
     def train_step(self) -> StepResult:
         accumulate = self.config.optim.accumulate
@@ -343,8 +460,8 @@ class Trainer:
         norm = None
         if self.config.optim.clip_grad_norm > 0:
             norm = clip_global_norm(
-                list(self.backbone.parameters()),
-                list(self.head.parameters()),
+                self._replicated_params(),
+                list(self.head.parameters()) + [p for _, p in self._regularizer_params()],
                 self.config.optim.clip_grad_norm,
                 self.group,
             )
@@ -480,4 +597,14 @@ class Trainer:
                 k: v.detach().cpu().clone() for k, v in self.backbone.state_dict().items()
             },
             "head": self.head.weight.detach().cpu().clone(),
+            "regularizer": {
+                k: v.detach().cpu().clone() for k, v in self.regularizer.state_dict().items()
+            }
+            if self.regularizer is not None
+            else {},
+            "second_head": {
+                k: v.detach().cpu().clone() for k, v in self.two_head.second_head.state_dict().items()
+            }
+            if self.two_head is not None
+            else {},
         }
