@@ -184,6 +184,15 @@ def _check_centres_resharded(two: list[dict], cfg: dict, tmp_path: Path) -> None
             assert [p["centres"].shape[0] for p in parts] == [4, 4, 4]
         assert torch.equal(torch.cat([p["centres"] for p in parts]), _cat_centres(two))
         assert all(p["momentum"] is not None for p in parts)
+    # merge / split carry the centres and their momentum like the head
+    from fr_trainer.train import checkpoint as ckpt
+
+    merged = ckpt.merge_shards(source, tmp_path / "merged.pt")
+    folder = ckpt.split_shards(merged, tmp_path / "split3", 3)
+    rows = ckpt.load_shard_rows(folder, 0, 12, *ckpt.SHARDED_EXTRA)
+    assert torch.equal(rows["regularizer"]["centres"], _cat_centres(two))
+    momentum = rows["optim_regularizer"]["centres"]["momentum_buffer"]
+    assert torch.equal(momentum, torch.cat([p["momentum"] for p in parts]))
 
 
 def _check_pk_kill_and_resume(straight: list[dict], cfg: dict, tmp_path: Path) -> None:

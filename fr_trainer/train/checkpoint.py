@@ -301,6 +301,8 @@ def load_shard_exact(folder: str | os.PathLike, rank: int, world_size: int) -> d
 
 # --------------------------------------------------------------------------- merge / split
 MERGED_KIND = "fr_trainer.merged_checkpoint"
+# class-sharded state saved beside the head in each shard file (the center loss's centres)
+SHARDED_EXTRA = ("regularizer", "optim_regularizer")
 
 
 def merge_shards(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path:
@@ -315,10 +317,15 @@ def merge_shards(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path
         {
             k: v
             for k, v in _load(folder / shard_name(r, world)).items()
-            if k not in ("head", "optim_head")
+            if k not in ("head", "optim_head", *SHARDED_EXTRA)
         }
         for r in range(world)
     ]
+    # class-sharded regularizer state (center-loss centres), merged like the head
+    extra_rows = {}
+    if "regularizer" in _load(folder / shard_name(0, world)):
+        extra_rows = load_shard_rows(folder, 0, int(common["num_classes"]), *SHARDED_EXTRA)
+        extra_rows.pop("saved_world_size")
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(
@@ -328,6 +335,7 @@ def merge_shards(folder: str | os.PathLike, out_file: str | os.PathLike) -> Path
             "head": rows["head"],
             "optim_head": rows["optim_head"],
             "per_rank": per_rank,
+            **extra_rows,
         },
         out,
     )
@@ -358,7 +366,12 @@ def split_shards(
         if world_size != saved_world and "_extra_state" in head:
             head["_extra_state"] = {"sampling_rng": None}
         optim = {n: _slice_rows(st, num_classes, sl) for n, st in merged["optim_head"].items()}
-        extra = merged["per_rank"][rank] if world_size == saved_world else {}
+        extra = dict(merged["per_rank"][rank]) if world_size == saved_world else {}
+        if SHARDED_EXTRA[0] in merged:  # the centres, cut to this rank's classes
+            extra[SHARDED_EXTRA[0]] = _slice_rows(merged[SHARDED_EXTRA[0]], num_classes, sl)
+            extra[SHARDED_EXTRA[1]] = {
+                n: _slice_rows(st, num_classes, sl) for n, st in merged[SHARDED_EXTRA[1]].items()
+            }
         _atomic_torch_save(
             dict(
                 extra, head=head, optim_head=optim, rank=rank, world_size=world_size, format=FORMAT
