@@ -5,9 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
-from sklearn.model_selection import KFold
-
 from fr_trainer.eval import ijb
 from fr_trainer.eval.metrics import (
     best_threshold,
@@ -17,6 +14,9 @@ from fr_trainer.eval.metrics import (
     tar_at_far,
 )
 from fr_trainer.eval.verification import evaluate
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+KFold = pytest.importorskip("sklearn.model_selection").KFold
 
 FARS = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.3, 1.0)
 

@@ -214,7 +214,9 @@ def embed_ijb_images(
     pool = ThreadPoolExecutor(max(1, num_workers))
 
     def prepare(part: slice):
-        load = lambda i: load_aligned(meta.directory, meta.image_names[i], meta.landmarks[i])
+        def load(i: int):
+            return load_aligned(meta.directory, meta.image_names[i], meta.landmarks[i])
+
         return pool.map(load, range(part.start, part.stop))
 
     bar = None

@@ -222,7 +222,7 @@ def make_mini_ijb(
                         )
                     )
     pairs = []
-    for subject, tids in templates_of.items():
+    for tids in templates_of.values():
         pairs += [(a, b, 1) for i, a in enumerate(tids) for b in tids[i + 1 :]]
     all_tids = np.array(sorted(subject_of))
     impostors = 0
