@@ -91,8 +91,8 @@ def test_slurm_script_runs_one_agent_per_node(tmp_path, elastic):
     assert out.returncode == 0, out.stderr
     tail = "--rdzv-backend=c10d --rdzv-endpoint=gpu-a17:29500 --rdzv-id=777"
     if elastic:
-        line = f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 {tail} --max-restarts=3 -m fr_trainer train " \
-               "configs/glint360k_r100_cosface.toml"
+        line = (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 {tail} "
+                "--max-restarts=3 -m fr_trainer train configs/glint360k_r100_cosface.toml")
         assert out.stdout.splitlines() == [line, line]
     else:
         assert out.stdout.splitlines() == [

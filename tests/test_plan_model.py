@@ -7,10 +7,9 @@ import math
 
 import pytest
 
-from fr_trainer.train.grads import SQUARE_SUM_BLOCK
-
 from fr_trainer.plan import gpus_needed, parse_bytes, parse_count, plan_head
 from fr_trainer.plan.cli import main
+from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
 
 def test_dense_sgd_components_by_hand():

@@ -115,7 +115,8 @@ def _collective_table(plan: HeadPlan) -> str:
     lines = [(f"collectives per step at {plan.classes:,} classes on {plan.world_size} GPUs "
              "(payload = result size; traffic = bytes each GPU sends with ring algorithms):")]
     for c in plan.collectives:
-        lines.append(f"  {c.name:<24} {c.op:<15} payload {c.payload / 1e6:10.3f} MB  traffic {c.traffic / 1e6:10.3f} MB")
+        sizes = f"payload {c.payload / 1e6:10.3f} MB  traffic {c.traffic / 1e6:10.3f} MB"
+        lines.append(f"  {c.name:<24} {c.op:<15} {sizes}")
     return "\n".join(lines)
 
 
