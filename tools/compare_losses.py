@@ -28,6 +28,30 @@ LOSSES = [
 ]
 
 
+def time_one(name: str, args) -> dict:
+    """Step time only: `torchrun ... fr_trainer train` with no verification, export or IJB-C."""
+    import subprocess
+
+    run_dir = Path(args.output_dir) / f"timing_{name}"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        "-m", "fr_trainer", "train", str(CONFIGS / f"{name}_demo.toml"),
+        "--set", f"data.root={json.dumps(args.data)}", "--set", f"run.output_dir={json.dumps(args.output_dir)}",
+        "--set", f'run.name="timing_{name}"', "--set", f"train.max_steps={args.steps}",
+        "--set", "checkpoint.every_steps=0", "--set", "checkpoint.resume=\"never\"", "--set", "eval.at_end=false",
+        "--set", 'log.progress="off"', "--set", "log.tensorboard=false",
+    ]
+    load_before = os.getloadavg()[0]
+    code = subprocess.run(command, env=dict(os.environ, OMP_NUM_THREADS="1"), check=False,
+                          stdout=subprocess.DEVNULL).returncode
+    if code != 0:
+        return {"name": name, "failed": code}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    steps = summary["steps_this_run"]
+    return {"name": name, "steps": steps, "ms_per_step": 1000 * summary["train_seconds"] / steps,
+            "load": (load_before, os.getloadavg()[0])}
+
+
 def run_one(name: str, args) -> dict:
     from fr_trainer.train import main_job
 
@@ -125,7 +149,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown", help="also write the table (and the raw rows as .json) here")
     p.add_argument("--allreduce", type=int, metavar="G",
                    help="only time the all-reduce of G floats on gloo (2 ranks) and exit")
+    p.add_argument("--timing-only", action="store_true",
+                   help="only time the training steps (no verification/export/IJB-C); arcface first and last")
     args = p.parse_args(argv)
+    if args.timing_only:
+        names = ["arcface", *[n for n in args.losses if n != "arcface"], "arcface"]
+        rows = [time_one(n, args) for n in names]
+        base = sum(r["ms_per_step"] for r in rows if r["name"] == "arcface" and "failed" not in r) / 2
+        lines = ["| loss | ms/step | x arcface | load 1 min before / after |", "|---|---|---|---|"]
+        for r in rows:
+            if "failed" in r:
+                lines.append(f"| {r['name']} | failed (exit {r['failed']}) | | |")
+                continue
+            lines.append(f"| {r['name']} | {r['ms_per_step']:.0f} | {r['ms_per_step'] / base:.2f} "
+                         f"| {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+        table = "\n".join(lines)
+        print(f"\n{args.steps} steps per loss, {args.nproc} ranks (arcface = mean of first and last run)\n\n{table}")
+        if args.markdown:
+            Path(args.markdown).write_text(table + "\n")
+        return 0
     if args.allreduce:
         ms = time_allreduce(args.allreduce, args.nproc)
         print(f"all-reduce of {args.allreduce} fp32 on gloo, {args.nproc} ranks: {ms:.3f} ms (median)")
