@@ -18,6 +18,14 @@ from torch.utils.checkpoint import checkpoint
 INPUT_SHAPE = (3, 112, 112)
 
 
+def check_head_args(embedding_size: int, dropout: float) -> None:
+    """The checks every backbone's constructor makes on its embedding head."""
+    if embedding_size < 1:
+        raise ValueError(f"embedding_size must be >= 1; got {embedding_size}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+
+
 class FaceBackbone(nn.Module):
     """Base class: `num_features` (= D), `feature_channels` (= C), grad checkpointing."""
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fr_trainer.backbones.base import FaceBackbone, init_weights
+from fr_trainer.backbones.base import FaceBackbone, check_head_args, init_weights
 from fr_trainer.backbones.registry import BACKBONES
 
 
@@ -37,6 +37,7 @@ class DemoNet(FaceBackbone):
 
     def __init__(self, embedding_size: int = 128, width: int = 16, dropout: float = 0.0) -> None:
         super().__init__()
+        check_head_args(embedding_size, dropout)
         w = width
         self.num_features = embedding_size
         self.feature_channels = 8 * w

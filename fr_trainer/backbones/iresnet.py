@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fr_trainer.backbones.base import FaceBackbone, init_weights
+from fr_trainer.backbones.base import FaceBackbone, check_head_args, init_weights
 from fr_trainer.backbones.registry import BACKBONES
 
 BN_EPS = 1e-5
@@ -79,10 +79,7 @@ class IResNet(FaceBackbone):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1; got {embedding_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        check_head_args(embedding_size, dropout)
         self.num_features = embedding_size
         self.feature_channels = WIDTHS[-1]
         self.conv1 = _conv3x3(3, WIDTHS[0])

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fr_trainer.backbones.base import FaceBackbone, init_weights
+from fr_trainer.backbones.base import FaceBackbone, check_head_args, init_weights
 from fr_trainer.backbones.registry import BACKBONES
 
 # (expansion t, output channels c, repeats n, stride of the first repeat s)
@@ -75,10 +75,7 @@ class MobileFaceNet(FaceBackbone):
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0,
                  feature_channels: int = 512) -> None:
         super().__init__()
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be >= 1; got {embedding_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        check_head_args(embedding_size, dropout)
         self.num_features = embedding_size
         self.feature_channels = feature_channels
         self.stem = nn.Sequential(
