@@ -45,8 +45,8 @@ def local_problem(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: i
     return OK, "", []
 
 
-def _report(embeddings: torch.Tensor, labels: torch.Tensor, code: int, count: int,
-            values: list[int], device: torch.device) -> torch.Tensor:
+def _report(embeddings: torch.Tensor, code: int, count: int, values: list[int],
+            device: torch.device) -> torch.Tensor:
     batch = embeddings.shape[0] if isinstance(embeddings, torch.Tensor) and embeddings.dim() else -1
     dim = embeddings.shape[1] if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 else -1
     row = [batch, dim, code, count] + (values + [0] * MAX_REPORTED)[:MAX_REPORTED]
@@ -64,7 +64,7 @@ def check_inputs(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: in
     count = 0
     if code == LABEL_RANGE:
         count = int(((labels < 0) | (labels >= num_classes)).sum())
-    reports = all_gather_tensor(_report(embeddings, labels, code, count, values, device)[None], group)
+    reports = all_gather_tensor(_report(embeddings, code, count, values, device)[None], group)
     reports = reports.cpu().tolist()
     me = dist.get_rank(group)
     problems = [_describe(rank, row, num_classes) for rank, row in enumerate(reports) if row[2] != OK]
