@@ -16,28 +16,18 @@ pytest.importorskip(
     "nvidia.dali", reason="DALI is the `dali` extra (pip install nvidia-dali-cuda130)"
 )
 
+from synth_helpers import tiny_training_set
+
 from fr_trainer.data.dali import DaliLoader, image_index
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.recordio import MAGIC_BYTES, IRHeader, RecordReader, RecordWriter, pack
-from fr_trainer.data.synthetic import generate
 
 CLASSES, PER_CLASS = 5, 4
 
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    generate(
-        out,
-        num_identities=CLASSES,
-        images_per_identity=PER_CLASS,
-        num_holdout_identities=2,
-        num_pairs=0,
-        num_ijbc_subjects=0,
-        workers=0,
-        seed=2,
-    )
-    return out
+    return tiny_training_set(tmp_path_factory.mktemp("synth"), CLASSES, PER_CLASS, seed=2)
 
 
 def _all(loader) -> tuple[torch.Tensor, torch.Tensor]:

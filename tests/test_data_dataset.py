@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from synth_helpers import tiny_training_set
 
 from fr_trainer.data.dataset import RecordDataset, flip_decision
 from fr_trainer.data.layout import read_labels
@@ -22,7 +23,6 @@ from fr_trainer.data.recordio import (
     unpack,
 )
 from fr_trainer.data.samplers import PKBatchSampler
-from fr_trainer.data.synthetic import generate
 from fr_trainer.distributed.spawn import run_ranks
 
 CLASSES, PER_CLASS = 6, 4
@@ -30,18 +30,7 @@ CLASSES, PER_CLASS = 6, 4
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth")
-    generate(
-        out,
-        num_identities=CLASSES,
-        images_per_identity=PER_CLASS,
-        num_holdout_identities=2,
-        num_pairs=0,
-        num_ijbc_subjects=0,
-        workers=0,
-        seed=1,
-    )
-    return out
+    return tiny_training_set(tmp_path_factory.mktemp("synth"), CLASSES, PER_CLASS, seed=1)
 
 
 def test_counts_come_from_the_header(synth) -> None:
