@@ -73,7 +73,7 @@ def test_reshard_two_three_one_keeps_centres_and_momentum(data, tmp_path):
     assert [r["head"]["weight"].shape[0] for r in three] == [4, 4, 4]
     assert torch.equal(weight2, weight3) and torch.equal(momentum2, momentum3)
     assert three[0]["step"] == 3
-    assert three[0]["position"]["batch_in_epoch"] == 2  # 3 batches x 2 ranks = 2 batches x 3 ranks
+    assert three[0]["position"]["consumed"] == 48  # 3 steps x 2 ranks x 8: job-wide, any world size
     one = run_ranks(
         rank_load_and_save,
         1,

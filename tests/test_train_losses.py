@@ -199,7 +199,9 @@ def _check_pk_kill_and_resume(straight: list[dict], cfg: dict, tmp_path: Path) -
     """P x K stream under 2 ranks: stop after step 1 (checkpoint), resume, same weights."""
     cfg = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "resumed")}}
     stopped = run_ranks(rank_fit_regularized, 2, cfg, 1)
-    assert stopped[0]["position"] == {"epoch": 0, "batch_in_epoch": 1, "batch_size": 8, "sampler": "pk"}
+    assert stopped[0]["position"] == {  # 1 batch of P=2 classes on each of 2 ranks
+        "epoch": 0, "consumed": 4, "unit": "classes", "batch_size": 8, "sampler": "pk"
+    }
     resumed = run_ranks(rank_fit_regularized, 2, cfg)
     assert resumed[0]["step"] == 2
     assert stopped[0]["losses"] + resumed[0]["losses"] == straight[0]["losses"]

@@ -45,10 +45,12 @@ class PrefetchLoader:
         batch_sampler = self.loader.batch_sampler
         return batch_sampler if hasattr(batch_sampler, "set_epoch") else self.loader.sampler
 
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        """Reshuffle (sampler) and re-draw flips (dataset); resume at `position` (samples of this
-        rank for the DistributedSampler, batches for the PK sampler)."""
-        self.sampler.set_epoch(epoch, position)
+    def set_epoch(self, epoch: int, position: int = 0, start: int = 0) -> None:
+        """Reshuffle (sampler) and re-draw flips (dataset); deal out the epoch from global
+        entry `start` on (what the job consumed before: samples for the DistributedSampler,
+        classes for the PK sampler) and skip `position` of this rank's share (samples, or
+        batches for the PK sampler)."""
+        self.sampler.set_epoch(epoch, position, start)
         self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:

@@ -1,7 +1,11 @@
 """Samplers: a seeded distributed sampler and a distributed P x K batch sampler.
 
 Both take `(rank, world_size)` explicitly (no process group needed), draw the same
-permutation on every rank from `(seed, epoch)`, and resume from a position.
+permutation on every rank from `(seed, epoch)`, and resume from a position. The position
+that survives a change of world size is `start`: how much of the epoch's permutation the
+job as a whole has consumed (samples, or classes for P x K). Ranks consume it interleaved,
+so after k batches of B on W ranks exactly its first k*B*W entries are used, whatever the
+earlier world sizes were; a resumed job deals out the rest among its own ranks.
 """
 
 from __future__ import annotations
@@ -47,26 +51,34 @@ class DistributedSampler(Sampler[int]):
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         self.num_samples, self.rank, self.world_size = num_samples, rank, world_size
         self.seed, self.shuffle, self.drop_last = seed, shuffle, drop_last
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position, self.start = 0, 0, 0
 
     @property
     def per_rank(self) -> int:
-        """Samples per rank per epoch."""
+        """Samples per rank in the rest of the epoch (from global entry `start` on)."""
+        rest = self.num_samples - self.start
         if self.drop_last:
-            return self.num_samples // self.world_size
-        return -(-self.num_samples // self.world_size)
+            return rest // self.world_size
+        return -(-rest // self.world_size)
 
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
+    def set_epoch(self, epoch: int, position: int = 0, start: int = 0) -> None:
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start {start} is outside [0, {self.num_samples}] for this epoch")
+        self.start = int(start)
         if not 0 <= position <= self.per_rank:
             raise ValueError(f"position {position} is outside [0, {self.per_rank}] for this epoch")
         self.epoch, self.position = int(epoch), int(position)
 
     def indices(self) -> np.ndarray:
-        """This rank's whole epoch, int64 [per_rank] (before skipping `position`)."""
+        """This rank's share of the epoch from `start` on, int64 [per_rank] (before skipping
+        `position`)."""
         if self.shuffle:
             order = epoch_permutation(self.num_samples, self.seed, self.epoch)
         else:
             order = np.arange(self.num_samples)
+        order = order[self.start :]
+        if order.size == 0:
+            return order
         total = self.per_rank * self.world_size
         if total > order.size:
             order = np.concatenate([order, np.resize(order, total - order.size)])
@@ -82,6 +94,7 @@ class DistributedSampler(Sampler[int]):
         """Where to resume after this rank consumed `consumed` samples of the current epoch."""
         return {
             "epoch": self.epoch,
+            "start": self.start,
             "position": int(consumed),
             "seed": self.seed,
             "num_samples": self.num_samples,
@@ -95,7 +108,7 @@ class DistributedSampler(Sampler[int]):
                     f"cannot resume: the checkpoint's sampler has {name}={state[name]} but this "
                     f"run has {name}={getattr(self, name)}; resume with the same data and world size"
                 )
-        self.set_epoch(state["epoch"], state["position"])
+        self.set_epoch(state["epoch"], state["position"], state.get("start", 0))
 
 
 def groups_from_labels(labels: Sequence[int] | np.ndarray) -> list[np.ndarray]:
@@ -113,8 +126,10 @@ class PKBatchSampler(Sampler[list[int]]):
     Each epoch shuffles the classes (same order on every rank); batch b of rank r uses
     classes `perm[(b * W + r) * P : (b * W + r + 1) * P]`, so within one global step every
     class sits on exactly one rank with K images. K images are drawn without replacement
-    (a class with fewer than K gives all its images, then repeats). Yields lists of P*K dataset indices,
-    class by class. `set_epoch(epoch, position)` resumes at batch `position`.
+    (a class with fewer than K gives all its images, then repeats; the draw depends only on
+    (seed, epoch, class)). Yields lists of P*K dataset indices, class by class.
+    `set_epoch(epoch, position, start)` deals out the class order from entry `start` on (the
+    classes earlier ranks consumed of this epoch) and resumes at batch `position`.
     """
 
     def __init__(
@@ -141,7 +156,7 @@ class PKBatchSampler(Sampler[list[int]]):
                 f"classes have >= {max(min_images, 1)} images; lower P or min_images"
             )
         self.p, self.k, self.rank, self.world_size = p, k, rank, world_size
-        self.seed, self.epoch, self.position = seed, 0, 0
+        self.seed, self.epoch, self.position, self.start = seed, 0, 0, 0
 
     @classmethod
     def from_labels(
@@ -157,9 +172,12 @@ class PKBatchSampler(Sampler[list[int]]):
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.classes.size // (self.p * self.world_size)
+        return (self.classes.size - self.start) // (self.p * self.world_size)
 
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
+    def set_epoch(self, epoch: int, position: int = 0, start: int = 0) -> None:
+        if not 0 <= start <= self.classes.size:
+            raise ValueError(f"start {start} is outside [0, {self.classes.size}] for this epoch")
+        self.start = int(start)
         if not 0 <= position <= self.batches_per_epoch:
             raise ValueError(f"position {position} is outside [0, {self.batches_per_epoch}]")
         self.epoch, self.position = int(epoch), int(position)
@@ -174,11 +192,11 @@ class PKBatchSampler(Sampler[list[int]]):
     def batch(self, index: int) -> list[int]:
         """This rank's batch `index` of the current epoch (P*K dataset indices)."""
         order = self._class_order()
-        first = (index * self.world_size + self.rank) * self.p
+        first = self.start + (index * self.world_size + self.rank) * self.p
         picked: list[int] = []
         for cls in order[first : first + self.p]:
             group = self.groups[int(cls)]
-            rng = np.random.default_rng([self.seed, self.epoch, index, int(cls)])
+            rng = np.random.default_rng([self.seed, self.epoch, int(cls)])
             if group.size >= self.k:
                 chosen = rng.choice(group, size=self.k, replace=False)
             else:  # every image once, then repeats to fill K

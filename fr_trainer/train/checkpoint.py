@@ -392,7 +392,7 @@ def convert_data_position(common: dict, world_size: int) -> dict:
     (rounded down to whole batches)."""
     common = dict(common)
     data = dict(common.get("data", {}))
-    if data:
+    if data and "consumed" not in data:  # job-wide positions need no conversion
         samples = int(data["batch_in_epoch"]) * int(data["batch_size"]) * int(common["world_size"])
         data["batch_in_epoch"] = samples // (int(data["batch_size"]) * world_size)
         common["data"] = data

@@ -2,8 +2,8 @@
 
 `check_data_root` fails early with the fix when the data root or its files are missing;
 `build_train_data` opens the RecordIO set (num_classes checked against the file);
-`BatchStream` yields batches forever, counting (epoch, batch_in_epoch) so that a
-checkpoint can restart the stream at the next batch.
+`BatchStream` yields batches forever, counting (epoch, samples consumed by the whole job)
+so that a checkpoint can restart the stream at the next unused sample at any world size.
 """
 
 from __future__ import annotations
@@ -90,26 +90,35 @@ def build_train_data(
 
 
 class BatchStream:
-    """Endless batches over epochs; `position()` is where the next batch comes from."""
+    """Endless batches over epochs; `position()` is where the next batch comes from.
 
-    def __init__(self, loader: PrefetchLoader, epoch: int = 0, batch_in_epoch: int = 0) -> None:
+    The position is `(epoch, consumed)`: how many entries of the epoch's permutation the
+    whole job has used (samples; classes for the P x K sampler). It does not depend on the
+    world size, so a job of another size (or per-rank batch) resumes at the next unused
+    sample: within that epoch nothing is repeated or skipped.
+    """
+
+    def __init__(
+        self, loader: PrefetchLoader, world_size: int, epoch: int = 0, consumed: int = 0
+    ) -> None:
         self.loader = loader
         sampler = loader.sampler
-        # the P x K batch sampler counts its position in batches, the DistributedSampler in samples
+        # the P x K batch sampler deals out classes, the DistributedSampler samples
         self.pk = hasattr(sampler, "batches_per_epoch")
         self.batch_size = sampler.p * sampler.k if self.pk else loader.loader.batch_size
-        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.units_per_batch = (sampler.p if self.pk else self.batch_size) * world_size
+        self.epoch, self.consumed = epoch, consumed
         self._iterator: Iterator | None = None
 
     @property
     def batches_per_epoch(self) -> int:
-        if self.pk:
-            return self.loader.sampler.batches_per_epoch
-        return self.loader.sampler.per_rank // self.batch_size
+        """Batches per rank in a whole epoch (from its start)."""
+        sampler = self.loader.sampler
+        total = sampler.classes.size if self.pk else sampler.num_samples
+        return total // self.units_per_batch
 
     def _start(self) -> None:
-        unit = 1 if self.pk else self.batch_size
-        self.loader.set_epoch(self.epoch, self.batch_in_epoch * unit)
+        self.loader.set_epoch(self.epoch, 0, self.consumed)
         self._iterator = iter(self.loader)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,16 +127,27 @@ class BatchStream:
         try:
             batch = next(self._iterator)
         except StopIteration:
-            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            self.epoch, self.consumed = self.epoch + 1, 0
             self._start()
             batch = next(self._iterator)
-        self.batch_in_epoch += 1
+        self.consumed += self.units_per_batch
         return batch
 
     def position(self) -> dict:
         return {
             "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
+            "consumed": self.consumed,
+            "unit": "classes" if self.pk else "samples",
             "batch_size": self.batch_size,
             "sampler": "pk" if self.pk else "random",
         }
+
+
+def consumed_from_position(data: dict, saved_world: int, pk_k: int) -> int:
+    """The job-wide entries of the epoch a saved position has used (positions saved before
+    they were job-wide counted this rank's batches)."""
+    if "consumed" in data:
+        return int(data["consumed"])
+    batches, batch = int(data["batch_in_epoch"]), int(data["batch_size"])
+    per_batch = batch // pk_k if data.get("sampler") == "pk" else batch
+    return batches * per_batch * saved_world

@@ -29,11 +29,24 @@ from fr_trainer.heads import PartialFC
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
-from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
+from fr_trainer.train.data_setup import (
+    BatchStream,
+    build_train_data,
+    consumed_from_position,
+    open_dataset,
+)
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
+from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
 from fr_trainer.train.reporting import Reporter
+from fr_trainer.train.run_plan import (
+    PlanBasis,
+    RunPlan,
+    basis_from_checkpoint,
+    describe_change,
+    make_plan,
+)
 from fr_trainer.train.runtime import (
     resolve_device,
     resolve_precision,
@@ -83,6 +96,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.step = 0
         self._nonfinite_run = 0
+        self.resume_notes: list[str] = []  # logged when the reporter exists
         self._prepare_run_dir()
         self.resumed_from = self._maybe_resume()
         self.reporter = Reporter(
@@ -101,7 +115,7 @@ class Trainer:
                 "use fewer ranks"
             )
         self.loader = build_train_data(c, self.dataset, self.rank, self.world_size, self.device)
-        self.stream = BatchStream(self.loader)
+        self.stream = BatchStream(self.loader, self.world_size)
         per_epoch = self.stream.batches_per_epoch // c.optim.accumulate
         if per_epoch < 1:
             raise ConfigError(
@@ -109,8 +123,9 @@ class Trainer:
                 f"optim.accumulate={c.optim.accumulate}; lower optim.accumulate or data.batch_size"
             )
         self.steps_per_epoch = per_epoch
-        self.total_steps = c.train.max_steps or max(1, math.ceil(c.train.epochs * per_epoch))
         self.samples_per_step = c.data.batch_size * c.optim.accumulate * self.world_size
+        # the plan of a fresh run; a resume replaces it by the one of the run's first start
+        self.plan = make_plan(c, PlanBasis(per_epoch, self.samples_per_step))
 
     def _build_model(self) -> None:
         c = self.config
@@ -218,13 +233,13 @@ class Trainer:
             self.model, self.optimizer = build_engine(
                 self.backbone, self.head, lambda g: kind(g, **defaults), self.config, self.env
             )
-        warmup = (
-            o.warmup_steps
-            if o.warmup_steps is not None
-            else int(o.warmup_epochs * self.steps_per_epoch)
-        )
         self.schedule = PolySchedule(
-            self.optimizer, o.lr, self.total_steps, min(warmup, self.total_steps), o.power
+            self.optimizer,
+            o.lr,
+            self.plan.total_samples,
+            self.plan.warmup_samples,
+            o.power,
+            self.samples_per_step,
         )
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
 
@@ -279,6 +294,7 @@ class Trainer:
                 "optim_backbone": optim_backbone,
                 "param_groups": param_groups,
                 "schedule": self.schedule.state_dict(),
+                "plan": self.plan.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler else None,
                 "data": self.stream.position(),
                 "precision": self.precision.name,
@@ -337,24 +353,50 @@ class Trainer:
         )
         if exact is None:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
-            common = ckpt.convert_data_position(common, self.world_size)
         head_state = exact["head"]
         if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
             head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
         self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
         optim_reg = self._load_regularizer(folder, common, exact, saved_world)
+        configured = config_hyperparameters(self.optimizer)
         self._load_optimizer(common, exact["optim_head"], optim_reg)
+        self.resume_notes += restore_hyperparameters(self.optimizer, configured)
         if hasattr(self.optimizer, "load_shard_state"):
             same = saved_world == self.world_size
             self.optimizer.load_shard_state(exact.get("engine") if same else None)
-        self.schedule.load_state_dict(common["schedule"])
+        self._resume_plan(common)
         if self.scaler is not None and common.get("scaler"):
             self.scaler.load_state_dict(common["scaler"])
         data = common["data"]
-        self.stream = BatchStream(self.loader, int(data["epoch"]), int(data["batch_in_epoch"]))
+        consumed = consumed_from_position(data, saved_world, self.config.data.pk_k)
+        self.stream = BatchStream(self.loader, self.world_size, int(data["epoch"]), consumed)
         if "rng" in exact:
             ckpt.set_rng_state(exact["rng"])
         self.step = int(common["step"])
+
+    def _resume_plan(self, common: dict) -> None:
+        """The plan of the run's first start (length and warmup in samples), with what the
+        config changes; the schedule continues from the samples seen."""
+        basis = basis_from_checkpoint(common, len(self.dataset))
+        plan = make_plan(self.config, basis)
+        saved = common.get("plan")
+        if saved is not None:
+            old = RunPlan(basis, int(saved["total_samples"]), int(saved["warmup_samples"]))
+            change = describe_change(old, plan)
+            if change:
+                self.resume_notes.append(change)
+        self.plan = plan
+        self.schedule.total_samples = plan.total_samples
+        self.schedule.warmup_samples = plan.warmup_samples
+        state = dict(common["schedule"])
+        state.setdefault("step_samples", basis.step_samples)  # saved before samples were counted
+        self.schedule.load_state_dict(state)
+        if basis.step_samples != self.samples_per_step:
+            self.resume_notes.append(
+                f"the global batch changes {basis.step_samples} -> {self.samples_per_step} "
+                f"samples; the schedule and the epochs continue in samples "
+                f"({self.schedule.samples_seen} of {plan.total_samples} seen)"
+            )
 
     def _load_regularizer(self, folder: Path, common: dict, exact: dict, saved_world: int) -> dict:
         """Restore the regularizer's state (second head; centres, resharded when the world
@@ -515,14 +557,38 @@ class Trainer:
         )
         return results
 
+    @property
+    def total_steps(self) -> int:
+        """The optimizer step at which the run will end, at the current global batch."""
+        return self.step + self.schedule.steps_left()
+
+    def _finished_summary(self) -> dict:
+        """A rerun of a finished run: say so, keep summary.json, train nothing."""
+        plan = self.plan
+        self.reporter.info(
+            f"the run is complete: {self.schedule.samples_seen} of {plan.total_samples} samples "
+            f"({plan.epochs:g} epochs) at step {self.step}; nothing to do (raise train.epochs "
+            f"to continue it, or use a new run.name)"
+        )
+        path = self.run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {"steps": self.step}
+        self.reporter.close()
+        return dict(summary, already_complete=True)
+
     def fit(self, stop_after: int | None = None) -> dict:
-        """Train to `total_steps` (or stop, checkpointed, after `stop_after` steps: tests)."""
+        """Train until the plan's samples are seen (or stop, checkpointed, after
+        `stop_after` steps: tests)."""
         c = self.config
         r = self.reporter
+        for note in self.resume_notes:
+            r.info(f"resume: {note}")
+        if self.resumed_from is not None and self.schedule.done:
+            return self._finished_summary()
         r.info(
             f"training {c.model.backbone} on {self.dataset.rec_path} ({len(self.dataset)} images, "
             f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
-            f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples"
+            f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples "
+            f"({self.plan.total_samples} samples, {self.plan.epochs:g} epochs)"
             + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
         )
         initial = self.verify() if c.eval.at_start and self.step == 0 else {}
@@ -533,25 +599,18 @@ class Trainer:
         throughput: dict = {}
         t_loop = time.perf_counter()
         first_step = self.step
-        while self.step < self.total_steps:
+        while not self.schedule.done:
             result = self.train_step()
             self.step += 1
             losses.append(result.loss)
-            log = self.step % c.log.every_steps == 0 or self.step == self.total_steps
+            done = self.schedule.done
+            log = self.step % c.log.every_steps == 0 or done
             throughput = (
                 r.step(self.step, result.loss, result.lr, self.samples_per_step, log) or throughput
             )
-            if (
-                c.checkpoint.every_steps
-                and self.step % c.checkpoint.every_steps == 0
-                and self.step < self.total_steps
-            ):
+            if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0 and not done:
                 self.save()
-            if (
-                c.eval.every_steps
-                and self.step % c.eval.every_steps == 0
-                and self.step < self.total_steps
-            ):
+            if c.eval.every_steps and self.step % c.eval.every_steps == 0 and not done:
                 verification = self.verify()
             if stop_after is not None and self.step - first_step >= stop_after:
                 self.save()
@@ -572,6 +631,8 @@ class Trainer:
         summary = {
             "steps": self.step,
             "steps_this_run": steps,
+            "samples_seen": self.schedule.samples_seen,
+            "epochs": self.schedule.samples_seen / self.plan.basis.epoch_samples,
             "final_loss": losses[-1] if losses else None,
             "first_loss": losses[0] if losses else None,
             "losses": losses,
