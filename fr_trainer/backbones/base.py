@@ -124,3 +124,21 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def init_weights_upstream(model: nn.Module) -> None:
+    """arcface_torch's iresnet initialisation: convs N(0, 0.1), BatchNorm2d weight 1 /
+    bias 0, and the embedding BatchNorm1d (`features`) with its weight fixed at 1 and not
+    trained. Linear and PReLU keep PyTorch's defaults."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, mean=0.0, std=0.1)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.BatchNorm1d) and features.affine:
+        nn.init.ones_(features.weight)
+        features.weight.requires_grad_(False)

@@ -92,14 +92,18 @@ class ArcFace(Margin):
     Where theta + m > pi the target stops being monotone; there (cos_y <= cos(pi - m)) the
     target is `cos_y - m sin(pi - m)` (the th/mm fall-back, derivative 1).
     `easy_margin=True` applies the margin only where cos_y > 0 (and never falls back).
-    `gradient="straight_through"`: dz/dcos = s everywhere.
+    `fallback=False` drops the th/mm fall-back: the target is `s cos(theta_y + m)` everywhere,
+    as arcface_torch computes it.
+    `gradient="straight_through"`: dz/dcos = s everywhere (arcface_torch's no-grad margin;
+    with `fallback=False` that is its ArcFace exactly).
     """
 
     def __init__(self, s: float = 64.0, m: float = 0.5, easy_margin: bool = False,
-                 gradient: str = "exact") -> None:
+                 gradient: str = "exact", fallback: bool = True) -> None:
         super().__init__(scale=s, gradient=gradient)
         self.m = float(m)
         self.easy_margin = bool(easy_margin)
+        self.fallback = bool(fallback)
         self.cos_m, self.sin_m = math.cos(m), math.sin(m)
         self.th = math.cos(math.pi - m)
         self.mm = math.sin(math.pi - m) * m
@@ -110,6 +114,8 @@ class ArcFace(Margin):
         d_shifted = self.cos_m + self.sin_m * cos_t / sin_t.clamp_min(_SIN_FLOOR)
         if self.easy_margin:
             keep = cos_t > 0
+        elif not self.fallback:
+            keep = torch.ones_like(cos_t, dtype=torch.bool)
         else:
             keep = cos_t > self.th
             cos_t = cos_t - self.mm  # the fall-back branch's value
@@ -118,7 +124,10 @@ class ArcFace(Margin):
         return self.scale * logit, self.scale * derivative
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, m={self.m}, easy_margin={self.easy_margin}"
+        return (
+            f"{super().extra_repr()}, m={self.m}, easy_margin={self.easy_margin}, "
+            f"fallback={self.fallback}"
+        )
 
 
 @register_margin("combined")

@@ -51,6 +51,11 @@ class ModelConfig:
     embedding_size: int = 512
     dropout: float = 0.0
     grad_checkpointing: bool = False
+    # "default": our init (Kaiming-normal convs); "upstream": arcface_torch's iresnet init
+    # (convs N(0, 0.1), the embedding BatchNorm1d's weight fixed at 1 and not trained)
+    init: str = "default"
+    channels_last: str = "auto"  # auto (on CUDA, for convolutional backbones) | on | off
+    compile: bool = False  # torch.compile the backbone (inductor; gcc on CPU, Triton on GPU)
 
 
 @dataclass
@@ -59,6 +64,10 @@ class HeadConfig:
     margin_args: dict[str, Any] = field(default_factory=lambda: {"s": 64.0, "m": 0.5})
     sample_rate: float = 1.0
     chunk_size: int | None = None
+    # sampled head (sample_rate < 1): "sparse" updates only the sampled rows (their momentum
+    # and weight decay too); "dense" (arcface_torch) applies momentum and weight decay to
+    # every row each step, as if the unsampled rows had a zero gradient
+    update: str = "sparse"
 
 
 @dataclass
@@ -87,6 +96,7 @@ class OptimConfig:
     warmup_steps: int | None = None  # overrides warmup_epochs when set
     power: float = 2.0  # polynomial decay exponent
     clip_grad_norm: float = 0.0  # 0: no clipping
+    clip_scope: str = "all"  # all (backbone + head + regularizer) | backbone (arcface_torch)
     accumulate: int = 1  # micro-steps per optimizer step
 
 
@@ -100,6 +110,7 @@ class TrainConfig:
     max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads per rank (0: torch default)
+    scaler_growth_interval: int = 2000  # fp16 GradScaler (torch's default; arcface_torch: 100)
 
 
 @dataclass
@@ -132,6 +143,18 @@ class EngineConfig:
 
 
 @dataclass
+class DDPConfig:
+    """How DistributedDataParallel wraps the backbone (engine.name = "ddp")."""
+
+    broadcast_buffers: bool = False  # BatchNorm statistics: the trainer syncs them before saves
+    bucket_cap_mb: float = 25.0
+    gradient_as_bucket_view: bool = True
+    static_graph: bool = False  # valid when every step uses the same parameters
+    find_unused_parameters: bool = False  # set automatically where a branch is unused
+    comm_hook: str = "none"  # none | fp16 | bf16: compress gradients for the all-reduce
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -144,6 +167,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    ddp: DDPConfig = field(default_factory=DDPConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -160,6 +184,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite": ("stop", "skip"),
     "log.progress": ("auto", "on", "off"),
     "engine.name": ("ddp", "deepspeed"),
+    "model.init": ("default", "upstream"),
+    "model.channels_last": ("auto", "on", "off"),
+    "head.update": ("sparse", "dense"),
+    "optim.clip_scope": ("all", "backbone"),
+    "ddp.comm_hook": ("none", "fp16", "bf16"),
 }
 
 
@@ -365,6 +394,13 @@ def validate(config: Config) -> None:
         f"train.max_nonfinite_skips must be >= 1, got {t.max_nonfinite_skips}",
     )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(
+        t.scaler_growth_interval >= 1,
+        f"train.scaler_growth_interval must be >= 1, got {t.scaler_growth_interval}",
+    )
+    _check(
+        config.ddp.bucket_cap_mb > 0, f"ddp.bucket_cap_mb must be > 0, got {config.ddp.bucket_cap_mb}"
+    )
     _check(
         config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,
         "checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1",

@@ -69,7 +69,7 @@ def clip_global_norm(
     ranks. Returns the norm before clipping (same on every rank)."""
     device = next((p.device for p in (*sharded, *replicated)), torch.device("cpu"))
     local = _square_sum(sharded, device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+    if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
     norm = math.sqrt(float(_square_sum(replicated, device) + local))
     if max_norm > 0 and norm > max_norm:

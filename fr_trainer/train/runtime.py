@@ -70,3 +70,58 @@ def set_deterministic(enabled: bool, threads: int) -> None:
     if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------- the GPU step
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """cuDNN picks the fastest convolution algorithms for the (fixed) 112x112 shapes on CUDA,
+    unless the run asks for determinism."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+
+
+def is_convolutional(module: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def use_channels_last(setting: str, backbone: torch.nn.Module, device: torch.device) -> bool:
+    """model.channels_last: "auto" turns it on for convolutional backbones on CUDA (NHWC
+    is what tensor-core convolutions want); "on" forces it wherever there are convolutions."""
+    if setting == "off" or not is_convolutional(backbone):
+        return False
+    return setting == "on" or device.type == "cuda"
+
+
+def prepare_backbone(backbone: torch.nn.Module, config, device: torch.device) -> bool:
+    """Memory format and compilation of the backbone, in place; returns whether inputs
+    should be channels_last too."""
+    channels_last = use_channels_last(config.model.channels_last, backbone, device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if config.model.compile:
+        backbone.compile()  # in place: state_dict keys stay those of the eager module
+    return channels_last
+
+
+def wrap_ddp(network: torch.nn.Module, config, device: torch.device, find_unused: bool = False):
+    """DistributedDataParallel with the run's [ddp] settings and optional gradient
+    compression (the trainer's world-size factor on the embeddings is unaffected: the
+    hooks average, like DDP itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    d = config.ddp
+    model = DistributedDataParallel(
+        network,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=d.broadcast_buffers,
+        bucket_cap_mb=d.bucket_cap_mb,
+        gradient_as_bucket_view=d.gradient_as_bucket_view,
+        static_graph=d.static_graph,
+        find_unused_parameters=d.find_unused_parameters or find_unused,
+    )
+    if d.comm_hook != "none":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+        model.register_comm_hook(None, hook[d.comm_hook.lower()])
+    return model

@@ -23,9 +23,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from fr_trainer.backbones import create_backbone
+from fr_trainer.backbones.base import init_weights_upstream
 from fr_trainer.backbones.two_head import TwoHeadBackbone
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
+from fr_trainer.heads.update import densify
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
@@ -48,10 +50,13 @@ from fr_trainer.train.run_plan import (
     make_plan,
 )
 from fr_trainer.train.runtime import (
+    configure_backends,
+    prepare_backbone,
     resolve_device,
     resolve_precision,
     seed_everything,
     set_deterministic,
+    wrap_ddp,
 )
 from fr_trainer.train.schedule import PolySchedule
 
@@ -89,6 +94,7 @@ class Trainer:
         self.group = None
         self.precision = resolve_precision(config.train.precision, self.device.type)
         set_deterministic(config.train.deterministic, config.train.threads)
+        configure_backends(self.device, config.train.deterministic)
         self._build_data()
         self._build_model()
         self._build_optimizer()
@@ -135,9 +141,12 @@ class Trainer:
             kwargs["dropout"] = c.model.dropout
         self.backbone_kwargs = kwargs
         backbone = create_backbone(c.model.backbone, **kwargs)
+        if c.model.init == "upstream":
+            init_weights_upstream(backbone)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
+        self.channels_last = prepare_backbone(self.backbone, c, self.device)
         # triplet regularizer (Taha et al. 2020): a second, ranking head on the last feature map
         self.two_head = None
         network = self.backbone
@@ -167,8 +176,7 @@ class Trainer:
         if c.engine.name == "deepspeed":
             self.model = None  # the DeepSpeed engine, built with its optimizer
         elif self.env.is_distributed and self.world_size > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(network, device_ids=ids)
+            self.model = wrap_ddp(network, c, self.device)
         else:
             self.model = network
         seed_everything(c.run.seed * 1000 + self.rank)  # per-rank streams (dropout, ...)
@@ -241,7 +249,13 @@ class Trainer:
             o.power,
             self.samples_per_step,
         )
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaler else None
+        self.scaler = (
+            torch.amp.GradScaler(
+                self.device.type, growth_interval=self.config.train.scaler_growth_interval
+            )
+            if self.precision.scaler
+            else None
+        )
 
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
@@ -446,12 +460,16 @@ class Trainer:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
-    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> float:
-        """Forward and backward of one micro-batch; returns its (unscaled) loss."""
+    def micro_step(self, images: torch.Tensor, labels: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (unscaled) loss, detached,
+        on the device (read once per optimizer step, not per micro-batch)."""
         accumulate = self.config.optim.accumulate
         with self._sync_context(last):
+            images = images.to(self.precision.param_dtype)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with self.precision.autocast(self.device):
-                output = self.model(images.to(self.precision.param_dtype))
+                output = self.model(images)
             embeddings, second = output if self.two_head is not None else (output, None)
             # the head's and the regularizers' losses are replicated over the ranks and give
             # the exact gradient for the local rows: x world size turns DDP's mean into a sum
@@ -465,7 +483,7 @@ class Trainer:
                     self.model.step()  # before the boundary: only counts the micro-step
             else:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-        return float(loss.detach())
+        return loss.detach()
 
     def _regularized_loss(
         self, embeddings: torch.Tensor, second: torch.Tensor | None, labels: torch.Tensor
@@ -489,7 +507,8 @@ class Trainer:
         for i in range(accumulate):
             images, labels = self.stream.next()
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
-        loss = sum(losses) / accumulate
+        # the step's one host synchronisation: the non-finite policy needs the value
+        loss = float(torch.stack(losses).sum()) / accumulate
         lr = self.schedule.apply()
         if not math.isfinite(loss):  # identical on every rank: a consistent decision
             self.optimizer.zero_grad(set_to_none=True)
@@ -497,13 +516,16 @@ class Trainer:
             self.schedule.advance()
             return StepResult(loss, lr, True, None)
         self._nonfinite_run = 0
+        if self.config.head.update == "dense":
+            densify(self.head)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = None
         if self.config.optim.clip_grad_norm > 0:
+            sharded = list(self.head.parameters()) + [p for _, p in self._regularizer_params()]
             norm = clip_global_norm(
                 self._replicated_params(),
-                list(self.head.parameters()) + [p for _, p in self._regularizer_params()],
+                sharded if self.config.optim.clip_scope == "all" else [],
                 self.config.optim.clip_grad_norm,
                 self.group,
             )
