@@ -21,6 +21,9 @@
 #   --rdzv-id ID             job id shared by all nodes (default: $SLURM_JOB_ID or fr_trainer)
 #   --max-restarts K         elastic restarts of the worker group (default 0)
 #   --monitor-interval S     seconds between worker health checks (torchrun default 0.1)
+#   --rdzv-conf K=V[,K=V]    rendezvous settings, e.g. last_call_timeout=5 (how long an
+#                            elastic round waits for more nodes once MIN have joined;
+#                            torchrun's default is 30 s)
 #   --ifname IFACE           network interface for NCCL and gloo (exports NCCL_SOCKET_IFNAME
 #                            and GLOO_SOCKET_IFNAME), e.g. eth0, ib0, ^lo,docker
 #   --dry-run                print the exact command and exit
@@ -31,7 +34,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "launch/torchrun.sh: $*" >&2; exit 2; }
 
 nnodes=1 nproc="${FR_NPROC_PER_NODE:-}" node_rank="" addr="" port=29500
-rdzv_id="${SLURM_JOB_ID:-fr_trainer}" max_restarts=0 monitor="" ifname="" dry_run=0
+rdzv_id="${SLURM_JOB_ID:-fr_trainer}" max_restarts=0 monitor="" ifname="" dry_run=0 rdzv_conf=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --nnodes) nnodes="${2:?--nnodes needs a value}"; shift 2 ;;
@@ -43,6 +46,7 @@ while [ $# -gt 0 ]; do
     --rdzv-id) rdzv_id="${2:?--rdzv-id needs a value}"; shift 2 ;;
     --max-restarts) max_restarts="${2:?--max-restarts needs a value}"; shift 2 ;;
     --monitor-interval) monitor="${2:?--monitor-interval needs a value}"; shift 2 ;;
+    --rdzv-conf) rdzv_conf="${2:?--rdzv-conf needs K=V[,K=V]}"; shift 2 ;;
     --ifname) ifname="${2:?--ifname needs a value}"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -96,6 +100,7 @@ else
     die "--node-rank is assigned by the rendezvous when --nnodes is a range ($nnodes); drop it"
   fi
   cmd+=(--rdzv-backend=c10d "--rdzv-endpoint=$addr:$port" "--rdzv-id=$rdzv_id")
+  [ -n "$rdzv_conf" ] && cmd+=("--rdzv-conf=$rdzv_conf")
 fi
 [ "$max_restarts" -gt 0 ] && cmd+=("--max-restarts=$max_restarts")
 [ -n "$monitor" ] && cmd+=("--monitor-interval=$monitor")
