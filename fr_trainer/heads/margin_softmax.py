@@ -26,6 +26,13 @@ With `chunk_size` the logits are built block by block (forward) and rebuilt bloc
 With `index` (Partial-FC sampling) only the rows `w[index]` take part; their gradient is
 returned as a sparse COO tensor, so the optimizer can leave every other centre, and its
 state, untouched.
+
+Mixed precision (`compute_dtype` bf16 or fp16, fp32 master centres): the three GEMMs run
+on 16-bit copies of x^ and w, and the [G, C_local] logit buffer (then the gradient H) is
+16-bit, half the memory of fp32. Everything that decides the loss's accuracy stays fp32:
+the norms, the target cosines (row dots of the fp32 operands) and target logits, the row
+maxima, the sums of exponentials (exponentials are taken on fp32 scratch blocks), the
+log-sum-exp, the radial coefficients, and the gradients handed back to x and w.
 """
 
 from __future__ import annotations
@@ -57,11 +64,17 @@ def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int
     return [(start, min(start + step, num_cols)) for start in range(0, num_cols, step)]
 
 
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16-bit logits, else the logits' own dtype."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
-    """sum_j exp(z_ij - m_i) [G] without modifying `logits` [G, c]."""
-    floor = exp_floor(logits.dtype)
-    out = logits.new_empty(logits.shape[0])
-    scratch = logits.new_empty(_row_blocks(*logits.shape)[0][1], logits.shape[1])
+    """sum_j exp(z_ij - m_i) [G] without modifying `logits` [G, c] (fp32 for 16-bit logits)."""
+    dtype = _accumulation_dtype(logits.dtype)
+    floor = exp_floor(dtype)
+    out = row_max.new_empty(logits.shape[0])
+    scratch = logits.new_empty(_row_blocks(*logits.shape)[0][1], logits.shape[1], dtype=dtype)
     for start, end in _row_blocks(*logits.shape):
         block = scratch[: end - start]
         torch.sub(logits[start:end], row_max[start:end, None], out=block)
@@ -74,20 +87,29 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
                           column_factor: torch.Tensor, want_radial: bool) -> torch.Tensor | None:
     """In place: logits z [G, c] -> softmax(z) * column_factor [c].
 
-    Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None).
+    Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None). For 16-bit logits
+    the probabilities and the radial sums are fp32; only the result is stored in 16 bits.
     """
-    floor = exp_floor(logits.dtype)
-    radial = logits.new_zeros(logits.shape[1]) if want_radial else None
+    dtype = _accumulation_dtype(logits.dtype)
+    mixed = dtype != logits.dtype
+    floor = exp_floor(dtype)
+    radial = log_sum_exp.new_zeros(logits.shape[1]) if want_radial else None
     blocks = _row_blocks(*logits.shape)
-    scratch = logits.new_empty(blocks[0][1], logits.shape[1])
-    ones = logits.new_ones(blocks[0][1])
+    scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
+    products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if mixed and want_radial else None
+    ones = log_sum_exp.new_ones(blocks[0][1])
     for start, end in blocks:
         z, p = logits[start:end], scratch[: end - start]
         torch.sub(z, log_sum_exp[start:end, None], out=p)
         p.clamp_min_(floor).exp_()
         if radial is not None:
-            z.mul_(p)
-            radial.addmv_(z.t(), ones[: end - start])
+            if products is None:
+                z.mul_(p)
+                radial.addmv_(z.t(), ones[: end - start])
+            else:
+                pz = products[: end - start]
+                torch.mul(p, z, out=pz)
+                radial.addmv_(pz.t(), ones[: end - start])
         torch.mul(p, column_factor, out=z)
     return radial
 
@@ -106,10 +128,12 @@ class _Targets:
 
 
 class _Operands:
-    """Normalised embeddings, the centres in use, their norms and the margin."""
+    """Normalised embeddings, the centres in use, their norms and the margin; `xh_c` and
+    `w_c` are the GEMM operands in the compute dtype (the same tensors when it is the
+    centres' own dtype)."""
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                 margin: Margin) -> None:
+                 margin: Margin, compute_dtype: torch.dtype | None = None) -> None:
         self.margin, self.w, self.b = margin, w, b
         if margin.normalized:
             self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
@@ -118,6 +142,11 @@ class _Operands:
         else:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
+        self.compute_dtype = compute_dtype or w.dtype
+        self.xh_c = self.xh.to(self.compute_dtype)
+        self.w_c = w.to(self.compute_dtype)
+        self.b_c = None if b is None else b.to(self.compute_dtype)
+        self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.compute_dtype)
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
@@ -130,11 +159,11 @@ class _Operands:
 
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
         """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
-        block = torch.mm(self.xh, self.w[start:end].t())
+        block = torch.mm(self.xh_c, self.w_c[start:end].t())
         if self.margin.normalized:
-            block.mul_(self.inv_w_norm[start:end] * scale)
+            block.mul_(self.inv_w_norm_c[start:end] * scale)
         else:
-            block.add_(self.b[start:end])
+            block.add_(self.b_c[start:end])
         return block
 
     def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
@@ -148,7 +177,7 @@ class _Operands:
             cos = self.block_cosines(start, end)
             logits = margin.nontarget_logits(cos.clone(), target_cos)
         rows, cols, _ = tgt.in_block(start, end)
-        logits[rows, cols] = z_t[rows]
+        logits[rows, cols] = z_t[rows].to(logits.dtype)
         return logits, cos
 
 
@@ -158,15 +187,16 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     Inputs: x [G, D] gathered embeddings; weight [C_local, D]; bias [C_local] or None;
     index [S] sorted rows of `weight` in use (sampling) or None; targets [G] long, the
     column of each row's class among the rows in use, -1 where another rank owns it;
-    margin; process group; chunk_size (None: one block, logits kept for backward).
+    margin; process group; chunk_size (None: one block, logits kept for backward);
+    compute_dtype of the GEMMs and the logit buffer (None: the centres' dtype).
     Returns the scalar loss.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size):
+    def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size, compute_dtype=None):
         w = weight if index is None else weight.index_select(0, index)
         b = None if bias is None else (bias if index is None else bias.index_select(0, index))
-        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin)
+        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype)
         num_rows, num_cols = x.shape[0], w.shape[0]
         tgt = _Targets(targets)
 
@@ -182,7 +212,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         maxima, sums, kept = [], [], None
         for start, end in blocks:
             logits, _ = ops.block_logits(start, end, tgt, z_t, target_cos)
-            maxima.append(logits.amax(dim=1))
+            maxima.append(logits.amax(dim=1).to(z_t.dtype))
             sums.append(_sum_exp_rows(logits, maxima[-1]))
             kept = logits if keep_logits else None
         block_max = torch.stack(maxima)
@@ -216,10 +246,14 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             h = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial)
-            grad_xh.addmm_(h, ops.w[start:end])
-            torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+            if h.dtype == grad_xh.dtype:
+                grad_xh.addmm_(h, ops.w[start:end])
+                torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+            else:  # 16-bit GEMMs, results accumulated into the fp32 gradients
+                grad_xh.add_(torch.mm(h, ops.w_c[start:end]))
+                _mm_into_rows(h.t(), ops.xh_c, grad_w[start:end])
             if grad_b is not None:
-                torch.sum(h, dim=0, out=grad_b[start:end])
+                torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
         grad_x = grad_xh
         if normalized:
             xh = ops.xh
@@ -231,7 +265,17 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
             if grad_b is not None:
                 grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+MM_ROWS = 1 << 16  # rows of a 16-bit GEMM result converted at a time (bounds the temporary)
+
+
+def _mm_into_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out [R, D] (fp32) = a [R, G] @ b [G, D] in a's 16-bit dtype, `MM_ROWS` rows at a time."""
+    for start in range(0, a.shape[0], MM_ROWS):
+        end = min(start + MM_ROWS, a.shape[0])
+        out[start:end].copy_(torch.mm(a[start:end], b))
 
 
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
@@ -257,17 +301,34 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
             block_radial.index_add_(0, cols, g_t * cos_t - coef * p_t * ctx.z_t[rows])
             radial[start:end] += block_radial
     else:
-        probs = logits.sub_(ctx.log_sum_exp[:, None]).clamp_min_(exp_floor(logits.dtype)).exp_()
-        probs.mul_(margin.nontarget_grad(cos, ctx.target_cos)).mul_(coef)
-        probs[rows, cols] = g_t
-        if radial is not None:
-            radial[start:end] += (probs * cos).sum(0)
-            probs.mul_(inv_norm)
-    if inv_norm is not None:
-        logits[rows, cols] = g_t * inv_norm[cols]
-    else:
-        logits[rows, cols] = g_t
+        _nonlinear_grad_(logits, cos, rows, cols, g_t, ctx, coef, margin, inv_norm,
+                         None if radial is None else radial[start:end])
+    values = g_t * inv_norm[cols] if inv_norm is not None else g_t
+    logits[rows, cols] = values.to(logits.dtype)
     return logits
+
+
+def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                     g_t: torch.Tensor, ctx, coef: torch.Tensor, margin: Margin,
+                     inv_norm: torch.Tensor | None, radial: torch.Tensor | None) -> None:
+    """In place, for margins whose non-target logits are not `s cos`: logits -> dL/dcos
+    (times 1/||w_j|| when normalised), adding sum_i dL/dcos_ij cos_ij into `radial`.
+    16-bit blocks are processed in fp32 row blocks."""
+    lse = ctx.log_sum_exp
+    floor = exp_floor(_accumulation_dtype(logits.dtype))
+    for start, end in _row_blocks(*logits.shape) if logits.dtype != lse.dtype else [(0, logits.shape[0])]:
+        block, c = logits[start:end], cos[start:end]
+        t_cos = None if ctx.target_cos is None else ctx.target_cos[start:end]
+        probs = block.to(lse.dtype).sub_(lse[start:end, None]).clamp_min_(floor).exp_()
+        probs.mul_(margin.nontarget_grad(c.to(lse.dtype), t_cos)).mul_(coef)
+        inside = (rows >= start) & (rows < end)
+        probs[rows[inside] - start, cols[inside]] = g_t[inside]
+        if radial is not None:
+            radial += (probs * c).sum(0)
+            if inv_norm is not None:
+                probs.mul_(inv_norm)
+        if probs is not block:  # 16-bit logits: store the fp32 result
+            block.copy_(probs)
 
 
 def _sparse_rows(index: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:

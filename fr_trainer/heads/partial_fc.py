@@ -22,6 +22,7 @@ from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_wit
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
+from fr_trainer.heads.precision import check_compute_dtype
 from fr_trainer.heads.sampling import num_sampled, sample_centres
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
@@ -42,6 +43,9 @@ class PartialFC(nn.Module):
         seed: fixes the initial centres (independently of the world size) and, with the
             rank, the negative sampling; None takes `torch.initial_seed()`.
         init_std: standard deviation of the initial centres.
+        compute_dtype: dtype of the GEMMs and the logit buffer (torch.bfloat16 or
+            torch.float16 for mixed precision over fp32 centres; None: the centres' dtype).
+            See `fr_trainer.heads.precision`.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
 
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
@@ -51,7 +55,7 @@ class PartialFC(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, margin: str | Margin = "arcface",
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
-                 **margin_kwargs) -> None:
+                 compute_dtype: torch.dtype | None = None, **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -71,6 +75,7 @@ class PartialFC(nn.Module):
         self.sample_rate = float(sample_rate)
         self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
         self.chunk_size = chunk_size
+        self.compute_dtype = compute_dtype
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std))
         self.bias = nn.Parameter(torch.zeros(self.shard.num_local)) if self.margin.has_bias else None
@@ -91,9 +96,8 @@ class PartialFC(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype not in (torch.float32, torch.float64):
             raise ValueError(
-                f"PartialFC centres are {self.weight.dtype}; keep the head in float32 (AMP keeps "
-                "parameters in float32 and the head casts the embeddings itself): 16-bit logits "
-                "are not supported yet")
+                f"PartialFC centres are {self.weight.dtype}; keep the centres in float32 and set "
+                "compute_dtype=torch.bfloat16 (or float16) for 16-bit GEMMs and logits")
         with torch.autocast(device_type=self.weight.device.type, enabled=False):
             return self._loss(embeddings, labels)
 
@@ -111,8 +115,9 @@ class PartialFC(nn.Module):
                                    self._sampling_generator())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
+        compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self.margin, group, self.chunk_size)
+                                               self.margin, group, self.chunk_size, compute)
 
     def get_extra_state(self) -> dict:
         generator = self._generator
@@ -127,4 +132,4 @@ class PartialFC(nn.Module):
         s = self.shard
         return (f"num_classes={s.num_classes}, shard=[{s.start}, {s.end}) of world {s.world_size}, "
                 f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}, compute_dtype={self.compute_dtype}")
