@@ -8,6 +8,10 @@
 - decode="gpu": workers only read bytes; the main process decodes batches with
   torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU.
 - decode="auto": "gpu" when torchvision and CUDA are present, else "pil".
+
+Every batch also carries the dataset's bad-record notes (`on_bad="skip"`, see
+`fr_trainer.data.bad_records`); the loader hands them to its `BadRecordTally` (if any)
+and yields only `(images, labels)`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
+from fr_trainer.data.bad_records import BadRecordTally, with_skips
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize
 from fr_trainer.data.samplers import DistributedSampler
@@ -31,9 +36,15 @@ class PrefetchLoader:
     """Iterates a DataLoader and delivers normalised batches on `device` one batch ahead."""
 
     def __init__(
-        self, loader: DataLoader, device: torch.device, decode: str, image_size: int
+        self,
+        loader: DataLoader,
+        device: torch.device,
+        decode: str,
+        image_size: int,
+        bad_records: BadRecordTally | None = None,
     ) -> None:
         self.loader, self.device, self.decode, self.image_size = loader, device, decode, image_size
+        self.bad_records = bad_records
 
     @property
     def dataset(self) -> RecordDataset:
@@ -54,6 +65,13 @@ class PrefetchLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _batches(self) -> Iterator[tuple]:
+        """The DataLoader's batches without their bad-record notes (given to the tally)."""
+        for *batch, skips in self.loader:
+            if skips and self.bad_records is not None:
+                self.bad_records.add(skips)
+            yield batch
+
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
         if self.decode == "gpu":
@@ -68,12 +86,12 @@ class PrefetchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for batch in self.loader:
+            for batch in self._batches():
                 yield self._to_device(batch)
             return
         stream = torch.cuda.Stream(self.device)
         pending = None
-        for batch in self.loader:
+        for batch in self._batches():
             with torch.cuda.stream(stream):
                 ready = self._to_device(batch)
             if pending is not None:
@@ -99,9 +117,11 @@ def build_loader(
     drop_last: bool = True,
     batch_sampler: Sampler | None = None,
     prefetch_factor: int = 4,
+    bad_records: BadRecordTally | None = None,
 ) -> PrefetchLoader:
     """A `PrefetchLoader` over `dataset` with a `DistributedSampler(rank, world_size, seed)`
-    (or the given `batch_sampler`, e.g. a `PKBatchSampler`). Sets `dataset.output`."""
+    (or the given `batch_sampler`, e.g. a `PKBatchSampler`). Sets `dataset.output`.
+    `bad_records` counts and caps the records skipped with `dataset.on_bad="skip"`."""
     device = torch.device(device)
     if decode == "auto":
         decode = "gpu" if device.type == "cuda" and gpu_decode_available() else "pil"
@@ -113,7 +133,7 @@ def build_loader(
     kwargs = {
         "num_workers": num_workers,
         "pin_memory": device.type == "cuda",
-        "collate_fn": _collate_bytes if decode == "gpu" else None,
+        "collate_fn": with_skips(_collate_bytes if decode == "gpu" else default_collate, dataset),
     }
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
@@ -124,4 +144,4 @@ def build_loader(
         loader = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs
         )
-    return PrefetchLoader(loader, device, decode, dataset.image_size)
+    return PrefetchLoader(loader, device, decode, dataset.image_size, bad_records)
