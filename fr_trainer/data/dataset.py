@@ -17,7 +17,6 @@ replacement on every run) and noted: `skipped` counts them in this process and
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fr_trainer.data.bad_records import BadRecordError, Skip, check_data_hint
-from fr_trainer.data.decode import decode_rgb, normalize, to_chw_uint8
+from fr_trainer.data.decode import decode_rgb, decoder_text, normalize, to_chw_uint8
 from fr_trainer.data.layout import RecordLayout, read_labels, read_layout
 from fr_trainer.data.recordio import RecordIOError, RecordReader, unpack
 from fr_trainer.data.samplers import groups_from_labels
@@ -46,11 +45,6 @@ def _mix(value: int) -> int:
 def flip_decision(seed: int, epoch: int, index: int) -> bool:
     """Whether sample `index` is flipped in `epoch` (probability 1/2, deterministic)."""
     return bool(_mix(_mix(_mix(seed) ^ epoch) ^ index) >> 63)
-
-
-def _decoder_text(error: Exception) -> str:
-    """The decoder's message without the object address Pillow puts in it."""
-    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or "no message"
 
 
 def default_index_path(rec_path: str | os.PathLike) -> Path:
@@ -178,7 +172,7 @@ class RecordDataset(Dataset):
         except Exception as error:  # noqa: BLE001 - any decoder failure names the record
             raise RecordIOError(
                 f"{self._where(key)}: image of {len(data)} bytes does not decode "
-                f"({type(error).__name__}: {_decoder_text(error)})"
+                f"({type(error).__name__}: {decoder_text(error)})"
             ) from None
         image = to_chw_uint8(pixels, flip)
         return (normalize(image) if self.output == "float" else image), label

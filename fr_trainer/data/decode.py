@@ -6,6 +6,7 @@ Training images are normalised to `(x / 255 - 0.5) / 0.5`, i.e. `x / 127.5 - 1`,
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -24,6 +25,11 @@ def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image)
+
+
+def decoder_text(error: Exception) -> str:
+    """A decoder error's message without the object address Pillow puts in it."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or "no message"
 
 
 def to_chw_uint8(pixels: np.ndarray, flip: bool) -> torch.Tensor:
