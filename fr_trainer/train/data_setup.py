@@ -40,9 +40,10 @@ def check_data_root(config: Config) -> Path:
     idx = rec.with_suffix(".idx")
     present = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
     if not rec.is_file():
+        missing = [p.name for p in (rec, idx) if not p.is_file()]
         raise ConfigError(
-            f"data.root={str(root)!r} has no {rec.name} (it holds: {present}); set data.rec to "
-            "the .rec file name or pack the data with `fr-trainer pack IMAGE_DIR OUT_DIR`"
+            f"data.root={str(root)!r} has no {' / '.join(missing)} (it holds: {present}); set "
+            "data.rec to the .rec file name or pack the data with `fr-trainer pack IMAGE_DIR OUT_DIR`"
         )
     if not idx.is_file():
         raise ConfigError(
