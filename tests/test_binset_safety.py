@@ -8,7 +8,6 @@ import builtins
 import io
 import os
 import pickle
-
 import struct
 
 import numpy as np
@@ -101,7 +100,8 @@ def test_pickled_object_arrays_are_refused(tmp_path) -> None:
 def test_find_bins_names_only(tmp_path) -> None:
     marker = tmp_path / "marker"
     _crafted(tmp_path / "evil.bin", marker, "open")
-    (tmp_path / "lfw.bin").write_bytes(python2_pickle([encode_image(np.zeros((112, 112, 3), np.uint8), "PNG")] * 2, [True]))
+    png = encode_image(np.zeros((112, 112, 3), np.uint8), "PNG")
+    (tmp_path / "lfw.bin").write_bytes(python2_pickle([png, png], [True]))
     assert find_bins(tmp_path, []) == []
     assert find_bins(tmp_path, ["lfw", "evil.bin"]) == [tmp_path / "lfw.bin", tmp_path / "evil.bin"]
     with pytest.raises(ConfigError, match=r"eval.bins names 'cfp_fp' but .*cfp_fp\.bin does not exist.*evil, lfw"):

@@ -10,7 +10,7 @@ import re
 
 import pytest
 import torch
-from rec_helpers import corrupt, image_offset, labels_of, shrink_payload, write_rec
+from rec_helpers import corrupt, image_offset, jpeg, labels_of, shrink_payload, write_rec
 from test_train_support import config_dict, make_trainer
 
 from fr_trainer.data.bad_records import BadRecordError, BadRecordTally, TooManyBadRecords
@@ -185,3 +185,49 @@ def test_reindex_rebuilds_the_index_and_keeps_it_on_a_damaged_rec(tmp_path, caps
     assert pack_main(["--reindex", str(rec)]) == 1
     assert idx.read_text() == original and "bad magic" in capsys.readouterr().out
     assert pack_main(["--reindex", str(tmp_path / "none.rec")]) == 2
+
+
+def _fake_nvjpeg(datas, device, size):
+    """Stands in for nvJPEG on a CPU machine: refuses the whole batch when one image is bad."""
+    from fr_trainer.data.decode import decode_rgb
+
+    try:
+        pixels = [decode_rgb(data.numpy().tobytes(), size) for data in datas]
+    except Exception as error:
+        raise RuntimeError(f"nvjpeg: decode failed ({error})") from None
+    return torch.stack([torch.from_numpy(p.copy()).permute(2, 0, 1) for p in pixels]).to(device)
+
+
+def _gpu_path_loader(dataset, tally, monkeypatch):
+    """The decode="gpu" PrefetchLoader on the CPU, its nvJPEG faked."""
+    from torch.utils.data import DataLoader
+
+    from fr_trainer.data import loader as loader_module
+    from fr_trainer.data.bad_records import with_skips
+
+    monkeypatch.setattr(loader_module, "decode_jpeg_batch_gpu", _fake_nvjpeg)
+    dataset.output = "bytes"
+    data_loader = DataLoader(dataset, batch_size=4, collate_fn=with_skips(loader_module._collate_bytes, dataset))
+    return loader_module.PrefetchLoader(data_loader, torch.device("cpu"), "gpu", 112, tally)
+
+
+def test_gpu_decode_path_finds_the_bad_image_of_a_refused_batch(tmp_path, monkeypatch) -> None:
+    from fr_trainer.data.decode import jpeg_problem
+
+    truncated = jpeg(color=(90, 20, 200))[:300]
+    assert jpeg_problem(truncated) is None  # its header is fine: only a full decode finds it
+    labels = labels_of(CLASSES, PER_CLASS)
+    rec = write_rec(tmp_path / "a", labels, {6: truncated})
+    offset = image_offset(rec, 6)
+    with pytest.raises(BadRecordError, match=rf"index 6: .*key 7 at offset {offset}: image of 300 bytes does not"):
+        list(_gpu_path_loader(RecordDataset(rec, flip=False), None, monkeypatch))  # found by the fallback
+    rec = write_rec(tmp_path / "b", labels, {1: b"\xff\xd8 not a jpeg", 6: truncated})
+    with pytest.raises(BadRecordError, match=r"index 1: .*key 2 at offset \d+: image of 13 bytes"):
+        list(_gpu_path_loader(RecordDataset(rec, flip=False), None, monkeypatch))  # by the header check
+    tally = BadRecordTally(len(labels), 0.5, 0, rec)
+    batches = list(_gpu_path_loader(RecordDataset(rec, flip=False, on_bad="skip"), tally, monkeypatch))
+    assert sorted(tally.reasons) == [1, 6] and {tuple(images.shape) for images, _ in batches} == {(4, 3, 112, 112)}
+    got = torch.cat([batch_labels for _, batch_labels in batches]).tolist()
+    expected = [int(x) for x in labels]
+    expected[1], expected[6] = expected[2], expected[7]  # each replaced by the next good image
+    assert got == expected

@@ -2,7 +2,8 @@
 
 Each item is `(image, label)`: image float32 [3,H,W] normalised to `(x/255-0.5)/0.5` (or
 uint8 [3,H,W] with `output="uint8"`, normalised later on the device by the loader, or the
-encoded bytes with `output="bytes"` for GPU decode), label an int64 scalar tensor. The
+encoded bytes with `output="bytes"` for GPU decode: then `(bytes, label, flip, index)`, the
+JPEG header checked), label an int64 scalar tensor. The
 horizontal flip is a pure function of (seed, epoch, index), so it does not depend on the
 number of workers; call `set_epoch` before each epoch's iterator is created.
 
@@ -24,7 +25,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fr_trainer.data.bad_records import BadRecordError, Skip, check_data_hint
-from fr_trainer.data.decode import decode_rgb, decoder_text, normalize, to_chw_uint8
+from fr_trainer.data.decode import decode_rgb, decoder_text, jpeg_problem, normalize, to_chw_uint8
 from fr_trainer.data.layout import RecordLayout, read_labels, read_layout
 from fr_trainer.data.recordio import RecordIOError, RecordReader, unpack
 from fr_trainer.data.samplers import groups_from_labels
@@ -146,9 +147,14 @@ class RecordDataset(Dataset):
         try:
             return self._load(index)
         except RecordIOError as error:
-            raise BadRecordError(self._bad_message(index, error)) from None
+            raise BadRecordError(self.bad_message(index, error)) from None
 
-    def _bad_message(self, index: int, error: Exception) -> str:
+    def where(self, index: int) -> str:
+        """`FILE: key K at offset O` of image `index`."""
+        return self._where(int(self.layout.image_keys[index]))
+
+    def bad_message(self, index: int, error: Exception | str) -> str:
+        """The one-line `BadRecordError` message for image `index`: what is wrong, and the fix."""
         return (
             f"bad training record at index {index}: {error}; list every bad record with "
             f"{check_data_hint(self.reader.rec_path)}, or skip them with data.on_bad=skip "
@@ -165,8 +171,12 @@ class RecordDataset(Dataset):
             raise RecordIOError(f"{self._where(key)}: {error}") from None
         label = torch.tensor(self._label(key, header.label), dtype=torch.int64)
         flip = self.flip and flip_decision(self.seed, self.epoch, index)
-        if self.output == "bytes":
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, torch.tensor(flip)
+        if self.output == "bytes":  # decoded later on the GPU: check what the header can tell
+            problem = jpeg_problem(data)
+            if problem is not None:
+                raise RecordIOError(f"{self._where(key)}: {problem}")
+            data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return data, label, torch.tensor(flip), torch.tensor(index, dtype=torch.int64)
         try:
             pixels = decode_rgb(data, self.image_size)
         except Exception as error:  # noqa: BLE001 - any decoder failure names the record
@@ -191,7 +201,7 @@ class RecordDataset(Dataset):
                 return self._load(current)
             except RecordIOError as error:
                 if self.on_bad == "error":
-                    raise BadRecordError(self._bad_message(current, error)) from None
+                    raise BadRecordError(self.bad_message(current, error)) from None
                 self.skipped += 1
                 self._notes.append((current, str(error)))
         raise BadRecordError(

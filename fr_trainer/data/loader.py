@@ -5,8 +5,10 @@
 
 - decode="pil": DataLoader workers decode with Pillow and flip; uint8 batches are pinned,
   copied (on CUDA, one batch ahead on a side stream) and normalised on the device.
-- decode="gpu": workers only read bytes; the main process decodes batches with
-  torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU.
+- decode="gpu": workers only read bytes (and check the JPEG header); the main process decodes
+  batches with torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU. A batch
+  nvJPEG refuses is decoded again on the CPU to find the bad image: the record's error
+  (dataset.on_bad="error"), or (on_bad="skip") it is replaced by the next good image of the batch.
 - decode="auto": "gpu" when torchvision and CUDA are present, else "pil".
 
 Every batch also carries the dataset's bad-record notes (`on_bad="skip"`, see
@@ -21,15 +23,15 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
-from fr_trainer.data.bad_records import BadRecordTally, with_skips
+from fr_trainer.data.bad_records import BadRecordError, BadRecordTally, with_skips
 from fr_trainer.data.dataset import RecordDataset
-from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize
+from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize, undecodable
 from fr_trainer.data.samplers import DistributedSampler
 
 
-def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    datas, labels, flips = zip(*items)
-    return list(datas), torch.stack(labels), torch.stack(flips)
+def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    datas, labels, flips, indices = zip(*items)
+    return list(datas), torch.stack(labels), torch.stack(flips), torch.stack(indices)
 
 
 class PrefetchLoader:
@@ -75,14 +77,36 @@ class PrefetchLoader:
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
         if self.decode == "gpu":
-            datas, labels, flips = batch
-            images = decode_jpeg_batch_gpu(datas, self.device, self.image_size)
+            images, labels, flips = self._decode_gpu(*batch)
             flips = flips.to(self.device, non_blocking=non_blocking)
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         else:
             images, labels = batch
             images = images.to(self.device, non_blocking=non_blocking)
         return normalize(images), labels.to(self.device, non_blocking=non_blocking)
+
+    def _decode_gpu(
+        self, datas: list[torch.Tensor], labels: torch.Tensor, flips: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """nvJPEG decode; a refused batch is searched for its bad images (see the module doc)."""
+        try:
+            return decode_jpeg_batch_gpu(datas, self.device, self.image_size), labels, flips
+        except Exception:
+            bad = undecodable(datas)
+            if not bad:  # every image decodes on the CPU: not a data problem
+                raise
+        dataset = self.dataset
+        notes = [(int(indices[p]), f"{dataset.where(int(indices[p]))}: {reason}") for p, reason in bad]
+        broken = {p for p, _ in bad}
+        if dataset.on_bad == "error" or len(broken) == len(datas):
+            index, reason = notes[0]
+            raise BadRecordError(dataset.bad_message(index, reason))
+        if self.bad_records is not None:
+            self.bad_records.add(notes)
+        size = len(datas)
+        order = [next((p + s) % size for s in range(size) if (p + s) % size not in broken) for p in range(size)]
+        datas = [datas[p] for p in order]
+        return decode_jpeg_batch_gpu(datas, self.device, self.image_size), labels[order], flips[order]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":

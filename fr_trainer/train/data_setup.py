@@ -17,8 +17,8 @@ import torch
 
 from fr_trainer.data.bad_records import BadRecordTally
 from fr_trainer.data.dataset import RecordDataset
-from fr_trainer.data.recordio import RecordIOError
 from fr_trainer.data.loader import PrefetchLoader, build_loader
+from fr_trainer.data.recordio import RecordIOError
 from fr_trainer.data.samplers import PKBatchSampler
 from fr_trainer.train.config import Config, ConfigError
 
