@@ -8,15 +8,17 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
 import torch
-from rec_helpers import corrupt, image_offset, jpeg, labels_of, shrink_payload, write_rec
+from rec_helpers import corrupt, image_offset, labels_of, shrink_payload, write_rec
 from test_train_support import config_dict, make_trainer
 
 from fr_trainer.data.bad_records import BadRecordError, BadRecordTally, TooManyBadRecords
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.loader import build_loader
 from fr_trainer.data.pack_cli import main as pack_main
+from fr_trainer.eval.binset import encode_image
 from fr_trainer.train.cli import main as train_main
 from fr_trainer.train.config import ConfigError, config_from_dict
 from fr_trainer.train.data_setup import open_dataset
@@ -214,12 +216,13 @@ def _gpu_path_loader(dataset, tally, monkeypatch):
 def test_gpu_decode_path_finds_the_bad_image_of_a_refused_batch(tmp_path, monkeypatch) -> None:
     from fr_trainer.data.decode import jpeg_problem
 
-    truncated = jpeg(color=(90, 20, 200))[:300]
+    noise = np.random.default_rng(0).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+    truncated = encode_image(noise, "JPEG")[:3000]  # cut in the entropy-coded data
     assert jpeg_problem(truncated) is None  # its header is fine: only a full decode finds it
     labels = labels_of(CLASSES, PER_CLASS)
     rec = write_rec(tmp_path / "a", labels, {6: truncated})
     offset = image_offset(rec, 6)
-    with pytest.raises(BadRecordError, match=rf"index 6: .*key 7 at offset {offset}: image of 300 bytes does not"):
+    with pytest.raises(BadRecordError, match=rf"index 6: .*key 7 at offset {offset}: image of 3000 bytes does not"):
         list(_gpu_path_loader(RecordDataset(rec, flip=False), None, monkeypatch))  # found by the fallback
     rec = write_rec(tmp_path / "b", labels, {1: b"\xff\xd8 not a jpeg", 6: truncated})
     with pytest.raises(BadRecordError, match=r"index 1: .*key 2 at offset \d+: image of 13 bytes"):
