@@ -112,6 +112,18 @@ def test_identity_records_that_do_not_tile_the_images(tmp_path) -> None:
     assert any("class 1 starts at image key 4, expected 3" in text for text in report.problems)
 
 
+def test_file_without_header_uses_every_key(tmp_path) -> None:
+    from fr_trainer.data.recordio import IRHeader, RecordWriter, pack
+
+    with RecordWriter(tmp_path / "train.rec", tmp_path / "train.idx") as writer:
+        for key, label in enumerate([0.0, 1.0, -1.0, 2.5, 3.0]):
+            writer.write(key, pack(IRHeader(0, label, key, 0), jpeg()))
+    report = check_dataset(tmp_path, workers=0)
+    assert not report.insightface and report.images == 5 and report.classes == 4
+    assert [(bad.index, bad.key) for bad in report.bad] == [(2, 2), (3, 3)]
+    assert all("is not a class index" in bad.reason for bad in report.bad)
+
+
 def test_bad_arguments_exit_2(tmp_path, capsys) -> None:
     assert check_main([str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err
