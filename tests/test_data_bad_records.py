@@ -136,7 +136,7 @@ def test_skip_policy_stops_past_max_bad_fraction(tmp_path, capsys) -> None:
     path.write_text(json.dumps(_train_cfg(rec.parent, tmp_path / "cli", on_bad="skip", max_bad_fraction=0.01)))
     assert train_main([str(path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fr-trainer train: error: rank 0: 1 bad records skipped") and "\n" not in err
+    assert err.startswith("fr-trainer train: error: rank 0: 1 bad record skipped") and "\n" not in err
 
 
 def test_error_policy_in_training_is_one_line_with_exit_status_2(tmp_path, capsys) -> None:

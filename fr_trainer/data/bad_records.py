@@ -115,7 +115,8 @@ class BadRecordTally:
             self._log(index, reason)
         if skips and self.fraction > self.max_fraction:
             raise TooManyBadRecords(
-                f"rank {self.rank}: {self.count} bad records skipped out of {self.num_records} "
+                f"rank {self.rank}: {self.count} bad record{'s' if self.count != 1 else ''} skipped out of "
+                f"{self.num_records} "
                 f"({self.fraction:.2%}), more than data.max_bad_fraction={self.max_fraction:g}; the "
                 f"data is damaged: list the bad records with {check_data_hint(self.rec_path)} and "
                 "repack the data, or raise data.max_bad_fraction"

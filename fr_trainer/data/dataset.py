@@ -157,8 +157,7 @@ class RecordDataset(Dataset):
         """The one-line `BadRecordError` message for image `index`: what is wrong, and the fix."""
         return (
             f"bad training record at index {index}: {error}; list every bad record with "
-            f"{check_data_hint(self.reader.rec_path)}, or skip them with data.on_bad=skip "
-            "(RecordDataset(on_bad='skip'))"
+            f"{check_data_hint(self.reader.rec_path)}, or skip them with data.on_bad=skip"
         )
 
     def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
