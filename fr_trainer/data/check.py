@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import sys
 import time
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,17 +79,17 @@ class CheckReport:
 
 
 # --------------------------------------------------------------------------- index vs .rec
-def _walk(rec: Path, report: CheckReport) -> set[int] | None:
-    """Offsets of the records of `rec` (None when the walk stopped at corruption)."""
-    starts: set[int] = set()
+def _walk(rec: Path, report: CheckReport) -> np.ndarray | None:
+    """Offsets of the records of `rec`, ascending (None when the walk stopped at corruption)."""
+    starts = array("q")
     try:
         for offset, _ in scan_records(rec):
-            starts.add(offset)
+            starts.append(offset)
     except RecordIOError as error:
         report.problem(f"the .rec is damaged after {len(starts)} records: {error}")
         return None
     report.records_in_rec = len(starts)
-    return starts
+    return np.frombuffer(starts, dtype=np.int64)
 
 
 def check_index(rec: Path, idx: Path, report: CheckReport) -> bool:
@@ -101,20 +102,25 @@ def check_index(rec: Path, idx: Path, report: CheckReport) -> bool:
     report.records_in_index = len(keys)
     starts = _walk(rec, report)
     size = rec.stat().st_size
-    owner: dict[int, int] = {}
+    listed = np.fromiter((offsets[key] for key in keys), dtype=np.int64, count=len(keys))
     usable = True
-    for key in keys:
-        offset = offsets[key]
-        if offset + 8 > size:
-            report.problem(f"{idx}: key {key} points at offset {offset}, past the end of {rec} ({size} bytes)")
-            usable = False
-        elif starts is not None and offset not in starts:
-            report.problem(f"{idx}: key {key} points at offset {offset}, which is not the start of a record")
-        if offset in owner:
-            report.problem(f"{idx}: keys {owner[offset]} and {key} both point at offset {offset}")
-        owner.setdefault(offset, key)
-    if starts is not None and len(starts) != len(keys):
-        report.problem(f"{idx} lists {len(keys)} records but {rec} holds {len(starts)}")
+    for row in np.flatnonzero(listed + 8 > size).tolist():
+        report.problem(f"{idx}: key {keys[row]} points at offset {listed[row]}, past the end of {rec} ({size} bytes)")
+        usable = False
+    if starts is not None:
+        strays = listed + 8 <= size  # (those past the end are reported above)
+        if starts.size:
+            slot = np.minimum(np.searchsorted(starts, listed), starts.size - 1)
+            strays &= starts[slot] != listed
+        for row in np.flatnonzero(strays).tolist():
+            report.problem(f"{idx}: key {keys[row]} points at offset {listed[row]}, which is not the start of a record")
+    order = np.argsort(listed, kind="stable")
+    ordered = listed[order]
+    for j in np.flatnonzero(ordered[1:] == ordered[:-1]).tolist():
+        a, b = int(order[j]), int(order[j + 1])
+        report.problem(f"{idx}: keys {keys[a]} and {keys[b]} both point at offset {listed[a]}")
+    if starts is not None and starts.size != len(keys):
+        report.problem(f"{idx} lists {len(keys)} records but {rec} holds {starts.size}")
     return usable
 
 
@@ -183,10 +189,10 @@ def plan_checks(reader: RecordReader, report: CheckReport) -> _Plan:
 
 
 # --------------------------------------------------------------------------- records
-_READER: RecordReader | None = None
+_READER: RecordReader | None = None  # the reader of a worker process (inherited when forked)
 
 
-def _init_worker(rec: str, idx: str) -> None:
+def _open_reader(rec: str, idx: str) -> None:
     global _READER  # noqa: PLW0603 - one reader per worker process
     _READER = RecordReader(rec, idx)
 
@@ -265,14 +271,20 @@ class _Progress:
             self._bar.close()
 
 
-def _map(function: Callable, tasks: list[tuple], workers: int, rec: Path, idx: Path) -> Iterator:
+def _map(function: Callable, tasks: list[tuple], workers: int, reader: RecordReader) -> Iterator:
+    """`function` over `tasks` in `workers` processes, each reading through `reader` (forked:
+    shared with the parent, so a big index is parsed once; spawned: opened again)."""
+    global _READER  # noqa: PLW0603 - handed to the forked workers
+    _READER = reader
     if workers <= 1 or len(tasks) <= 1:
-        _init_worker(str(rec), str(idx))
         yield from map(function, tasks)
         return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    with context.Pool(workers, initializer=_init_worker, initargs=(str(rec), str(idx))) as pool:
+    if "fork" in multiprocessing.get_all_start_methods():
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    else:
+        args = (str(reader.rec_path), str(reader.idx_path))
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_open_reader, initargs=args)
+    with pool:
         yield from pool.imap_unordered(function, tasks)
 
 
@@ -304,7 +316,7 @@ def check_dataset(
     if check_index(rec, idx, report):
         with RecordReader(rec, idx) as reader:
             plan = plan_checks(reader, report)
-        _check_records(plan, report, rec, idx, workers, progress, chunk_size)
+            _check_records(plan, report, reader, workers, progress, chunk_size)
     report.bad.sort(key=lambda bad: bad.index)
     report.seconds = round(time.perf_counter() - start, 3)
     return report
@@ -313,8 +325,7 @@ def check_dataset(
 def _check_records(
     plan: _Plan,
     report: CheckReport,
-    rec: Path,
-    idx: Path,
+    reader: RecordReader,
     workers: int | None,
     progress: bool,
     chunk_size: int | None,
@@ -326,7 +337,7 @@ def _check_records(
     bar = _Progress(count, progress)
     top = -1
     try:
-        for checked, bad, chunk_top in _map(_check_chunk, tasks, workers, rec, idx):
+        for checked, bad, chunk_top in _map(_check_chunk, tasks, workers, reader):
             report.checked += checked
             report.bad.extend(bad)
             top = max(top, chunk_top)
