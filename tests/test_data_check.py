@@ -124,6 +124,16 @@ def test_file_without_header_uses_every_key(tmp_path) -> None:
     assert all("is not a class index" in bad.reason for bad in report.bad)
 
 
+def test_broken_header_is_one_problem_and_the_images_are_still_checked(tmp_path) -> None:
+    rec = write_rec(tmp_path, labels_of(2, 3), {4: b"junk"})
+    corrupt(rec, 0, b"XXXX")  # the magic of the header record 0
+    report = check_dataset(tmp_path, workers=0)
+    assert len(report.problems) == 2  # the header, and the .rec walk that stops at it
+    assert any("record 0 (the header) does not read" in text for text in report.problems)
+    assert [(bad.index, bad.key) for bad in report.bad] == [(4, 5)]  # identity records not flagged
+    assert "does not decode" in report.bad[0].reason
+
+
 def test_bad_arguments_exit_2(tmp_path, capsys) -> None:
     assert check_main([str(tmp_path / "nowhere")]) == 2
     assert "is not a directory" in capsys.readouterr().err

@@ -162,12 +162,13 @@ def _identity_classes(ranges: np.ndarray, num_images: int, report: CheckReport) 
 
 def plan_checks(reader: RecordReader, report: CheckReport) -> _Plan:
     """The image keys and their classes, from the insightface header (or every key)."""
-    header, image = None, b""
+    header, image, skip_zero = None, b"", False
     if 0 in reader:
         try:
             header, image = unpack(reader.read(0))
         except RecordIOError as error:
             report.problem(f"record 0 (the header) does not read: {error}")
+            skip_zero = True
     if header is not None and header.flag >= 2 and not image:
         try:
             layout = read_layout(reader)
@@ -182,9 +183,10 @@ def plan_checks(reader: RecordReader, report: CheckReport) -> _Plan:
             else:
                 expected = _identity_classes(layout.identity_ranges, keys.size, report)
             return _Plan(keys, expected, layout.num_classes)
-        keys = np.asarray([key for key in reader.keys if key != 0], dtype=np.int64)
-    else:
-        keys = np.asarray(reader.keys, dtype=np.int64)
+        skip_zero = True
+    # without a usable header every other key is checked; records with an array label and no
+    # image bytes (identity records) are not images then (see _record_problem)
+    keys = np.asarray([key for key in reader.keys if not (skip_zero and key == 0)], dtype=np.int64)
     return _Plan(keys, np.full(keys.size, -1, dtype=np.int64), None)
 
 
@@ -205,6 +207,8 @@ def _record_problem(
         header, data = unpack(reader.read(key))
     except RecordIOError as error:
         return str(error), -1
+    if num_classes is None and header.flag >= 2 and not data:
+        return None, -1  # an identity record of a file whose header is unusable: not an image
     raw = header.label if np.ndim(header.label) == 0 else np.asarray(header.label).reshape(-1)[0]
     value = float(raw)
     if value != int(value) or value < 0:
