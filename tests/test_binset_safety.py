@@ -113,8 +113,16 @@ def test_find_bins_names_only(tmp_path) -> None:
     assert not marker.exists()
 
 
-def test_training_opens_only_the_named_sets(tmp_path) -> None:
-    data = make_data_with_pairs(tmp_path / "data")
+@pytest.fixture(scope="module")
+def pairs_data(tmp_path_factory):
+    return make_data_with_pairs(tmp_path_factory.mktemp("data"))
+
+
+def test_training_opens_only_the_named_sets(tmp_path, pairs_data) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.rec", "train.idx", "synth_val.bin"):
+        (data / name).symlink_to(pairs_data / name)
     marker = tmp_path / "marker"
     _crafted(data / "planted.bin", marker, "system")
     cfg = config_dict(data, tmp_path / "out", train={"max_steps": 1}, eval={"every_steps": 0, "at_end": True})
@@ -127,4 +135,16 @@ def test_training_opens_only_the_named_sets(tmp_path) -> None:
     assert set(summary["verification"]) == {"synth_val"}
     with pytest.raises(ConfigError, match=r"eval.bins: .*planted\.bin: refused to load"):
         make_trainer(0, 1, {**named, "eval": {**named["eval"], "bins": ["planted"]}})
+    assert not marker.exists()
+
+
+def test_verify_command_refuses_a_crafted_bin(tmp_path, capsys, pairs_data) -> None:
+    """The issue's case: `fr-trainer verify MODEL --bin crafted.bin` ran the payload."""
+    from fr_trainer.eval.cli import verify_main
+
+    make_trainer(0, 1, config_dict(pairs_data, tmp_path / "out", train={"max_steps": 1})).fit()
+    marker = tmp_path / "marker"
+    _crafted(tmp_path / "crafted.bin", marker, "system")
+    assert verify_main([str(tmp_path / "out" / "t"), "--bin", str(tmp_path / "crafted.bin"), "--quiet"]) == 1
+    assert "crafted.bin: refused to load: it asks for posix.system" in capsys.readouterr().err
     assert not marker.exists()
