@@ -234,3 +234,25 @@ def test_gpu_decode_path_finds_the_bad_image_of_a_refused_batch(tmp_path, monkey
     expected = [int(x) for x in labels]
     expected[1], expected[6] = expected[2], expected[7]  # each replaced by the next good image
     assert got == expected
+
+
+def _rank_skips(rank: int, world_size: int, cfg: dict) -> dict:
+    trainer = make_trainer(rank, world_size, cfg)
+    trainer.fit()
+    shard = sorted(int(i) for i in trainer.loader.sampler.indices())
+    return {"skipped": sorted(trainer.loader.bad_records.reasons), "shard": shard}
+
+
+def test_every_rank_counts_the_bad_records_of_its_shard(tmp_path) -> None:
+    from fr_trainer.distributed.spawn import run_ranks
+
+    rec = _set_with_bad_jpeg(tmp_path / "data", bad=(2, 17))
+    cfg = config_dict(rec.parent, tmp_path / "out", data={"batch_size": 4, "num_workers": 0, "on_bad": "skip",
+                                                          "max_bad_fraction": 0.1}, train={"max_steps": 3})
+    results = run_ranks(_rank_skips, 2, cfg)  # 3 steps x 4 x 2 ranks = the epoch of 24
+    for rank, result in enumerate(results):
+        assert result["skipped"] == [i for i in (2, 17) if i in result["shard"]], rank
+        log = tmp_path / "out" / "t" / f"bad_records.rank{rank}.jsonl"
+        logged = [json.loads(line)["index"] for line in log.read_text().splitlines()] if log.exists() else []
+        assert sorted(logged) == result["skipped"]
+    assert [result["skipped"] for result in results] == [[2], [17]]  # seed 3: one in each shard

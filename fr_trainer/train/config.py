@@ -44,7 +44,7 @@ class DataConfig:
     sampler: str = "random"  # random | pk (P classes x K images per rank; P = batch_size / pk_k)
     pk_k: int = 4  # K of the P x K sampler
     on_bad: str = "error"  # error (stop, naming the record) | skip (replace by the next good one)
-    max_bad_fraction: float = 0.001  # on_bad=skip: stop when more of the data than this is bad
+    max_bad_fraction: float = 0.001  # on_bad=skip: stop once a rank met more bad records than this x size
 
 
 @dataclass
