@@ -148,3 +148,18 @@ def test_verify_command_refuses_a_crafted_bin(tmp_path, capsys, pairs_data) -> N
     assert verify_main([str(tmp_path / "out" / "t"), "--bin", str(tmp_path / "crafted.bin"), "--quiet"]) == 1
     assert "crafted.bin: refused to load: it asks for posix.system" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_demo_configs_name_the_sets_synth_writes() -> None:
+    """eval.bins no longer defaults to every .bin: the demo configs (main job, loss
+    comparison) must name the synthetic sets, or they would silently verify nothing."""
+    from pathlib import Path
+
+    from fr_trainer.data.synthetic import DEFAULT_VAL_SETS
+    from fr_trainer.train.config import load_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    demos = sorted([configs / "demo.toml", *configs.glob("losses/*_demo.toml")])
+    assert len(demos) > 1
+    for path in demos:
+        assert load_config(path).eval.bins == [name for name, _ in DEFAULT_VAL_SETS], path
