@@ -14,6 +14,7 @@ COMMANDS: dict[str, str] = {
     "train": "fr_trainer.train.cli:main",
     "synth": "fr_trainer.data.synth_cli:main",
     "pack": "fr_trainer.data.pack_cli:main",
+    "check-data": "fr_trainer.data.check_cli:main",
     "export": "fr_trainer.export.cli:main",
     "verify": "fr_trainer.eval.cli:verify_main",
     "ijb": "fr_trainer.eval.cli:ijb_main",
@@ -33,6 +34,8 @@ commands:
   train CONFIG [--set key=value ...]   train (also under torchrun -m fr_trainer train)
   synth OUT_DIR [...]                  synthetic identities in the real formats
   pack IMAGE_DIR OUT_DIR               class-per-folder images -> train.rec/.idx
+  pack --reindex REC                   rebuild a lost or wrong .idx from the .rec
+  check-data ROOT [--report FILE]      check every record of a training set (exit 1: problems)
   export CHECKPOINT OUT.onnx           ONNX export with a parity check
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N

@@ -203,7 +203,7 @@ def test_bad_magic_names_file_key_offset(tmp_path) -> None:
     data = bytearray(rec.read_bytes())
     data[48:52] = b"XXXX"  # magic of record 1 (record 0 is 8 + 40 bytes)
     rec.write_bytes(bytes(data))
-    with pytest.raises(RecordIOError, match=r"b\.rec.*key 1 at offset 48.*bad magic.*build_index"):
+    with pytest.raises(RecordIOError, match=r"b\.rec.*key 1 at offset 48.*bad magic.*pack --reindex"):
         RecordReader(rec, idx).read(1)
 
 

@@ -109,7 +109,8 @@ def test_verification_sharded_over_ranks_equals_one_process(tmp_path):
         tmp_path / "out",
         model={"backbone": "demonet", "embedding_size": 16},
         train={"max_steps": 4},
-        eval={"every_steps": 2, "at_end": True, "at_start": True, "batch_size": 7},
+        eval={"every_steps": 2, "at_end": True, "at_start": True, "batch_size": 7,
+              "bins": ["synth_val", "synth_hard"]},
     )
     results = run_ranks(rank_verify, 2, cfg)
     assert results[0] == results[1]

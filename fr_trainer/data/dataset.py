@@ -2,31 +2,36 @@
 
 Each item is `(image, label)`: image float32 [3,H,W] normalised to `(x/255-0.5)/0.5` (or
 uint8 [3,H,W] with `output="uint8"`, normalised later on the device by the loader, or the
-encoded bytes with `output="bytes"` for GPU decode), label an int64 scalar tensor. The
+encoded bytes with `output="bytes"` for GPU decode: then `(bytes, label, flip, index)`, the
+JPEG header checked), label an int64 scalar tensor. The
 horizontal flip is a pure function of (seed, epoch, index), so it does not depend on the
 number of workers; call `set_epoch` before each epoch's iterator is created.
 
-Bad records (bad magic, truncated, label out of range, image that does not decode) raise a
-`RecordIOError` naming the file, the key and the offset; with `on_bad="skip"` they are
-replaced by the next good record and counted (`skipped`, and a warning per record).
+Bad records (bad magic, truncated, bad header, label out of range, image that does not
+decode) raise a `BadRecordError` (one line: the file, the index, the key, the offset and the
+fix); with `on_bad="skip"` they are replaced by the next good record (same shapes, the same
+replacement on every run) and noted: `skipped` counts them in this process and
+`take_skipped()` hands over `(index, reason)` for the loader to ship with the batch (see
+`fr_trainer.data.bad_records`).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fr_trainer.data.decode import decode_rgb, normalize, to_chw_uint8
+from fr_trainer.data.bad_records import BadRecordError, Skip, check_data_hint
+from fr_trainer.data.decode import decode_rgb, decoder_text, jpeg_problem, normalize, to_chw_uint8
 from fr_trainer.data.layout import RecordLayout, read_labels, read_layout
 from fr_trainer.data.recordio import RecordIOError, RecordReader, unpack
 from fr_trainer.data.samplers import groups_from_labels
 
 OUTPUTS = ("float", "uint8", "bytes")
+ON_BAD = ("error", "skip")
 _MASK = (1 << 64) - 1
 
 
@@ -65,13 +70,13 @@ class RecordDataset(Dataset):
         flip: bool = True,
         seed: int = 0,
         output: str = "float",
-        on_bad: str = "raise",
+        on_bad: str = "error",
         max_consecutive_bad: int = 64,
     ) -> None:
         if output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if on_bad not in ("raise", "skip"):
-            raise ValueError(f"on_bad must be 'raise' or 'skip', got {on_bad!r}")
+        if on_bad not in ON_BAD:
+            raise ValueError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
         self.reader = RecordReader(
             rec_path, idx_path if idx_path is not None else default_index_path(rec_path)
         )
@@ -81,6 +86,7 @@ class RecordDataset(Dataset):
         self.output, self.on_bad, self.max_consecutive_bad = output, on_bad, max_consecutive_bad
         self.epoch = 0
         self.skipped = 0  # per process
+        self._notes: list[Skip] = []  # (index, reason) not yet taken, per process
 
     def _resolve_classes(self, num_classes: int | None) -> int:
         found = self.layout.num_classes
@@ -129,46 +135,76 @@ class RecordDataset(Dataset):
     def _label(self, key: int, label: object) -> int:
         value = float(label if np.ndim(label) == 0 else np.asarray(label).reshape(-1)[0])
         if value != int(value) or not 0 <= value < self.num_classes:
+            source = "the header record" if self.layout.insightface else "num_classes"
             raise RecordIOError(
-                f"{self._where(key)}: label {value:g} is outside [0, {self.num_classes}) or not an "
-                f"integer; the record or num_classes is wrong (repack the data, or set "
-                f"num_classes to the true number of classes)"
+                f"{self._where(key)}: label {value:g} is outside [0, {self.num_classes}) (from "
+                f"{source}) or not an integer: the record is corrupt"
             )
         return int(value)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item `index` without skipping: raises `RecordIOError` on a bad record."""
+        """Item `index` without skipping: raises `BadRecordError` on a bad record."""
+        try:
+            return self._load(index)
+        except RecordIOError as error:
+            raise BadRecordError(self.bad_message(index, error)) from None
+
+    def where(self, index: int) -> str:
+        """`FILE: key K at offset O` of image `index`."""
+        return self._where(int(self.layout.image_keys[index]))
+
+    def bad_message(self, index: int, error: Exception | str) -> str:
+        """The one-line `BadRecordError` message for image `index`: what is wrong, and the fix."""
+        return (
+            f"bad training record at index {index}: {error}; list every bad record with "
+            f"{check_data_hint(self.reader.rec_path)}, or skip them with data.on_bad=skip"
+        )
+
+    def _load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item `index`; raises `RecordIOError` (file, key, offset, what is wrong)."""
         key = int(self.layout.image_keys[index])
-        header, data = unpack(self.reader.read(key))
+        payload = self.reader.read(key)  # its errors name the file, the key and the offset
+        try:
+            header, data = unpack(payload)
+        except RecordIOError as error:
+            raise RecordIOError(f"{self._where(key)}: {error}") from None
         label = torch.tensor(self._label(key, header.label), dtype=torch.int64)
         flip = self.flip and flip_decision(self.seed, self.epoch, index)
-        if self.output == "bytes":
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8), label, torch.tensor(flip)
+        if self.output == "bytes":  # decoded later on the GPU: check what the header can tell
+            problem = jpeg_problem(data)
+            if problem is not None:
+                raise RecordIOError(f"{self._where(key)}: {problem}")
+            data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            return data, label, torch.tensor(flip), torch.tensor(index, dtype=torch.int64)
         try:
             pixels = decode_rgb(data, self.image_size)
         except Exception as error:  # noqa: BLE001 - any decoder failure names the record
             raise RecordIOError(
                 f"{self._where(key)}: image of {len(data)} bytes does not decode "
-                f"({type(error).__name__}: {error}); repack the data, or pass on_bad='skip'"
+                f"({type(error).__name__}: {decoder_text(error)})"
             ) from None
         image = to_chw_uint8(pixels, flip)
         return (normalize(image) if self.output == "float" else image), label
+
+    def take_skipped(self) -> list[Skip]:
+        """The `(index, reason)` of the bad records skipped in this process since the last call."""
+        notes, self._notes = self._notes, []
+        return notes
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
         for attempt in range(self.max_consecutive_bad):
+            current = (index + attempt) % len(self)
             try:
-                return self.load((index + attempt) % len(self))
+                return self._load(current)
             except RecordIOError as error:
-                if self.on_bad == "raise":
-                    raise
+                if self.on_bad == "error":
+                    raise BadRecordError(self.bad_message(current, error)) from None
                 self.skipped += 1
-                warnings.warn(
-                    f"skipped bad record ({self.skipped} so far in this process): {error}",
-                    stacklevel=2,
-                )
-        raise RecordIOError(
+                self._notes.append((current, str(error)))
+        raise BadRecordError(
             f"{self.reader.rec_path}: {self.max_consecutive_bad} consecutive bad records from "
-            f"index {index}; the file is badly damaged, re-copy or repack it"
+            f"index {index}; the file is badly damaged: check it with "
+            f"{check_data_hint(self.reader.rec_path)}, re-copy or repack it"
         )

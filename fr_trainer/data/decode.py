@@ -6,6 +6,7 @@ Training images are normalised to `(x / 255 - 0.5) / 0.5`, i.e. `x / 127.5 - 1`,
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -24,6 +25,36 @@ def decode_rgb(data: bytes, size: int | None = None) -> np.ndarray:
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image)
+
+
+def jpeg_problem(data: bytes) -> str | None:
+    """Why GPU (nvJPEG) decode cannot take `data`, from its header only (cheap), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind = image.format
+    except Exception as error:  # noqa: BLE001 - any parser failure is the image's problem
+        return f"image of {len(data)} bytes does not decode ({type(error).__name__}: {decoder_text(error)})"
+    if kind != "JPEG":
+        return f"image is {kind}, but GPU decode (data.decode=gpu) takes only JPEG; use data.decode=pil"
+    return None
+
+
+def undecodable(datas: list[torch.Tensor]) -> list[tuple[int, str]]:
+    """`(position, reason)` of the encoded images (uint8 1-D tensors) Pillow cannot decode."""
+    bad = []
+    for position, data in enumerate(datas):
+        raw = data.cpu().numpy().tobytes()
+        try:
+            decode_rgb(raw)
+        except Exception as error:  # noqa: BLE001 - any decoder failure is the image's problem
+            bad.append((position, f"image of {len(raw)} bytes does not decode ({type(error).__name__}: "
+                                  f"{decoder_text(error)})"))
+    return bad
+
+
+def decoder_text(error: Exception) -> str:
+    """A decoder error's message without the object address Pillow puts in it."""
+    return re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(error)) or "no message"
 
 
 def to_chw_uint8(pixels: np.ndarray, flip: bool) -> torch.Tensor:

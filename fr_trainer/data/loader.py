@@ -5,9 +5,15 @@
 
 - decode="pil": DataLoader workers decode with Pillow and flip; uint8 batches are pinned,
   copied (on CUDA, one batch ahead on a side stream) and normalised on the device.
-- decode="gpu": workers only read bytes; the main process decodes batches with
-  torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU.
+- decode="gpu": workers only read bytes (and check the JPEG header); the main process decodes
+  batches with torchvision's nvJPEG (`vision` extra), flips and normalises on the GPU. A batch
+  nvJPEG refuses is decoded again on the CPU to find the bad image: the record's error
+  (dataset.on_bad="error"), or (on_bad="skip") it is replaced by the next good image of the batch.
 - decode="auto": "gpu" when torchvision and CUDA are present, else "pil".
+
+Every batch also carries the dataset's bad-record notes (`on_bad="skip"`, see
+`fr_trainer.data.bad_records`); the loader hands them to its `BadRecordTally` (if any)
+and yields only `(images, labels)`.
 """
 
 from __future__ import annotations
@@ -15,25 +21,32 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
+from fr_trainer.data.bad_records import BadRecordError, BadRecordTally, with_skips
 from fr_trainer.data.dataset import RecordDataset
-from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize
+from fr_trainer.data.decode import decode_jpeg_batch_gpu, gpu_decode_available, normalize, undecodable
 from fr_trainer.data.samplers import DistributedSampler
 
 
-def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    datas, labels, flips = zip(*items)
-    return list(datas), torch.stack(labels), torch.stack(flips)
+def _collate_bytes(items: list) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    datas, labels, flips, indices = zip(*items)
+    return list(datas), torch.stack(labels), torch.stack(flips), torch.stack(indices)
 
 
 class PrefetchLoader:
     """Iterates a DataLoader and delivers normalised batches on `device` one batch ahead."""
 
     def __init__(
-        self, loader: DataLoader, device: torch.device, decode: str, image_size: int
+        self,
+        loader: DataLoader,
+        device: torch.device,
+        decode: str,
+        image_size: int,
+        bad_records: BadRecordTally | None = None,
     ) -> None:
         self.loader, self.device, self.decode, self.image_size = loader, device, decode, image_size
+        self.bad_records = bad_records
 
     @property
     def dataset(self) -> RecordDataset:
@@ -56,11 +69,17 @@ class PrefetchLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _batches(self) -> Iterator[tuple]:
+        """The DataLoader's batches without their bad-record notes (given to the tally)."""
+        for *batch, skips in self.loader:
+            if skips and self.bad_records is not None:
+                self.bad_records.add(skips)
+            yield batch
+
     def _to_device(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         non_blocking = self.device.type == "cuda"
         if self.decode == "gpu":
-            datas, labels, flips = batch
-            images = decode_jpeg_batch_gpu(datas, self.device, self.image_size)
+            images, labels, flips = self._decode_gpu(*batch)
             flips = flips.to(self.device, non_blocking=non_blocking)
             images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         else:
@@ -68,14 +87,37 @@ class PrefetchLoader:
             images = images.to(self.device, non_blocking=non_blocking)
         return normalize(images), labels.to(self.device, non_blocking=non_blocking)
 
+    def _decode_gpu(
+        self, datas: list[torch.Tensor], labels: torch.Tensor, flips: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """nvJPEG decode; a refused batch is searched for its bad images (see the module doc)."""
+        try:
+            return decode_jpeg_batch_gpu(datas, self.device, self.image_size), labels, flips
+        except Exception:
+            bad = undecodable(datas)
+            if not bad:  # every image decodes on the CPU: not a data problem
+                raise
+        dataset = self.dataset
+        notes = [(int(indices[p]), f"{dataset.where(int(indices[p]))}: {reason}") for p, reason in bad]
+        broken = {p for p, _ in bad}
+        if dataset.on_bad == "error" or len(broken) == len(datas):
+            index, reason = notes[0]
+            raise BadRecordError(dataset.bad_message(index, reason))
+        if self.bad_records is not None:
+            self.bad_records.add(notes)
+        size = len(datas)
+        order = [next((p + s) % size for s in range(size) if (p + s) % size not in broken) for p in range(size)]
+        datas = [datas[p] for p in order]
+        return decode_jpeg_batch_gpu(datas, self.device, self.image_size), labels[order], flips[order]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.device.type != "cuda":
-            for batch in self.loader:
+            for batch in self._batches():
                 yield self._to_device(batch)
             return
         stream = torch.cuda.Stream(self.device)
         pending = None
-        for batch in self.loader:
+        for batch in self._batches():
             with torch.cuda.stream(stream):
                 ready = self._to_device(batch)
             if pending is not None:
@@ -101,9 +143,11 @@ def build_loader(
     drop_last: bool = True,
     batch_sampler: Sampler | None = None,
     prefetch_factor: int = 4,
+    bad_records: BadRecordTally | None = None,
 ) -> PrefetchLoader:
     """A `PrefetchLoader` over `dataset` with a `DistributedSampler(rank, world_size, seed)`
-    (or the given `batch_sampler`, e.g. a `PKBatchSampler`). Sets `dataset.output`."""
+    (or the given `batch_sampler`, e.g. a `PKBatchSampler`). Sets `dataset.output`.
+    `bad_records` counts and caps the records skipped with `dataset.on_bad="skip"`."""
     device = torch.device(device)
     if decode == "auto":
         decode = "gpu" if device.type == "cuda" and gpu_decode_available() else "pil"
@@ -115,7 +159,7 @@ def build_loader(
     kwargs = {
         "num_workers": num_workers,
         "pin_memory": device.type == "cuda",
-        "collate_fn": _collate_bytes if decode == "gpu" else None,
+        "collate_fn": with_skips(_collate_bytes if decode == "gpu" else default_collate, dataset),
     }
     if num_workers > 0:
         kwargs.update(prefetch_factor=prefetch_factor, persistent_workers=False)
@@ -126,4 +170,4 @@ def build_loader(
         loader = DataLoader(
             dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs
         )
-    return PrefetchLoader(loader, device, decode, dataset.image_size)
+    return PrefetchLoader(loader, device, decode, dataset.image_size, bad_records)

@@ -1,8 +1,12 @@
-"""`fr-trainer pack IMAGE_DIR OUT_DIR`: class-per-folder images -> OUT_DIR/train.rec/.idx."""
+"""`fr-trainer pack IMAGE_DIR OUT_DIR`: class-per-folder images -> OUT_DIR/train.rec/.idx.
+
+`fr-trainer pack --reindex REC [--idx IDX]` rebuilds a lost or wrong `.idx` from the `.rec`.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from fr_trainer.data.pack import pack_image_folder
 
@@ -33,7 +37,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_reindex_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fr-trainer pack --reindex",
+        description="Rebuild the .idx of a .rec by walking its records (keys 0, 1, ... in file "
+        "order, as MXNet and insightface write them). A corrupt .rec is an error and leaves any "
+        "existing index untouched.",
+    )
+    parser.add_argument("--reindex", metavar="REC", required=True, help="the .rec to index")
+    parser.add_argument("--idx", default=None, help="the index to write (default: REC with .idx)")
+    return parser
+
+
+def reindex_main(argv: list[str]) -> int:
+    from fr_trainer.data.recordio import RecordIOError, build_index
+
+    args = build_reindex_parser().parse_args(argv)
+    rec = Path(args.reindex)
+    idx = Path(args.idx) if args.idx else rec.with_suffix(".idx")
+    if not rec.is_file():
+        print(f"fr-trainer pack --reindex: {rec} does not exist; pass the path of a .rec file")
+        return 2
+    try:
+        count = build_index(rec, idx)
+    except RecordIOError as error:
+        print(f"fr-trainer pack --reindex: {error}; the .rec is damaged, {idx} was not changed")
+        return 1
+    print(f"indexed {count} records of {rec} into {idx}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if any(arg == "--reindex" or arg.startswith("--reindex=") for arg in argv):
+        return reindex_main(argv)
     args = build_parser().parse_args(argv)
     try:
         summary = pack_image_folder(

@@ -45,10 +45,7 @@ class RecordIOError(ValueError):
     """A malformed `.rec`/`.idx`; the message names the file, the key, the offset and the fix."""
 
 
-REINDEX_FIX = (
-    "if the .rec is intact, rebuild the index with "
-    '`python -c "from fr_trainer.data.recordio import build_index; build_index(REC, IDX)"`'
-)
+REINDEX_FIX = "if the .rec is intact, rebuild the index with `fr-trainer pack --reindex REC`"
 
 
 class IRHeader(NamedTuple):
@@ -369,9 +366,20 @@ def scan_records(rec_path: PathLike) -> Iterator[tuple[int, int]]:
 
 
 def build_index(rec_path: PathLike, idx_path: PathLike) -> int:
-    """Write a `.idx` for `rec_path` with keys 0, 1, ... in file order; returns the count."""
+    """Write a `.idx` for `rec_path` with keys 0, 1, ... in file order; returns the count.
+
+    The keys are the record numbers, as MXNet's and insightface's packers write them. The
+    index is written to a temporary file and renamed, so a `.rec` that turns out corrupt
+    (`RecordIOError`) leaves the old index in place.
+    """
+    idx_path = Path(idx_path)
+    partial = idx_path.with_name(idx_path.name + ".partial")
     count = 0
-    with open(idx_path, "w") as handle:
-        for count, (offset, _) in enumerate(scan_records(rec_path), 1):
-            handle.write(f"{count - 1}\t{offset}\n")
+    try:
+        with open(partial, "w") as handle:
+            for count, (offset, _) in enumerate(scan_records(rec_path), 1):
+                handle.write(f"{count - 1}\t{offset}\n")
+        os.replace(partial, idx_path)
+    finally:
+        partial.unlink(missing_ok=True)
     return count

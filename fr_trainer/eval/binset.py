@@ -4,10 +4,16 @@ A `.bin` is `pickle.dump((bins, issame_list))` with `bins` holding 2N encoded im
 (JPEG/PNG bytes, or 1-D uint8 arrays of those bytes) and `issame_list` N bools; pair i
 is `bins[2i], bins[2i+1]`. Files written under Python 2 hold `str` objects, which
 `pickle.load(..., encoding="bytes")` turns into `bytes`.
+
+A pickle can run any code when it is loaded, so `.bin` files are read by `SafeUnpickler`:
+it builds only what the format holds (lists, tuples, bytes, str, bools, numbers and numpy
+arrays/scalars/dtypes) and refuses every other global (e.g. `os.system`) before calling
+anything, with a `ValueError` naming the file.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import pickle
@@ -20,6 +26,48 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SIZE = 112
+
+# (module, name) a .bin may reference: numpy arrays (protocols 2-5), scalars and dtypes, and the
+# `_codecs.encode` Python 3 uses for bytes at protocol 2. numpy 2 spells numpy.core numpy._core.
+SAFE_GLOBALS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class UnsafePickleError(pickle.UnpicklingError):
+    """A pickle asked for a global that a verification `.bin` never holds."""
+
+
+def _canonical(module: str) -> str:
+    return "numpy.core" + module[len("numpy._core") :] if module.startswith("numpy._core") else module
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only `SAFE_GLOBALS`; anything else raises `UnsafePickleError`."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 - a callable or a class
+        if (_canonical(module), name) not in SAFE_GLOBALS:
+            raise UnsafePickleError(f"it asks for {module}.{name}")
+        if module.startswith("numpy.core") or module.startswith("numpy._core"):
+            rest = _canonical(module)[len("numpy.core") :]
+            for spelling in ("numpy._core" + rest, "numpy.core" + rest):
+                try:
+                    return getattr(importlib.import_module(spelling), name)
+                except (ImportError, AttributeError):
+                    continue
+        return super().find_class(module, name)
+
+
+def safe_load(handle, encoding: str = "bytes"):  # noqa: ANN001, ANN201 - a file, any object
+    """`pickle.load` restricted to what a `.bin` holds (see `SafeUnpickler`)."""
+    return SafeUnpickler(handle, encoding=encoding).load()
 
 
 @dataclass
@@ -84,7 +132,13 @@ def read_bin_pickle(path: str | os.PathLike) -> tuple[list, np.ndarray]:
         raise FileNotFoundError(f"verification set {path} does not exist")
     with open(path, "rb") as f:
         try:
-            obj = pickle.load(f, encoding="bytes")
+            obj = safe_load(f, encoding="bytes")
+        except UnsafePickleError as error:
+            raise ValueError(
+                f"{path}: refused to load: {error}, which a verification .bin (a pickled "
+                "(list of image bytes, issame list)) never holds; nothing in it was run. The file "
+                "is not a .bin set or was crafted to run code: do not use it"
+            ) from None
         except Exception as error:
             raise ValueError(
                 f"{path}: not a readable .bin pickle ({type(error).__name__}: {error}); "

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import json
 
+    from fr_trainer.data.bad_records import BadRecordError
     from fr_trainer.train.checkpoint import CheckpointError
     from fr_trainer.train.config import ConfigError, load_config, to_dict
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         trainer = Trainer(config)
         trainer.fit()
-    except (ConfigError, CheckpointError) as error:
+    except (ConfigError, CheckpointError, BadRecordError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLoss as error:

@@ -43,6 +43,8 @@ class DataConfig:
     decode: str = "auto"  # auto | pil | gpu
     sampler: str = "random"  # random | pk (P classes x K images per rank; P = batch_size / pk_k)
     pk_k: int = 4  # K of the P x K sampler
+    on_bad: str = "error"  # error (stop, naming the record) | skip (replace by the next good one)
+    max_bad_fraction: float = 0.001  # on_bad=skip: stop once a rank met more bad records than this x size
 
 
 @dataclass
@@ -130,7 +132,7 @@ class LogConfig:
 @dataclass
 class EvalConfig:
     every_steps: int = 2000  # 0: only at the end
-    bins: list[str] = field(default_factory=lambda: ["*"])  # names/globs in data.root
+    bins: list[str] = field(default_factory=list)  # names of .bin sets in data.root ([]: none)
     batch_size: int = 128
     at_end: bool = True
     at_start: bool = False  # also verify the initial weights (not when resuming)
@@ -177,6 +179,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode": ("auto", "pil", "gpu"),
     "data.sampler": ("random", "pk"),
+    "data.on_bad": ("error", "skip"),
     "regularizer.name": ("", "center", "triplet", "circle_pair"),
     "optim.name": ("sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -345,6 +348,11 @@ def validate(config: Config) -> None:
     )
     r = config.regularizer
     _check(d.pk_k >= 1, f"data.pk_k must be >= 1, got {d.pk_k}")
+    _check(
+        0.0 <= d.max_bad_fraction < 1.0,
+        f"data.max_bad_fraction must be in [0, 1), got {d.max_bad_fraction} (0.001: stop when "
+        "more than 0.1% of the records are bad)",
+    )
     _check(
         d.sampler != "pk" or d.batch_size % d.pk_k == 0,
         f"data.sampler='pk' needs data.batch_size (P x K per rank) a multiple of data.pk_k; "

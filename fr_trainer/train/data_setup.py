@@ -1,7 +1,9 @@
 """The training data of a run: checks before training, the loader, a resumable stream.
 
 `check_data_root` fails early with the fix when the data root or its files are missing;
-`build_train_data` opens the RecordIO set (num_classes checked against the file);
+`open_dataset` opens the RecordIO set (num_classes checked against the file, the
+data.on_bad policy); `build_train_data` builds the loader (bad records skipped with
+data.on_bad=skip are counted and capped by a `BadRecordTally`);
 `BatchStream` yields batches forever, counting (epoch, samples consumed by the whole job)
 so that a checkpoint can restart the stream at the next unused sample at any world size.
 """
@@ -13,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from fr_trainer.data.bad_records import BadRecordTally
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.loader import PrefetchLoader, build_loader
+from fr_trainer.data.recordio import RecordIOError
 from fr_trainer.data.samplers import PKBatchSampler
 from fr_trainer.train.config import Config, ConfigError
 
@@ -34,24 +38,51 @@ def check_data_root(config: Config) -> Path:
         )
     rec = root / config.data.rec
     idx = rec.with_suffix(".idx")
-    missing = [p.name for p in (rec, idx) if not p.is_file()]
-    if missing:
-        present = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
+    present = ", ".join(sorted(p.name for p in root.iterdir())[:10]) or "nothing"
+    if not rec.is_file():
+        missing = [p.name for p in (rec, idx) if not p.is_file()]
         raise ConfigError(
-            f"data.root={str(root)!r} has no {' / '.join(missing)} (it holds: {present}); "
-            f"set data.rec to the .rec file name or pack the data with `fr-trainer pack`"
+            f"data.root={str(root)!r} has no {' / '.join(missing)} (it holds: {present}); set "
+            "data.rec to the .rec file name or pack the data with `fr-trainer pack IMAGE_DIR OUT_DIR`"
+        )
+    if not idx.is_file():
+        raise ConfigError(
+            f"data.root={str(root)!r} has {rec.name} but no {idx.name} (it holds: {present}); "
+            f"rebuild the index from the .rec with `fr-trainer pack --reindex {rec}`"
         )
     return rec
 
 
 def open_dataset(config: Config) -> RecordDataset:
+    """The training set; ConfigError (what is wrong with the data, and the fix) when it is
+    unreadable or its classes contradict data.num_classes."""
     rec = check_data_root(config)
     try:
         return RecordDataset(
-            rec, num_classes=config.data.num_classes, flip=config.data.flip, seed=config.run.seed
+            rec,
+            num_classes=config.data.num_classes,
+            flip=config.data.flip,
+            seed=config.run.seed,
+            on_bad=config.data.on_bad,
         )
-    except ValueError as error:
+    except RecordIOError as error:
+        raise ConfigError(
+            f"data.root={config.data.root!r}: {error} (check the whole set with "
+            f"`fr-trainer check-data {rec.parent}`)"
+        ) from None
+    except ValueError as error:  # the given num_classes contradicts the file
         raise ConfigError(f"data.num_classes does not fit the data: {error}") from None
+
+
+def bad_record_tally(config: Config, dataset: RecordDataset, rank: int) -> BadRecordTally:
+    """Counts and logs this rank's skipped records (data.on_bad=skip) into the run dir."""
+    return BadRecordTally(
+        len(dataset),
+        config.data.max_bad_fraction,
+        rank,
+        dataset.rec_path,
+        config.run_dir / f"bad_records.rank{rank}.jsonl",
+    )
 
 
 def build_train_data(
@@ -86,6 +117,7 @@ def build_train_data(
         device=device,
         decode=config.data.decode,
         drop_last=True,
+        bad_records=bad_record_tally(config, dataset, rank),
     )
 
 

@@ -269,9 +269,7 @@ class Trainer:
             return None
         paths = find_bins(self.config.data.root, e.bins)
         if not paths:
-            self.reporter.info(
-                f"no .bin sets matching {e.bins} in {self.config.data.root}: no verification"
-            )
+            self.reporter.info("eval.bins is empty: no verification (name the .bin sets to verify on)")
             return None
         return PeriodicVerifier(paths, e.batch_size, self.rank, self.world_size)
 
