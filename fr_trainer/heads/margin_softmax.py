@@ -28,8 +28,10 @@ returned as a sparse COO tensor, so the optimizer can leave every other centre, 
 state, untouched.
 
 Mixed precision (`compute_dtype` bf16 or fp16, fp32 master centres): the three GEMMs run
-on 16-bit copies of x^ and w, and the [G, C_local] logit buffer (then the gradient H) is
-16-bit, half the memory of fp32. Everything that decides the loss's accuracy stays fp32:
+on 16-bit copies of x^ and w. The [G, C_local] logit buffer (then the gradient H) is in
+`logits_dtype`: 16-bit halves its memory; fp32 (fed by the 16-bit GEMM in column chunks)
+keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. Everything
+that decides the loss's accuracy stays fp32:
 the norms, the target cosines (row dots of the fp32 operands) and target logits, the row
 maxima, the sums of exponentials (exponentials are taken on fp32 scratch blocks), the
 log-sum-exp, the radial coefficients, and the gradients handed back to x and w.
@@ -47,6 +49,7 @@ from fr_trainer.margins.base import Margin
 
 NORM_EPS = 1e-12  # floor of ||x|| and ||w|| (an all-zero vector has no direction)
 BLOCK_ELEMENTS = 1 << 18  # elements per row block of the elementwise passes (~1 MB fp32)
+MM_COLUMNS = 1 << 15  # classes per 16-bit GEMM whose result is converted (bounds the temporary)
 
 
 def exp_floor(dtype: torch.dtype) -> float:
@@ -114,6 +117,16 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
     return radial
 
 
+def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
+                         z_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Replace, in `sum_exp`, the target terms taken from the 16-bit logit buffer by the
+    exact ones (a well-classified row's loss is mostly its target term: rounding its
+    logit to 16 bits would dominate the loss's error)."""
+    stored = logits[rows, cols].to(z_t.dtype)
+    shift = row_max[rows]
+    sum_exp.index_add_(0, rows, torch.exp(z_t[rows] - shift) - torch.exp(stored - shift))
+
+
 class _Targets:
     """The targets this rank owns: `rows` of the batch and `cols` among the centres used."""
 
@@ -133,7 +146,8 @@ class _Operands:
     centres' own dtype)."""
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
-                 margin: Margin, compute_dtype: torch.dtype | None = None) -> None:
+                 margin: Margin, compute_dtype: torch.dtype | None = None,
+                 logits_dtype: torch.dtype | None = None) -> None:
         self.margin, self.w, self.b = margin, w, b
         if margin.normalized:
             self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
@@ -143,10 +157,11 @@ class _Operands:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
         self.compute_dtype = compute_dtype or w.dtype
+        self.logits_dtype = logits_dtype or self.compute_dtype
         self.xh_c = self.xh.to(self.compute_dtype)
         self.w_c = w.to(self.compute_dtype)
-        self.b_c = None if b is None else b.to(self.compute_dtype)
-        self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.compute_dtype)
+        self.b_c = None if b is None else b.to(self.logits_dtype)
+        self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
@@ -159,7 +174,12 @@ class _Operands:
 
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
         """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
-        block = torch.mm(self.xh_c, self.w_c[start:end].t())
+        if self.logits_dtype == self.compute_dtype:
+            block = torch.mm(self.xh_c, self.w_c[start:end].t())
+        else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
+            block = self.xh_c.new_empty(self.xh_c.shape[0], end - start, dtype=self.logits_dtype)
+            for a, b in _column_blocks(end - start, MM_COLUMNS):
+                block[:, a:b] = torch.mm(self.xh_c, self.w_c[start + a:start + b].t())
         if self.margin.normalized:
             block.mul_(self.inv_w_norm_c[start:end] * scale)
         else:
@@ -175,10 +195,23 @@ class _Operands:
             logits, cos = self.block_cosines(start, end, margin.scale), None
         else:
             cos = self.block_cosines(start, end)
-            logits = margin.nontarget_logits(cos.clone(), target_cos)
+            logits = _nontarget_logits(margin, cos, target_cos)
         rows, cols, _ = tgt.in_block(start, end)
         logits[rows, cols] = z_t[rows].to(logits.dtype)
         return logits, cos
+
+
+def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+    """The margin's non-target logits of a block of cosines, in a new tensor of cos's
+    dtype; for 16-bit cosines computed in fp32, one row block at a time."""
+    dtype = _accumulation_dtype(cos.dtype)
+    if dtype == cos.dtype:
+        return margin.nontarget_logits(cos.clone(), target_cos)
+    logits = torch.empty_like(cos)
+    for start, end in _row_blocks(*cos.shape):
+        rows = None if target_cos is None else target_cos[start:end]
+        logits[start:end] = margin.nontarget_logits(cos[start:end].to(dtype), rows)
+    return logits
 
 
 class MarginSoftmaxCrossEntropy(torch.autograd.Function):
@@ -193,10 +226,12 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size, compute_dtype=None):
+    def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size, compute_dtype=None,
+                logits_dtype=None):
         w = weight if index is None else weight.index_select(0, index)
         b = None if bias is None else (bias if index is None else bias.index_select(0, index))
-        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype)
+        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype,
+                        logits_dtype)
         num_rows, num_cols = x.shape[0], w.shape[0]
         tgt = _Targets(targets)
 
@@ -214,6 +249,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             logits, _ = ops.block_logits(start, end, tgt, z_t, target_cos)
             maxima.append(logits.amax(dim=1).to(z_t.dtype))
             sums.append(_sum_exp_rows(logits, maxima[-1]))
+            if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
+                _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end)[:2])
             kept = logits if keep_logits else None
         block_max = torch.stack(maxima)
         local_max = block_max.amax(dim=0)
@@ -245,15 +282,25 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 ctx.kept = None
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
-            h = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial)
-            if h.dtype == grad_xh.dtype:
+            mixed = ops.compute_dtype != grad_xh.dtype
+            h, rows, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial, mixed)
+            if not mixed:
                 grad_xh.addmm_(h, ops.w[start:end])
                 torch.mm(h.t(), ops.xh, out=grad_w[start:end])
-            else:  # 16-bit GEMMs, results accumulated into the fp32 gradients
-                grad_xh.add_(torch.mm(h, ops.w_c[start:end]))
-                _mm_into_rows(h.t(), ops.xh_c, grad_w[start:end])
-            if grad_b is not None:
-                torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
+                if grad_b is not None:
+                    torch.sum(h, dim=0, out=grad_b[start:end])
+            else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
+                h[rows, cols] = 0
+                for a, b in _column_blocks(end - start, MM_COLUMNS):
+                    h_c, f = h[:, a:b].to(ops.compute_dtype), factor[a:b, None]
+                    w_f = (ops.w[start + a:start + b] * f).to(ops.compute_dtype)
+                    grad_xh.add_(torch.mm(h_c, w_f))
+                    torch.mul(torch.mm(h_c.t(), ops.xh_c), f, out=grad_w[start + a:start + b])
+                grad_xh.index_add_(0, rows, h_t[:, None] * ops.w[start:end].index_select(0, cols))
+                grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh.index_select(0, rows))
+                if grad_b is not None:
+                    torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
+                    grad_b[start:end].mul_(factor).index_add_(0, cols, h_t)
         grad_x = grad_xh
         if normalized:
             xh = ops.xh
@@ -265,35 +312,34 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
             if grad_b is not None:
                 grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
-
-
-MM_ROWS = 1 << 16  # rows of a 16-bit GEMM result converted at a time (bounds the temporary)
-
-
-def _mm_into_rows(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out [R, D] (fp32) = a [R, G] @ b [G, D] in a's 16-bit dtype, `MM_ROWS` rows at a time."""
-    for start in range(0, a.shape[0], MM_ROWS):
-        end = min(start + MM_ROWS, a.shape[0])
-        out[start:end].copy_(torch.mm(a[start:end], b))
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
                  end: int, tgt: _Targets, ctx, coef: torch.Tensor,
-                 radial: torch.Tensor | None) -> torch.Tensor:
+                 radial: torch.Tensor | None, deferred: bool = False) -> tuple:
     """Turn a block of logits [G, c] in place into H = dL/d(x^ . w_j) (that is dL/dcos
     divided by ||w_j||; dL/dz for the plain softmax), adding the block's radial
-    coefficients sum_i dL/dcos_ij cos_ij into `radial[start:end]`."""
+    coefficients sum_i dL/dcos_ij cos_ij into `radial[start:end]`. Returns (H, the
+    block's target rows, their columns, H at the targets in full precision, None).
+
+    `deferred` (16-bit GEMMs): the buffer keeps H / f_j with a column factor f [c] that is
+    returned last instead of None: the 1/G of the mean, the loss scale of a GradScaler,
+    the logit scale and 1/||w_j|| stay out of the 16-bit numbers (which then stay within
+    a few units, so fp16 cannot overflow at any loss scale) and are applied in fp32."""
     margin = ops.margin
     rows, cols, pos = tgt.in_block(start, end)
     cos_t = ctx.cos_t[rows] if ctx.target_cos is None else ctx.target_cos[rows]
     p_t = torch.exp(ctx.z_t[rows] - ctx.log_sum_exp[rows])
     g_t = (p_t - 1.0) * coef * ctx.dz_t[rows]  # dL/dcos at the targets
     inv_norm = ops.inv_w_norm[start:end] if margin.normalized else None
+    deferred_factor = None
     if margin.linear_nontarget:
         factor = coef * margin.scale * (inv_norm if inv_norm is not None else 1.0)
         if not torch.is_tensor(factor) or factor.dim() == 0:
-            factor = logits.new_full((end - start,), float(factor))
+            factor = ctx.log_sum_exp.new_full((end - start,), float(factor))
+        if deferred:
+            deferred_factor, factor = factor, torch.ones_like(factor)
         block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None)
         if radial is not None:
             # the pass counted dL/dcos * cos = coef * p * z everywhere; fix the targets
@@ -302,15 +348,19 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
             radial[start:end] += block_radial
     else:
         _nonlinear_grad_(logits, cos, rows, cols, g_t, ctx, coef, margin, inv_norm,
-                         None if radial is None else radial[start:end])
+                         None if radial is None else radial[start:end], deferred)
+        if deferred:
+            deferred_factor = coef * (inv_norm if inv_norm is not None else torch.ones_like(ctx.log_sum_exp[:1]))
+            deferred_factor = deferred_factor.expand(end - start) if deferred_factor.numel() == 1 else deferred_factor
     values = g_t * inv_norm[cols] if inv_norm is not None else g_t
-    logits[rows, cols] = values.to(logits.dtype)
-    return logits
+    if not deferred:  # (the deferred caller adds the targets exactly itself)
+        logits[rows, cols] = values.to(logits.dtype)
+    return logits, rows, cols, values, deferred_factor
 
 
 def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                      g_t: torch.Tensor, ctx, coef: torch.Tensor, margin: Margin,
-                     inv_norm: torch.Tensor | None, radial: torch.Tensor | None) -> None:
+                     inv_norm: torch.Tensor | None, radial: torch.Tensor | None, deferred: bool = False) -> None:
     """In place, for margins whose non-target logits are not `s cos`: logits -> dL/dcos
     (times 1/||w_j|| when normalised), adding sum_i dL/dcos_ij cos_ij into `radial`.
     16-bit blocks are processed in fp32 row blocks."""
@@ -320,8 +370,17 @@ def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, rows: torch.Tensor
         block, c = logits[start:end], cos[start:end]
         t_cos = None if ctx.target_cos is None else ctx.target_cos[start:end]
         probs = block.to(lse.dtype).sub_(lse[start:end, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c.to(lse.dtype), t_cos)).mul_(coef)
+        probs.mul_(margin.nontarget_grad(c.to(lse.dtype), t_cos))
         inside = (rows >= start) & (rows < end)
+        if deferred:  # without the column factor coef / ||w_j||; targets added by the caller
+            probs[rows[inside] - start, cols[inside]] = 0
+            if radial is not None:
+                radial += coef * (probs * c).sum(0)
+                radial.index_add_(0, cols[inside], g_t[inside] * c[rows[inside] - start, cols[inside]])
+            if probs is not block:
+                block.copy_(probs)
+            continue
+        probs.mul_(coef)
         probs[rows[inside] - start, cols[inside]] = g_t[inside]
         if radial is not None:
             radial += (probs * c).sum(0)

@@ -22,7 +22,7 @@ from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_wit
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
-from fr_trainer.heads.precision import check_compute_dtype
+from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
 from fr_trainer.heads.sampling import num_sampled, sample_centres
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
@@ -46,6 +46,8 @@ class PartialFC(nn.Module):
         compute_dtype: dtype of the GEMMs and the logit buffer (torch.bfloat16 or
             torch.float16 for mixed precision over fp32 centres; None: the centres' dtype).
             See `fr_trainer.heads.precision`.
+        logits_dtype: dtype of the [G, C_local] logit buffer under a 16-bit compute_dtype
+            (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
 
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
@@ -55,7 +57,8 @@ class PartialFC(nn.Module):
     def __init__(self, num_classes: int, embedding_size: int, margin: str | Margin = "arcface",
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
-                 compute_dtype: torch.dtype | None = None, **margin_kwargs) -> None:
+                 compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
+                 **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -76,6 +79,7 @@ class PartialFC(nn.Module):
         self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
+        self.logits_dtype = logits_dtype
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std))
         self.bias = nn.Parameter(torch.zeros(self.shard.num_local)) if self.margin.has_bias else None
@@ -116,8 +120,9 @@ class PartialFC(nn.Module):
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
+        logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self.margin, group, self.chunk_size, compute)
+                                               self.margin, group, self.chunk_size, compute, logits)
 
     def get_extra_state(self) -> dict:
         generator = self._generator

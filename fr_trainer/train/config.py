@@ -70,6 +70,10 @@ class HeadConfig:
     # and weight decay too); "dense" (arcface_torch) applies momentum and weight decay to
     # every row each step, as if the unsampled rows had a zero gradient
     update: str = "sparse"
+    # the head's GEMMs and logit buffer: auto (follow train.precision's autocast: bf16 / fp16)
+    # | fp32 | bf16 | fp16; the centres stay fp32 (fr_trainer/heads/precision.py)
+    dtype: str = "auto"
+    logits_dtype: str = "auto"  # auto (fp16 head: fp16, bf16 head: fp32) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -190,6 +194,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("default", "upstream"),
     "model.channels_last": ("auto", "on", "off"),
     "head.update": ("sparse", "dense"),
+    "head.dtype": ("auto", "fp32", "bf16", "fp16"),
+    "head.logits_dtype": ("auto", "fp32", "bf16", "fp16"),
     "optim.clip_scope": ("all", "backbone"),
     "ddp.comm_hook": ("none", "fp16", "bf16"),
 }

@@ -27,6 +27,7 @@ from fr_trainer.backbones.base import init_weights_upstream
 from fr_trainer.backbones.two_head import TwoHeadBackbone
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
+from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
 from fr_trainer.heads.update import densify
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
@@ -169,6 +170,8 @@ class Trainer:
             process_group=self.group,
             chunk_size=c.head.chunk_size,
             seed=c.run.seed,
+            compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
+            logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
             **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
