@@ -1,0 +1,78 @@
+"""Reading checkpoint files without running code: `torch.load(weights_only=True)` only.
+
+fr_trainer checkpoints hold tensors, numbers, strings and plain containers (the numpy RNG
+state is stored as a tensor, see `checkpoint.rng_state`). `load_trusted` accepts exactly
+that, plus the three numpy names older checkpoints used for that RNG state (an array of
+uint32: `numpy._core.multiarray._reconstruct`, `numpy.ndarray`, `numpy.dtype`, and the
+uint32 dtype class), which build arrays and call nothing else. Any other global in the
+pickle (a class, `os.system`, ...) is refused before it is looked up, so a crafted `.pt`
+runs nothing: the load raises `CheckpointError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, unreadable, untrusted or does not fit the run."""
+
+
+def _legacy_numpy_globals() -> list:
+    """The numpy globals of an RNG state saved by np.random.get_state() (older checkpoints)."""
+    names: list = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        try:
+            names.append(getattr(__import__(module, fromlist=["_reconstruct"]), "_reconstruct"))
+            break
+        except (ImportError, AttributeError):
+            continue
+    return names
+
+
+SAFE_GLOBALS = _legacy_numpy_globals()
+
+
+def load_trusted(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """`torch.load(path)` on CPU with weights_only=True and the small allow-list above.
+
+    `mmap=True` maps the tensors' storages instead of reading them (cheap for a file
+    read in pieces, e.g. resharding). Raises CheckpointError: missing file; unreadable
+    (truncated or corrupt); or not a trusted fr_trainer checkpoint (objects beyond
+    tensors and plain containers) -- in which case nothing in it ran.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "weights only" in str(error).lower() or "weights_only" in str(error).lower():
+            raise CheckpointError(
+                f"{path} is not a trusted fr_trainer checkpoint: it is not made of tensors and "
+                f"plain containers only ({_unsafe_detail(error)}); nothing in it was run. "
+                "Use a checkpoint written by fr_trainer"
+            ) from None
+        raise CheckpointError(f"{path} is unreadable (truncated or corrupt: {first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as error:
+        text = str(error).strip().splitlines()
+        detail = text[0] if text else type(error).__name__
+        raise CheckpointError(f"{path} is unreadable (truncated or corrupt: {detail})") from None
+
+
+def _unsafe_detail(error: Exception) -> str:
+    """The unpickler's reason in one line (e.g. 'Unsupported global: GLOBAL posix.system')."""
+    for line in str(error).splitlines():
+        line = line.strip()
+        if "global" in line.lower() or "unsupported" in line.lower():
+            return line[:200]
+    return type(error).__name__
