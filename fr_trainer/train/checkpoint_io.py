@@ -33,7 +33,7 @@ def _legacy_numpy_globals() -> list:
     names: list = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
         try:
-            names.append(getattr(__import__(module, fromlist=["_reconstruct"]), "_reconstruct"))
+            names.append(importlib.import_module(module)._reconstruct)
             break
         except (ImportError, AttributeError):
             continue
