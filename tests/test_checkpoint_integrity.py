@@ -193,3 +193,27 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     # an older checkpoint's numpy tuple (ndarray keys) still loads, weights-only
     torch.save({**state, "numpy": np.random.get_state()}, tmp_path / "old.pt")
     assert ckpt.load_file(tmp_path / "old.pt", mmap=True)["numpy"][0] == "MT19937"
+
+
+def rank_save_with_a_full_disk_on_rank_0(rank: int, world_size: int, cfg: dict) -> dict:
+    trainer = make_trainer(rank, world_size, cfg)
+    trainer.fit(stop_after=1)
+    trainer.step += 1
+    real = shutil.disk_usage
+    if rank == 0:  # only rank 0 checks the (shared) disk; rank 1 must not wait forever
+        shutil.disk_usage = lambda path: namedtuple("usage", "total used free")(1 << 30, 1 << 30, 0)
+    try:
+        trainer.save()
+    except ckpt.CheckpointError as error:
+        return {"error": str(error), "checkpoints": sorted(p.name for p in trainer.ckpt_root.iterdir())}
+    finally:
+        shutil.disk_usage = real
+    return {"error": None}
+
+
+def test_a_full_disk_stops_both_ranks_with_the_same_error(data, tmp_path):
+    results = run_ranks(rank_save_with_a_full_disk_on_rank_0, 2, _cfg(data, tmp_path))
+    for result in results:
+        assert result["error"] is not None and "not enough free space" in result["error"]
+        assert "0.0 MiB is free" in result["error"]
+        assert result["checkpoints"] == ["latest", "step_00000001"]
