@@ -67,9 +67,6 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 
 
-__all__ = ["CheckpointError", "NonFiniteCheckpoint", "NonFiniteState", "load_file"]
-
-
 class NonFiniteCheckpoint(CheckpointError):
     """A checkpoint whose weights, buffers or optimizer state hold NaN/inf."""
 

@@ -156,10 +156,8 @@ def local_problems(folder: Path, rank: int, world_size: int) -> str:
 def choose_readable(
     candidates: list[Path], rank: int, world_size: int, group=None
 ) -> tuple[Path | None, list[str]]:
-    """Collective: the first of `candidates` (newest first) that every rank finds intact,
-    the same on every rank, and a warning per rejected candidate. Rank 0's list counts."""
-    names = gather_strings("\n".join(str(c) for c in candidates), group)[0]
-    candidates = [Path(c) for c in names.split("\n") if c]
+    """Collective: the first of `candidates` (newest first; the same list on every rank,
+    see `checkpoint.resume`) that every rank finds intact, and a warning per rejected one."""
     notes = []
     for folder in candidates:
         problems = [p for p in gather_strings(local_problems(folder, rank, world_size), group) if p]
