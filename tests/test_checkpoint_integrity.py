@@ -49,8 +49,9 @@ def _flip_a_byte(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def _legacy_truncated_shard(folder: Path) -> None:  # a checkpoint from before manifests
-    (folder / ckpt.COMPLETE).write_text("ok\n")
+def _legacy_truncated_shard(folder: Path) -> None:  # checkpoints from before manifests
+    for step in (folder, folder.parent / "step_00000002"):
+        (step / ckpt.COMPLETE).write_text("ok\n")
     _truncate(folder / ckpt.shard_name(1, 2))
 
 
