@@ -12,7 +12,11 @@ Where the backbone comes from (the seam, kept in `load_model`):
    are accepted; the embedding size is read from the weights unless --embedding-size is
    given). `fr-trainer export --backbone NAME STATE_DICT.pt OUT.onnx` means the same.
 
-Exit status: 0 exported and checked, 1 failed (missing file, bad weights, parity), 2 usage.
+Before exporting, `export.sanity.check_exportable` refuses a model with NaN/inf weights or
+whose embedding does not depend on the input (a diverged run passes the parity check).
+
+Exit status: 0 exported and checked, 1 failed (missing file, bad weights, parity), 2 usage
+or a model that must not be exported (non-finite weights, input-independent embeddings).
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ def main(argv: list[str]) -> int:
     try:
         source, out = split_paths(args)
         model = load_model(args, source)
+        refuse_unusable(model, source)
         report = run_export(model, out, args)
     except CliError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -82,6 +87,19 @@ def main(argv: list[str]) -> int:
 
 class UsageError(CliError):
     pass
+
+
+class RefusedModel(UsageError):
+    """A model that must not be exported (exit status 2, like a usage error)."""
+
+
+def refuse_unusable(model: nn.Module, source: Path | None) -> None:
+    from fr_trainer.export.sanity import ModelNotExportable, check_exportable
+
+    try:
+        check_exportable(model)
+    except ModelNotExportable as error:
+        raise RefusedModel(f"not exporting {source or 'the model'}: {error}") from None
 
 
 def split_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:

@@ -8,13 +8,33 @@ Layout of a run's checkpoint folder::
                                    schedule, step, data position, config, backbone recipe
         shard_00000_of_00002.pt    one per rank: its class centres ([start, end) of ClassShard),
                                    their optimizer state, its RNG states
-        COMPLETE                   written last
-      latest                       text: the name of the newest complete checkpoint
+        COMPLETE                   written last: the manifest (JSON: each file's size and
+                                   CRC-32, the step, the world size, finite true/false)
+      latest                       text: the name of the newest complete, finite checkpoint
 
-Atomicity: every rank writes into `.tmp_step_XXXXXXXX/`; after a barrier rank 0 writes
-COMPLETE, renames the folder into place and then replaces `latest` (write + os.replace).
+Atomicity: every rank writes into `.tmp_step_XXXXXXXX/`, reads its file back (weights-only,
+memory-mapped) and records its size and CRC-32; rank 0 writes COMPLETE, renames the folder
+into place, replaces `latest` (write + os.replace) and only then prunes older checkpoints.
 A kill at any moment leaves `latest` naming a complete checkpoint (or absent). Ranks must
-share the file system (one node, or a shared mount).
+share the file system (one node, or a shared mount). Temporary folders of interrupted
+saves are removed by the next save. Every decision is taken together: a failure on one
+rank (a write error, too little free space) raises `CheckpointError` on every rank, never
+a hang.
+
+Integrity and finiteness (`checkpoint_integrity`, `finiteness`):
+
+- save: every rank checks its part for NaN/inf first; a non-finite state is not written
+  (`NonFiniteState` on every rank, naming the tensors; `allow_nonfinite=True` writes it
+  marked `"finite": false`, which resume, `latest` and pruning never choose or count).
+  Rank 0 checks the free space against the state's size first (`CheckpointError` saying
+  how much is needed and free). Pruning keeps the `keep_last` newest checkpoints and, in
+  any case, the newest one that is not marked non-finite.
+- resume (`resume`): the candidates newest first; every rank checks its share of the files
+  against the manifest (no unpickling) and all take the newest intact one, with a warning
+  naming each bad file; a checkpoint whose loaded state holds NaN/inf
+  (`NonFiniteCheckpoint`, raised by the loader on every rank) falls back to the next one.
+- reading: `load_file` = `torch.load(weights_only=True)` with a tiny numpy allow-list
+  (`checkpoint_io`): a crafted `.pt` raises CheckpointError naming it and runs nothing.
 
 Resharding: centres and every per-row optimizer tensor (momentum, exp_avg, exp_avg_sq, the
 per-row step) are cut by the new world size's `ClassShard`; `merge_shards` /
@@ -23,9 +43,11 @@ per-row step) are cut by the new world size's `ClassShard`; `merge_shards` /
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +55,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from fr_trainer.distributed.agree import gather_strings, sum_int
 from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.train import checkpoint_integrity as integrity
+from fr_trainer.train.checkpoint_io import CheckpointError, load_trusted
+from fr_trainer.train.finiteness import NonFiniteState, describe, nonfinite_entries
 
 FORMAT = 1
 COMMON = "common.pt"
@@ -41,8 +67,14 @@ COMPLETE = "COMPLETE"
 LATEST = "latest"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, incomplete or does not fit the run."""
+class NonFiniteCheckpoint(CheckpointError):
+    """A checkpoint whose weights, buffers or optimizer state hold NaN/inf."""
+
+
+def load_file(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """One checkpoint file, weights-only (see `checkpoint_io.load_trusted`); `mmap=True`
+    maps the storages instead of reading them."""
+    return load_trusted(path, mmap=mmap)
 
 
 def shard_name(rank: int, world_size: int) -> str:
@@ -55,9 +87,17 @@ def step_name(step: int) -> str:
 
 # --------------------------------------------------------------------------- RNG
 def rng_state() -> dict:
+    """This process's RNG states, in types a weights-only load accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -67,7 +107,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        keys = saved["keys"].numpy().astype(np.uint32)
+        saved = (saved["kind"], keys, saved["pos"], saved["has_gauss"], saved["cached_gaussian"])
+    np.random.set_state(saved)  # older checkpoints: the tuple of np.random.get_state()
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,11 +136,25 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _barrier(group) -> None:
-    import torch.distributed as dist
+def _save_file(obj: Any, path: Path) -> None:
+    """Write `obj` atomically, read it back and record its size and CRC-32 (sidecar)."""
+    _atomic_torch_save(obj, path)
+    integrity.record_digest(path)
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.barrier(group)
+
+def _attempt(action: Callable[[], Any]) -> str:
+    """'' when `action()` succeeds, else its error as one line (raised later on every rank)."""
+    try:
+        action()
+    except Exception as error:  # noqa: BLE001 (reported to every rank, then raised)
+        return f"{type(error).__name__}: {error}" if not isinstance(error, CheckpointError) else str(error)
+    return ""
+
+
+def _raise_if_any(problems: list[str]) -> None:
+    bad = [f"rank {r}: {p}" if len(problems) > 1 else p for r, p in enumerate(problems) if p]
+    if bad:
+        raise CheckpointError("; ".join(bad))
 
 
 def save_checkpoint(
@@ -108,52 +166,76 @@ def save_checkpoint(
     world_size: int,
     keep_last: int = 2,
     group=None,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Collective: every rank passes its `shard` dict; rank 0 also `common`.
 
-    Returns the final folder. Older complete checkpoints beyond `keep_last` are removed.
+    Returns the final folder. Raises, on every rank: NonFiniteState when some rank's part
+    holds NaN/inf (nothing is written; with `allow_nonfinite` it is written marked
+    non-finite instead), CheckpointError when the disk lacks room or a write fails.
+    Older complete checkpoints beyond `keep_last` are removed after the new one is in place.
     """
     root = Path(root)
     tmp = root / f".tmp_{step_name(step)}"
     final = root / step_name(step)
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    _barrier(group)
-    shard = dict(shard, rank=rank, world_size=world_size, format=FORMAT)
-    _atomic_torch_save(shard, tmp / shard_name(rank, world_size))
-    if rank == 0:
-        if common is None:
-            raise ValueError("rank 0 must pass the common part of the checkpoint")
-        _atomic_torch_save(
-            dict(common, world_size=world_size, format=FORMAT, step=step), tmp / COMMON
+    if rank == 0 and common is None:
+        raise ValueError("rank 0 must pass the common part of the checkpoint")
+    bad = nonfinite_entries({"common": common or {}, "shard": shard})
+    reports = gather_strings(describe(bad) if bad else "", group)
+    finite = not any(reports)
+    if not finite and not allow_nonfinite:
+        where = "; ".join(f"rank {r}: {t}" for r, t in enumerate(reports) if t)
+        keep = latest_checkpoint(root)
+        raise NonFiniteState(
+            f"not saving checkpoint {final.name}: NaN/inf in {where}; the newest finite "
+            f"checkpoint is {keep if keep else 'none'}"
         )
-    _barrier(group)
-    if rank == 0:
-        _publish(root, tmp, final, world_size)
-        _prune(root, keep_last)
-    _barrier(group)
+    needed = sum_int(estimate_checkpoint_nbytes(common, shard), group)
+
+    def prepare() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        integrity.clean_stale(root)
+        problem = integrity.free_space_problem(root, needed, f"checkpoint {final.name}", keep_last)
+        if problem:
+            raise CheckpointError(problem)
+        tmp.mkdir()
+
+    _raise_if_any(gather_strings(_attempt(prepare) if rank == 0 else "", group))
+
+    def write() -> None:
+        part = dict(shard, rank=rank, world_size=world_size, format=FORMAT)
+        _save_file(part, tmp / shard_name(rank, world_size))
+        if rank == 0:
+            _save_file(dict(common, world_size=world_size, format=FORMAT, step=step), tmp / COMMON)
+
+    _raise_if_any(gather_strings(_attempt(write), group))
+
+    def publish() -> None:
+        _publish(root, tmp, final, world_size, step, finite)
+        if finite:
+            _prune(root, keep_last)
+
+    _raise_if_any(gather_strings(_attempt(publish) if rank == 0 else "", group))
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path, world_size: int) -> None:
-    missing = [
-        shard_name(r, world_size)
-        for r in range(world_size)
-        if not (tmp / shard_name(r, world_size)).is_file()
-    ]
-    if missing:
-        raise CheckpointError(
-            f"{tmp}: shards {missing} were not written; is the checkpoint folder on a "
-            "file system every rank shares?"
-        )
-    _atomic_write_text(tmp / COMPLETE, "ok\n")
+def estimate_checkpoint_nbytes(common: dict | None, shard: dict) -> int:
+    """Bytes this rank's files of a checkpoint will take (tensor sizes + a little)."""
+    return integrity.estimate_nbytes(shard) + integrity.estimate_nbytes(common or {}) + (64 << 10)
+
+
+def _publish(
+    root: Path, tmp: Path, final: Path, world_size: int, step: int, finite: bool = True
+) -> None:
+    names = [COMMON] + [shard_name(r, world_size) for r in range(world_size)]
+    manifest = integrity.build_manifest(tmp, names, step, world_size, finite)
+    _atomic_write_text(tmp / COMPLETE, json.dumps(manifest, indent=1) + "\n")
+    integrity.remove_sidecars(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(root / LATEST, final.name + "\n")
+    if finite:
+        _atomic_write_text(root / LATEST, final.name + "\n")
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -166,21 +248,94 @@ def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Remove all but the `keep_last` newest complete checkpoints, never the newest one
+    that is not marked non-finite."""
+    found = complete_checkpoints(root)
+    keep = set(found[-keep_last:])
+    usable = [p for p in found if not integrity.marked_nonfinite(p)]
+    if usable:
+        keep.add(usable[-1])
+    for old in found:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- finding
 def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The checkpoint `latest` names (if complete), else the newest complete one, else None."""
+    """The checkpoint `latest` names (if complete), else the newest complete one, else None;
+    checkpoints marked non-finite are never returned. (No file is read: a resume checks
+    them with `resume`.)"""
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
         candidate = root / pointer.read_text().strip()
-        if (candidate / COMPLETE).is_file():
+        if (candidate / COMPLETE).is_file() and not integrity.marked_nonfinite(candidate):
             return candidate
-    found = complete_checkpoints(root)
+    found = [p for p in complete_checkpoints(root) if not integrity.marked_nonfinite(p)]
     return found[-1] if found else None
+
+
+def resume_candidates(path: str | os.PathLike) -> list[Path]:
+    """Where a resume named by `checkpoint.resume=PATH` may start, newest first: a
+    checkpoint folder itself (only it), or the complete checkpoints of a checkpoints root
+    or a run directory; CheckpointError (as `resolve_checkpoint`) when it holds none."""
+    path = Path(path)
+    if (path / COMPLETE).is_file():
+        return [path]
+    for root in (path, path / "checkpoints"):
+        found = complete_checkpoints(root)
+        if found:
+            return found[::-1]
+    resolve_checkpoint(path)  # raises with the reason
+    return []
+
+
+def resume(
+    candidates: list[Path],
+    load: Callable[[Path], None],
+    rank: int,
+    world_size: int,
+    group=None,
+) -> tuple[Path | None, list[str]]:
+    """Collective: `load(folder)` the newest of `candidates` that every rank finds intact
+    and whose state is finite (`load` raises NonFiniteCheckpoint on every rank otherwise);
+    returns it and the warnings (one per rejected checkpoint, naming the bad file, then
+    which one was used). (None, []) when rank 0 has no candidates; CheckpointError when
+    none of them is usable."""
+    names = gather_strings("\n".join(str(c) for c in candidates), group)[0]
+    remaining = [Path(c) for c in names.split("\n") if c]  # rank 0's list counts
+    if not remaining:
+        return None, []
+    notes: list[str] = []
+    while remaining:
+        folder, more = integrity.choose_readable(remaining, rank, world_size, group)
+        notes += more
+        if folder is None:
+            break
+        try:
+            load(folder)
+        except NonFiniteCheckpoint as error:
+            notes.append(f"not resuming from {folder}: {error}")
+            remaining = remaining[remaining.index(folder) + 1 :]
+            continue
+        if notes:
+            notes.append(f"resuming from {folder} instead")
+        return folder, notes
+    raise CheckpointError(
+        "no usable checkpoint to resume from: " + "; ".join(notes)
+        + "; remove the bad ones, name a good one in checkpoint.resume, or set "
+        "checkpoint.resume=never to start afresh"
+    )
+
+
+def refuse_nonfinite(folder: Path, loaded: dict, group=None) -> None:
+    """Collective: NonFiniteCheckpoint on every rank when any rank's `loaded` parts of
+    `folder` hold NaN/inf."""
+    bad = nonfinite_entries(loaded)
+    reports = gather_strings(describe(bad) if bad else "", group)
+    if any(reports):
+        where = "; ".join(f"rank {r}: {t}" for r, t in enumerate(reports) if t)
+        raise NonFiniteCheckpoint(f"{folder} holds NaN/inf ({where})")
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -204,15 +359,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 # --------------------------------------------------------------------------- reading
-def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete") from None
+def _load(path: Path, mmap: bool = False) -> dict:
+    return load_trusted(path, mmap=mmap)
 
 
-def load_common(folder: str | os.PathLike) -> dict:
-    return _load(Path(folder) / COMMON)
+def load_common(folder: str | os.PathLike, mmap: bool = False) -> dict:
+    return _load(Path(folder) / COMMON, mmap)
 
 
 def _row_tensors(state: dict, rows: int) -> dict:
@@ -356,8 +508,7 @@ def split_shards(
     root = Path(out_root)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp_{step_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    integrity.clean_stale(root)
     tmp.mkdir()
     for rank in range(world_size):
         shard = ClassShard(num_classes, world_size, rank)
@@ -372,7 +523,7 @@ def split_shards(
             extra[SHARDED_EXTRA[1]] = {
                 n: _slice_rows(st, num_classes, sl) for n, st in merged[SHARDED_EXTRA[1]].items()
             }
-        _atomic_torch_save(
+        _save_file(
             dict(
                 extra, head=head, optim_head=optim, rank=rank, world_size=world_size, format=FORMAT
             ),
@@ -380,9 +531,9 @@ def split_shards(
         )
     if world_size != saved_world:
         common = convert_data_position(common, world_size)
-    _atomic_torch_save(dict(common, world_size=world_size), tmp / COMMON)
+    _save_file(dict(common, world_size=world_size), tmp / COMMON)
     final = root / step_name(step)
-    _publish(root, tmp, final, world_size)
+    _publish(root, tmp, final, world_size, step, not nonfinite_entries(merged))
     return final
 
 

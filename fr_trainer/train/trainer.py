@@ -38,6 +38,7 @@ from fr_trainer.train.data_setup import (
     consumed_from_position,
     open_dataset,
 )
+from fr_trainer.train.finiteness import BufferSnapshot, NonFiniteState
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
@@ -109,6 +110,8 @@ class Trainer:
         self.reporter = Reporter(
             self.run_dir, self.rank, self.total_steps, config.log.progress, config.log.tensorboard
         )
+        for note in self._resume_notes:  # checkpoints skipped by the resume, and why
+            self.reporter.info(f"warning: {note}")
         self.verifier = self._build_verifier()
 
     # ------------------------------------------------------------------ set-up steps
@@ -327,32 +330,41 @@ class Trainer:
         if isinstance(self.regularizer, CenterLoss):  # centres sharded like the head
             shard["regularizer"] = self.regularizer.state_dict()
             shard["optim_regularizer"] = optim_reg
-        return ckpt.save_checkpoint(
-            self.ckpt_root,
-            self.step,
-            common,
-            shard,
-            self.rank,
-            self.world_size,
-            self.config.checkpoint.keep_last,
-            self.group,
-        )
+        try:
+            return ckpt.save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                common,
+                shard,
+                self.rank,
+                self.world_size,
+                self.config.checkpoint.keep_last,
+                self.group,
+            )
+        except NonFiniteState as error:  # never a checkpoint: stop (exit status 3)
+            raise NonFiniteLoss(
+                f"step {self.step}: {error}. Lower optim.lr or enable optim.clip_grad_norm and "
+                "rerun: it resumes from the newest finite checkpoint"
+            ) from None
 
     def _maybe_resume(self) -> Path | None:
+        """The newest intact, finite checkpoint (every rank agrees; see checkpoint.resume)."""
+        self._resume_notes: list[str] = []
         resume = self.config.checkpoint.resume
         if resume == "never":
             return None
-        folder = (
-            ckpt.latest_checkpoint(self.ckpt_root)
+        candidates = (
+            ckpt.complete_checkpoints(self.ckpt_root)[::-1]
             if resume == "auto"
-            else ckpt.resolve_checkpoint(resume)
+            else ckpt.resume_candidates(resume)
         )
-        if folder is None:
-            return None
-        self.load(folder)
+        folder, self._resume_notes = ckpt.resume(
+            candidates, self.load, self.rank, self.world_size, self.group
+        )
         return folder
 
     def load(self, folder: Path) -> None:
+        self.resume_notes = []  # (of this candidate only: ckpt.resume may try several)
         common = ckpt.load_common(folder)
         if common["num_classes"] != self.num_classes:
             raise ckpt.CheckpointError(
@@ -360,7 +372,6 @@ class Trainer:
                 f"{self.num_classes}; resume with the same data or checkpoint.resume=never"
             )
         saved_world = int(common["world_size"])
-        self.backbone.load_state_dict(common["backbone"])
         exact = (
             ckpt.load_shard_exact(folder, self.rank, self.world_size)
             if saved_world == self.world_size
@@ -368,6 +379,8 @@ class Trainer:
         )
         if exact is None:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
+        ckpt.refuse_nonfinite(folder, {"common": common, "shard": exact}, self.group)
+        self.backbone.load_state_dict(common["backbone"])
         head_state = exact["head"]
         if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
             head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
@@ -505,6 +518,13 @@ class Trainer:
     def train_step(self) -> StepResult:
         accumulate = self.config.optim.accumulate
         losses = []
+        # skip policy: a skipped step must not move BatchNorm's running statistics either
+        network = self.two_head if self.two_head is not None else self.backbone
+        buffers = (
+            BufferSnapshot([network, self.head, self.regularizer])
+            if self.config.train.nonfinite == "skip"
+            else None
+        )
         for i in range(accumulate):
             images, labels = self.stream.next()
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
@@ -513,6 +533,8 @@ class Trainer:
         lr = self.schedule.apply()
         if not math.isfinite(loss):  # identical on every rank: a consistent decision
             self.optimizer.zero_grad(set_to_none=True)
+            if buffers is not None:
+                buffers.restore()
             self._on_nonfinite(loss)
             self.schedule.advance()
             return StepResult(loss, lr, True, None)

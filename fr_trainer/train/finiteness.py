@@ -1,0 +1,71 @@
+"""Keeping NaN/inf out of checkpoints, resumes and skipped steps.
+
+- `nonfinite_entries(state)` names the floating tensors of a (nested) state -- state dicts,
+  optimizer state, a checkpoint's common or shard part -- that hold NaN or inf.
+  `checkpoint.save_checkpoint` refuses to write such a state (every rank agrees; the error
+  names the tensors) and the trainer turns that into `NonFiniteLoss` (exit status 3 from
+  `fr-trainer train`); `Trainer.load` refuses a non-finite checkpoint and the resume falls
+  back to the newest finite one.
+- `BufferSnapshot` is what makes `train.nonfinite=skip` leave a skipped step without
+  effect: the forward passes of the skipped micro-steps have already moved BatchNorm's
+  running statistics (and num_batches_tracked); restoring the snapshot taken before them
+  puts every buffer back bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class NonFiniteState(RuntimeError):
+    """Weights, buffers or optimizer state hold NaN/inf; not saved."""
+
+
+def _is_checked(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and (value.is_floating_point() or value.is_complex())
+
+
+def nonfinite_entries(state: Any, prefix: str = "") -> list[str]:
+    """'name (k of n non-finite)' for each floating tensor in `state` (dicts, lists and
+    tuples are walked; keys joined with '.') that holds NaN or inf."""
+    found: list[str] = []
+    if _is_checked(state):
+        if state.numel() and not bool(torch.isfinite(state).all()):
+            bad = int((~torch.isfinite(state)).sum())
+            found.append(f"{prefix or 'tensor'} ({bad} of {state.numel()} non-finite)")
+    elif isinstance(state, dict):
+        for key, value in state.items():
+            found += nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(state, (list, tuple)):
+        for index, value in enumerate(state):
+            found += nonfinite_entries(value, f"{prefix}[{index}]")
+    return found
+
+
+def describe(entries: list[str], most: int = 4) -> str:
+    """The first few entries and how many there are in all."""
+    more = f", ... ({len(entries)} tensors in all)" if len(entries) > most else ""
+    return ", ".join(entries[:most]) + more
+
+
+class BufferSnapshot:
+    """Copies of the buffers of `modules` (BatchNorm running_mean/var, num_batches_tracked,
+    ...), restored in place by `restore()`."""
+
+    def __init__(self, modules: Iterable[nn.Module | None]) -> None:
+        self._saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = [
+            (m, {name: b.detach().clone() for name, b in m.named_buffers()})
+            for m in modules
+            if m is not None
+        ]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for module, saved in self._saved:
+                current = dict(module.named_buffers())
+                for name, value in saved.items():
+                    current[name].copy_(value)
