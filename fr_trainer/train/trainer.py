@@ -74,7 +74,9 @@ class Trainer:
             self.env.device,
         )
         self.group = None
-        self.precision = resolve_precision(config.train.precision, self.device.type)
+        self.precision = resolve_precision(
+            config.train.precision, self.device.type, config.engine.name
+        )
         set_deterministic(config.train.deterministic, config.train.threads)
         self._build_data()
         self._build_model()
