@@ -155,7 +155,9 @@ class Trainer:
             self.model = None  # the DeepSpeed engine, built with its optimizer
         elif self.env.is_distributed and self.world_size > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(network, device_ids=ids)
+            # triplet alone: the backbone's embedding head gets no gradient, DDP must not wait for it
+            unused = self.two_head is not None and not c.regularizer.with_head
+            self.model = DistributedDataParallel(network, device_ids=ids, find_unused_parameters=unused)
         else:
             self.model = network
         seed_everything(c.run.seed * 1000 + self.rank)  # per-rank streams (dropout, ...)
