@@ -147,6 +147,7 @@ class Trainer:
             process_group=self.group,
             chunk_size=c.head.chunk_size,
             seed=c.run.seed,
+            device=self.device,  # drawn block by block into device memory, not via the host
             **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
@@ -342,10 +343,8 @@ class Trainer:
         if exact is None:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
             common = ckpt.convert_data_position(common, self.world_size)
-        head_state = exact["head"]
-        if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
-            head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
-        self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
+        # a resharded sampling stream is None: the head reseeds it for its rank and the step
+        self.head.load_state_dict(exact["head"], strict="_extra_state" in exact["head"])
         optim_reg = self._load_regularizer(folder, common, exact, saved_world)
         self._load_optimizer(common, exact["optim_head"], optim_reg)
         if hasattr(self.optimizer, "load_shard_state"):
