@@ -35,7 +35,7 @@ def _trained(kind, settings) -> tuple[torch.optim.Optimizer, list[torch.nn.Param
     for _ in range(3):
         params[0].grad = torch.randn(5, 3)
         rows = torch.tensor([1, 4, 6])
-        params[1].grad = torch.sparse_coo_tensor(rows[None], torch.randn(3, 4), (8, 4))
+        params[1].grad = torch.sparse_coo_tensor(rows[None], torch.randn(3, 4), (8, 4), check_invariants=True)
         optimizer.step()
     return optimizer, params
 
@@ -66,7 +66,8 @@ def test_a_reloaded_optimizer_continues_exactly(kind, settings) -> None:
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     reloaded = kind(copies, **settings)
     reloaded.load_state_dict(copy.deepcopy(original.state_dict()))
-    grads = (torch.randn(5, 3), torch.sparse_coo_tensor(torch.tensor([[0, 4]]), torch.randn(2, 4), (8, 4)))
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 4]]), torch.randn(2, 4), (8, 4), check_invariants=True)
+    grads = (torch.randn(5, 3), sparse)
     for optimizer, group in ((original, params), (reloaded, copies)):
         group[0].grad, group[1].grad = grads[0].clone(), grads[1].clone()
         optimizer.step()
