@@ -112,7 +112,7 @@ def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
 
 def _head_step(cfg: BenchConfig, rank: int, device: torch.device):
     head = PartialFC(cfg.classes, cfg.dim, margin=cfg.margin, sample_rate=cfg.sample_rate,
-                     chunk_size=cfg.chunk_size, seed=0).to(device=device, dtype=DTYPES[cfg.dtype])
+                     chunk_size=cfg.chunk_size, seed=0, device=device).to(dtype=DTYPES[cfg.dtype])
     x, y = _inputs(cfg, rank, device)
     x.requires_grad_()
 
@@ -141,7 +141,7 @@ class _AllReduceSum(torch.autograd.Function):
 def _reference_step(cfg: BenchConfig, rank: int, device: torch.device):
     """The head as commonly written: autograd everywhere, a normalised weight copy,
     one-hot masks over the full logit matrix, arcface on the target via full-size ops."""
-    head = PartialFC(cfg.classes, cfg.dim, seed=0).to(device=device, dtype=DTYPES[cfg.dtype])
+    head = PartialFC(cfg.classes, cfg.dim, seed=0, device=device).to(dtype=DTYPES[cfg.dtype])
     weight, shard = head.weight, head.shard
     x, y = _inputs(cfg, rank, device)
     x.requires_grad_()

@@ -3,7 +3,8 @@
 Centres are drawn in fixed blocks of classes, each block from its own generator seeded
 by (seed, block). A rank draws only the blocks its shard overlaps, so shards differ across
 ranks, a run is reproducible for a seed, and the same seed gives the same full matrix at
-any world size (which keeps resharded runs and single-process references comparable).
+any world size and on any device (which keeps resharded runs and single-process references
+comparable). The blocks are drawn on the host one at a time and copied to the device.
 """
 
 from __future__ import annotations
@@ -22,17 +23,20 @@ def block_seed(seed: int, block: int) -> int:
 
 
 def init_centres(shard: ClassShard, embedding_size: int, seed: int, std: float = 0.01,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """This shard's rows [num_local, D] of a N(0, std^2) centre matrix fixed by `seed`."""
-    out = torch.empty(shard.num_local, embedding_size, dtype=dtype)
+                 dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """This shard's rows [num_local, D] of a N(0, std^2) centre matrix fixed by `seed`,
+    allocated on `device` (default: the CPU).
+
+    Each block is drawn on the host by a CPU generator (the same numbers on any device)
+    and copied into place, so the host holds one block at a time, never the shard (at 10M
+    classes per GPU the shard is tens of GB)."""
+    out = torch.empty(shard.num_local, embedding_size, dtype=dtype, device=device)
     first, last = shard.start // INIT_BLOCK, (shard.end - 1) // INIT_BLOCK
     for block in range(first, last + 1):
         generator = torch.Generator().manual_seed(block_seed(seed, block))
         lo = max(shard.start, block * INIT_BLOCK)
         hi = min(shard.end, (block + 1) * INIT_BLOCK)
-        if hi - lo == INIT_BLOCK:  # a whole block: draw it in place
-            out[lo - shard.start : hi - shard.start].normal_(0.0, std, generator=generator)
-            continue
         rows = torch.empty(INIT_BLOCK, embedding_size, dtype=dtype).normal_(0.0, std, generator=generator)
-        out[lo - shard.start : hi - shard.start] = rows[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK]
+        out[lo - shard.start : hi - shard.start].copy_(rows[lo - block * INIT_BLOCK : hi - block * INIT_BLOCK])
     return out

@@ -23,7 +23,7 @@ from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
-from fr_trainer.heads.sampling import num_sampled, sample_centres
+from fr_trainer.heads.sampling import num_sampled, sample_centres, sampling_seed
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
@@ -48,6 +48,8 @@ class PartialFC(nn.Module):
             See `fr_trainer.heads.precision`.
         logits_dtype: dtype of the [G, C_local] logit buffer under a 16-bit compute_dtype
             (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
+        device: where the centres are created (drawn on the host one block at a time, so
+            a 10M-class shard is never held in host memory); None: the CPU.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
 
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
@@ -58,7 +60,7 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
                  compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
-                 **margin_kwargs) -> None:
+                 device: torch.device | str | None = None, **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -81,9 +83,11 @@ class PartialFC(nn.Module):
         self.compute_dtype = compute_dtype
         self.logits_dtype = logits_dtype
         self.seed = int(torch.initial_seed() if seed is None else seed)
-        self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std))
-        self.bias = nn.Parameter(torch.zeros(self.shard.num_local)) if self.margin.has_bias else None
+        self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std, device=device))
+        self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
+                     if self.margin.has_bias else None)
         self._generator: torch.Generator | None = None
+        self._reseed_step: int | None = None  # set when a resharded checkpoint had no stream for this rank
         self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
 
     @property
@@ -94,7 +98,7 @@ class PartialFC(nn.Module):
         device = self.weight.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed((self.seed * 1_000_003 + 7919 * (self.shard.rank + 1)) % (1 << 63))
+            self._generator.manual_seed(sampling_seed(self.seed, self.shard, self._reseed_step))
         return self._generator
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -129,9 +133,18 @@ class PartialFC(nn.Module):
         return {"sampling_rng": None if generator is None else generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        rng = state.get("sampling_rng") if isinstance(state, dict) else None
+        """The saved sampling stream; a checkpoint resharded to another world size has none
+        (`sampling_rng` None: the old streams do not map onto the new shards, and copying
+        one to two new ranks would give them the same negatives) and names its step in
+        `reseed_step`: the stream restarts from (seed, step, rank, world size)."""
+        state = state if isinstance(state, dict) else {}
+        rng = state.get("sampling_rng")
         if rng is not None:
             self._sampling_generator().set_state(rng)
+            return
+        step = state.get("reseed_step")
+        self._reseed_step = None if step is None else int(step)
+        self._generator = None  # drawn afresh from the seed on the next sampled step
 
     def extra_repr(self) -> str:
         s = self.shard

@@ -1,10 +1,13 @@
-"""Partial-FC sampling of class centres: positives always, negatives uniformly."""
+"""Partial-FC sampling of class centres: positives always, negatives uniformly, from a
+per-rank stream (`sampling_seed`)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from fr_trainer.distributed.shard import ClassShard
 
 
 def num_sampled(num_local: int, sample_rate: float) -> int:
@@ -28,3 +31,18 @@ def sample_centres(positives: torch.Tensor, num_local: int, num_sample: int,
     scores[positives] = 2.0  # above every uniform draw: positives always win
     keep = max(num_sample, int(positives.numel()))
     return torch.topk(scores, keep, sorted=False).indices.sort().values.to(positives.device)
+
+
+_MASK_63 = (1 << 63) - 1
+
+
+def sampling_seed(seed: int, shard: ClassShard, step: int | None = None) -> int:
+    """The seed of a rank's negative-sampling stream: from (seed, rank) at the start of a
+    run; after a reshard from (seed, step, rank, world size), distinct for every rank."""
+    if step is None:
+        return (seed * 1_000_003 + 7919 * (shard.rank + 1)) % (1 << 63)
+    mixed = seed & _MASK_63
+    for value in (step, shard.world_size, shard.rank):  # splitmix64-style mixing
+        mixed = (mixed * 0x9E3779B97F4A7C15 + value + 1) & _MASK_63
+        mixed ^= mixed >> 31
+    return mixed

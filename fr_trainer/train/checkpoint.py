@@ -376,73 +376,123 @@ def _row_tensors(state: dict, rows: int) -> dict:
     }
 
 
+RESHARD_CHUNK_BYTES = 8 << 20  # bytes of rows copied per mapping of an old shard file
+
+
 def load_shard_rows(
     folder: str | os.PathLike,
     start: int,
     end: int,
     state_key: str = "head",
     optim_key: str = "optim_head",
+    chunk_bytes: int = RESHARD_CHUNK_BYTES,
 ) -> dict:
     """Head state and head optimizer state for classes [start, end), from whichever shards
     of the saved world size hold them. Returns {"head": {...}, "optim_head": {name: {...}},
     "saved_world_size": W}. Other class-sharded state saved beside the head (the center
     loss's centres: `state_key="regularizer", optim_key="optim_regularizer"`) is read the
-    same way and returned under those keys."""
+    same way and returned under those keys.
+
+    Memory: an old shard file (40 GB at 10M classes per rank) is never read whole. It is
+    memory-mapped (`torch.load(mmap=True)`) and its rows are copied `chunk_bytes` at a time,
+    each chunk through a fresh mapping dropped after the copy, so the host holds the new
+    rows plus one chunk.
+
+    The sampling stream (`_extra_state`) is kept only when [start, end) is exactly one saved
+    shard; otherwise it is `{"sampling_rng": None, "reseed_step": step}` and the head draws
+    a new stream for its rank (see `PartialFC.set_extra_state`)."""
     folder = Path(folder)
     common = load_common(folder)
     saved_world = int(common["world_size"])
     num_classes = int(common["num_classes"])
     if not 0 <= start < end <= num_classes:
         raise CheckpointError(f"class range [{start}, {end}) is outside [0, {num_classes})")
-    pieces: list[tuple[dict, dict]] = []
-    counts: list[int] = []
-    for rank in range(saved_world):
-        shard = ClassShard(num_classes, saved_world, rank)
-        lo, hi = max(start, shard.start), min(end, shard.end)
-        if lo >= hi:
-            continue
-        data = _load(folder / shard_name(rank, saved_world))
-        sl = slice(lo - shard.start, hi - shard.start)
-        pieces.append(
-            (
-                _slice_rows(data[state_key], shard.num_local, sl),
-                {
-                    name: _slice_rows(st, shard.num_local, sl)
-                    for name, st in data[optim_key].items()
-                },
-            )
-        )
-        counts.append(hi - lo)
-    return {
-        state_key: _concat([p[0] for p in pieces], counts),
-        optim_key: {
-            name: _concat([p[1][name] for p in pieces], counts) for name in pieces[0][1]
-        },
-        "saved_world_size": saved_world,
-    }
+    shards = [ClassShard(num_classes, saved_world, r) for r in range(saved_world)]
+    shards = [s for s in shards if max(start, s.start) < min(end, s.end)]
+    out = _Rows(start, end, state_key, optim_key)
+    for shard in shards:
+        row, hi = max(start, shard.start), min(end, shard.end)
+        path = folder / shard_name(shard.rank, saved_world)
+        while row < hi:
+            row = out.copy_chunk(path, shard, row, hi, chunk_bytes)
+    extra = (state_key, "_extra_state")
+    if extra in out.values and not (len(shards) == 1 and (shards[0].start, shards[0].end) == (start, end)):
+        out.values[extra] = {"sampling_rng": None, "reseed_step": int(common.get("step", 0))}
+    return {**out.nested(), "saved_world_size": saved_world}
+
+
+def _is_rows(value: Any, rows: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == rows
+
+
+def _owned(value: Any) -> Any:
+    """`value` with its tensors copied out of the file mapping."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _owned(v) for k, v in value.items()}
+    return value
+
+
+class _Rows:
+    """The state of classes [start, end) assembled from old shard files, chunk by chunk.
+
+    `values` maps (state_key, key) and (optim_key, param name, key) to a value: the per-row
+    tensors [end - start, ...] (filled by `copy_chunk`), and the other entries as the first
+    shard file read holds them."""
+
+    def __init__(self, start: int, end: int, state_key: str, optim_key: str) -> None:
+        self.start, self.end = start, end
+        self.state_key, self.optim_key = state_key, optim_key
+        self.values: dict[tuple, Any] = {}
+        self.row_keys: set[tuple] = set()
+        self.optim_names: list[str] | None = None  # None until the first file is read
+
+    def _leaves(self, data: dict) -> dict[tuple, Any]:
+        leaves: dict[tuple, Any] = {(self.state_key, k): v for k, v in data[self.state_key].items()}
+        for name, state in data[self.optim_key].items():
+            leaves.update({(self.optim_key, name, k): v for k, v in state.items()})
+        return leaves
+
+    def copy_chunk(self, path: Path, shard: ClassShard, row: int, hi: int, chunk_bytes: int) -> int:
+        """Map `path` (the file of old `shard`), copy its classes [row, row + chunk), at most
+        `hi`, and return the next class. The mapping is dropped on return."""
+        data = _load(path, mmap=True)
+        leaves = self._leaves(data)
+        rows = {k: v for k, v in leaves.items() if _is_rows(v, shard.num_local)}
+        if self.optim_names is None:
+            self.optim_names = list(data[self.optim_key])
+            self.row_keys = set(rows)
+            for key, value in leaves.items():
+                self.values[key] = (torch.empty((self.end - self.start, *value.shape[1:]), dtype=value.dtype)
+                                    if key in rows else _owned(value))
+        row_bytes = sum(v[0].numel() * v.element_size() for v in rows.values())
+        stop = min(hi, row + max(1, chunk_bytes // max(1, row_bytes)))
+        for key in self.row_keys:
+            source, target = rows.get(key), self.values[key]
+            if source is None or source.shape[1:] != target.shape[1:] or source.dtype != target.dtype:
+                raise CheckpointError(
+                    f"{path}: {'/'.join(map(str, key))} does not match the other shards' rows; "
+                    "the checkpoint is inconsistent (written by different runs?)"
+                )
+            target[row - self.start : stop - self.start].copy_(source[row - shard.start : stop - shard.start])
+        return stop
+
+    def nested(self) -> dict:
+        """{state_key: {key: value}, optim_key: {param name: {key: value}}}."""
+        result: dict[str, dict] = {self.state_key: {}, self.optim_key: {n: {} for n in self.optim_names or []}}
+        for key, value in self.values.items():
+            if key[0] == self.state_key and len(key) == 2:
+                result[self.state_key][key[1]] = value
+            else:
+                result[self.optim_key].setdefault(key[1], {})[key[2]] = value
+        return result
 
 
 def _slice_rows(state: dict, rows: int, sl: slice) -> dict:
     """Cut the per-row tensors of `state` (first dim == rows) to `sl`; keep the rest."""
     row_keys = _row_tensors(state, rows)
     return {k: (v[sl] if k in row_keys else v) for k, v in state.items()}
-
-
-def _concat(parts: list[dict], counts: list[int]) -> dict:
-    """Join per-row tensors of consecutive pieces (piece i has counts[i] rows)."""
-    out = {}
-    for key, first in parts[0].items():
-        rows = [p[key] for p in parts]
-        if all(
-            isinstance(r, torch.Tensor) and r.dim() >= 1 and r.shape[0] == c
-            for r, c in zip(rows, counts)
-        ):
-            out[key] = torch.cat(rows)
-        elif key == "_extra_state":  # the sampling stream of one rank: only exact when unsplit
-            out[key] = first if len(parts) == 1 else {"sampling_rng": None}
-        else:
-            out[key] = first
-    return out
 
 
 def load_shard_exact(folder: str | os.PathLike, rank: int, world_size: int) -> dict | None:

@@ -26,8 +26,12 @@ state starts fresh, with a warning, while weights, head, schedule and data posit
 
 Not supported with this engine (a `ConfigError` says so): `optim.clip_grad_norm > 0` (the
 backbone gradient lives in ZeRO partitions), `train.nonfinite = "skip"` (the engine has
-already reduced the step's gradients), fp16 with a grad scaler. Tested on CPU with gloo in
-fp32.
+already reduced the step's gradients), fp16 with a grad scaler.
+
+Precision: the engine's backward is not scaled, so `train.precision = "auto"` resolves to
+bf16 on a CUDA device that supports it, else fp32 (`runtime.resolve_precision`), and no
+GradScaler is built: a scaled loss would leave the head's gradients, which the engine does
+not see, multiplied by the scale. Tested on CPU with gloo in fp32.
 
 DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce op (`deepspeed_shm_comm`)
 when its comm layer starts; only inference all-reduce uses it, and compiling it takes

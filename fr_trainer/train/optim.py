@@ -40,6 +40,26 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _update(self, param: torch.nn.Parameter, group: dict) -> None:
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loading, then every state tensor onto its parameter's device.
+
+        Checkpoints are read with `map_location="cpu"`; torch moves most state to the
+        parameter but leaves a `step` key where it was, and AdamW's per-row step must live
+        beside the rows it counts (a resumed CUDA run would otherwise index a CPU tensor
+        with CUDA rows). Floating state also takes the parameter's dtype; integer state
+        (the step counts) keeps its own."""
+        super().load_state_dict(state_dict)
+        for param, state in self.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor):
+                    state[key] = _to_param(value, param)
+
+
+def _to_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`value` on `param`'s device; floating values also in `param`'s dtype."""
+    dtype = param.dtype if value.is_floating_point() and param.is_floating_point() else value.dtype
+    return value.to(device=param.device, dtype=dtype)
+
 
 class SGD(_RowSparseOptimizer):
     """SGD with momentum, coupled weight decay and optional Nesterov; row-sparse aware."""

@@ -45,8 +45,11 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_precision(name: str, device_type: str) -> Precision:
-    """auto: fp16 with a grad scaler on CUDA, fp32 on CPU."""
+def resolve_precision(name: str, device_type: str, engine: str = "ddp") -> Precision:
+    """auto: fp16 with a grad scaler on CUDA, fp32 on CPU; with `engine="deepspeed"` see
+    `_deepspeed_precision` (that branch never scales the loss)."""
+    if engine == "deepspeed":
+        name = _deepspeed_precision(name, device_type)
     if name == "auto":
         name = "fp16" if device_type == "cuda" else "fp32"
     if name == "fp16" and device_type != "cuda":
@@ -56,6 +59,21 @@ def resolve_precision(name: str, device_type: str) -> Precision:
     if name in ("fp16", "bf16"):
         return Precision(name, torch.float32, DTYPES[name], name == "fp16")
     return Precision(name, DTYPES[name], None, False)
+
+
+def _deepspeed_precision(name: str, device_type: str) -> str:
+    """The DeepSpeed engine's backward does not go through a GradScaler, so fp16 (which
+    needs one) is refused and auto means bf16 on a CUDA device that supports it, else fp32:
+    a scaled loss would leave the head's gradients (outside the engine) multiplied by the
+    scale, and an unscaled fp16 backward underflows."""
+    if name == "fp16":
+        raise ConfigError(
+            "train.precision='fp16' is not supported with engine.name='deepspeed' (its loss is "
+            "not scaled); use precision 'auto', 'bf16' or 'fp32', or engine.name='ddp'"
+        )
+    if name != "auto":
+        return name
+    return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def seed_everything(seed: int) -> None:

@@ -94,7 +94,9 @@ class Trainer:
             self.env.device,
         )
         self.group = None
-        self.precision = resolve_precision(config.train.precision, self.device.type)
+        self.precision = resolve_precision(
+            config.train.precision, self.device.type, config.engine.name
+        )
         set_deterministic(config.train.deterministic, config.train.threads)
         configure_backends(self.device, config.train.deterministic)
         self._build_data()
@@ -175,6 +177,7 @@ class Trainer:
             seed=c.run.seed,
             compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
             logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
+            device=self.device,  # drawn block by block into device memory, not via the host
             **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
@@ -182,7 +185,9 @@ class Trainer:
         if c.engine.name == "deepspeed":
             self.model = None  # the DeepSpeed engine, built with its optimizer
         elif self.env.is_distributed and self.world_size > 1:
-            self.model = wrap_ddp(network, c, self.device)
+            # triplet alone: the backbone's embedding head gets no gradient, DDP must not wait for it
+            unused = self.two_head is not None and not c.regularizer.with_head
+            self.model = wrap_ddp(network, c, self.device, find_unused=unused)
         else:
             self.model = network
         seed_everything(c.run.seed * 1000 + self.rank)  # per-rank streams (dropout, ...)
@@ -381,10 +386,8 @@ class Trainer:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
         ckpt.refuse_nonfinite(folder, {"common": common, "shard": exact}, self.group)
         self.backbone.load_state_dict(common["backbone"])
-        head_state = exact["head"]
-        if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
-            head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
-        self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
+        # a resharded sampling stream is None: the head reseeds it for its rank and the step
+        self.head.load_state_dict(exact["head"], strict="_extra_state" in exact["head"])
         optim_reg = self._load_regularizer(folder, common, exact, saved_world)
         configured = config_hyperparameters(self.optimizer)
         self._load_optimizer(common, exact["optim_head"], optim_reg)
