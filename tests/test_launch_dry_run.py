@@ -90,11 +90,12 @@ def test_slurm_script_runs_one_agent_per_node(tmp_path, elastic):
                          check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr
     tail = "--rdzv-backend=c10d --rdzv-endpoint=gpu-a17:29500 --rdzv-id=777"
+    grace = "--shutdown-timeout=90"
     if elastic:
         line = (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 {tail} "
-                "--max-restarts=3 -m fr_trainer train configs/glint360k_r100_cosface.toml")
+                f"--max-restarts=3 {grace} -m fr_trainer train configs/glint360k_r100_cosface.toml")
         assert out.stdout.splitlines() == [line, line]
     else:
         assert out.stdout.splitlines() == [
-            f"torchrun --nnodes=2 --nproc-per-node=8 --node-rank={i} {tail} -m fr_trainer train "
+            f"torchrun --nnodes=2 --nproc-per-node=8 --node-rank={i} {tail} {grace} -m fr_trainer train "
             "configs/glint360k_r100_cosface.toml" for i in (0, 1)]

@@ -100,6 +100,9 @@ class TrainConfig:
     max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads per rank (0: torch default)
+    # a step (or checkpoint save, verification) waiting longer than this for another rank ends
+    # the job with status 76, naming that rank (train/watchdog.py)
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -365,6 +368,10 @@ def validate(config: Config) -> None:
         f"train.max_nonfinite_skips must be >= 1, got {t.max_nonfinite_skips}",
     )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(
+        t.collective_timeout_s > 0,
+        f"train.collective_timeout_s must be > 0 seconds (default 600), got {t.collective_timeout_s}",
+    )
     _check(
         config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,
         "checkpoint.every_steps must be >= 0 and checkpoint.keep_last >= 1",
