@@ -5,11 +5,11 @@
     lock.refresh()       # now and then (the watchdog thread does it): the heartbeat
     lock.release()
 
-A lock is stale, and is taken over with a warning, when its process is gone: on this host
-the pid is not alive (or is another process than the holder's start-up), on another host
-its heartbeat is older than `stale_after_s`; and a lock of the same torchrun job
-(`TORCHELASTIC_RUN_ID`: an elastic restart, whose rank 0 may be on another host). The same process may take its own lock again
-(a second Trainer on one run directory, one after the other, in one Python process).
+A lock is stale, and is taken over with a warning, when its process is gone (on this host
+the pid is not alive; on another host its heartbeat is older than `stale_after_s`) or when
+it belongs to the same torchrun job (`TORCHELASTIC_RUN_ID`: an elastic restart, whose rank 0
+may be on another host). The same process may take its own lock again (a second Trainer on
+one run directory, one after the other, in one Python process).
 """
 
 from __future__ import annotations

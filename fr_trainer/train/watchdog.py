@@ -102,7 +102,9 @@ class Watchdog:
         self.timeout_s = float(timeout_s)
         self.warn_after_s = WARN_FRACTION * self.timeout_s if warn_after_s is None else warn_after_s
         self.interval_s = interval_s or min(10.0, max(0.2, self.timeout_s / 8))
-        self.stale_after_s = 3 * self.interval_s + 2.0
+        # no heartbeat for this long: frozen or dead (below the timeout, so a rank frozen when
+        # this phase began is named when the timeout comes)
+        self.stale_after_s = min(3 * self.interval_s + 2.0, self.timeout_s / 2)
         self.watch_parent = "TORCHELASTIC_RUN_ID" in os.environ if watch_parent is None else watch_parent
         self.on_tick, self.log, self._exit = on_tick, log, exit
         self.host, self.pid = socket.gethostname(), os.getpid()
