@@ -44,6 +44,7 @@ def test_sigterm_saves_this_step_and_the_rerun_resumes(tmp_path):
     assert rerun.step == SIGNAL_AT
     summary = rerun.fit()
     assert summary["steps"] == 8 and summary["steps_this_run"] == 8 - SIGNAL_AT
+    assert not (rerun.run_dir / "run.lock").exists()  # released when the run ends
     clean = make_trainer(0, 1, config_dict(tmp_path / "data", tmp_path / "clean"))
     clean.fit()
     reference, resumed = clean.state_snapshot(), rerun.state_snapshot()
