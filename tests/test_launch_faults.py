@@ -2,7 +2,8 @@
 
 - SIGTERM to the launcher (what SLURM and Kubernetes send): torchrun forwards it, both
   ranks save the checkpoint of the step they were in (no step lost), the script exits 75,
-  and the rerun resumes from that checkpoint and finishes.
+  and the rerun resumes from that checkpoint and finishes. SIGTERM to one worker only:
+  both ranks still stop and save at the same step.
 - SIGSTOP of one worker: the other's watchdog names it within train.collective_timeout_s
   and the job ends with status 76 (no silent hang).
 - SIGKILL of the torchrun agent: the orphaned workers notice and exit (no second job
@@ -188,6 +189,21 @@ def test_a_stopped_worker_is_named_and_the_job_ends(workspace):
     assert f"rank 0: step {PAUSE_AT} has waited" in out
     assert "rank(s) 1 stopped progressing: rank 1: no heartbeat for" in out
     assert "launch/torchrun.sh: a rank hung (status 76)" in out
+    assert not (workspace / "runs" / "stop" / "run.lock").exists()  # released before the exit
+
+
+def test_sigterm_to_one_worker_stops_both_at_the_same_step(workspace):
+    proc = launch(workspace, "one")
+    wait_for(lambda: paused(workspace, "one"), f"rank 0 to reach step {PAUSE_AT}", proc)
+    pids = wait_for(lambda: worker_pids(workspace, "one"), "both heartbeats", proc)
+    os.kill(pids[1], signal.SIGTERM)  # rank 1 only; rank 0 learns it at the step boundary
+    go(workspace, "one")
+    code, out = finish(proc)
+    assert code == 75, out[-4000:]
+    saved = max(int(p.name[5:]) for p in (workspace / "runs" / "one" / "checkpoints").glob("step_*"))
+    assert saved >= PAUSE_AT
+    assert max(steps_run(workspace, "one", 0)) == max(steps_run(workspace, "one", 1)) == saved
+    assert "another rank received a stop signal" in out  # rank 0's report
 
 
 def test_workers_exit_when_the_torchrun_agent_is_killed(workspace):

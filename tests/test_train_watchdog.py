@@ -21,7 +21,7 @@ class Recorder:
 
     def dog(self, folder, rank: int = 0, **kwargs) -> Watchdog:
         return Watchdog(rank, 3, folder, timeout_s=10, interval_s=1, log=self.lines.append,
-                        exit=self.codes.append, **kwargs)
+                        exit=self.codes.append, before_exit=lambda: self.lines.append("before exit"), **kwargs)
 
 
 def _beat(folder, rank: int, step: int, age_s: float, now: float, phase: str = "train step") -> None:
@@ -47,8 +47,8 @@ def test_warns_then_names_the_frozen_and_the_late_rank(tmp_path):
     _beat(tmp_path, 1, 12, age_s=9, now=now)  # frozen: its heartbeat stopped 9 s ago
     _beat(tmp_path, 2, 11, age_s=0.5, now=now)  # alive but still in an earlier step
     dog.check(now)
-    assert rec.codes == [EXIT_HUNG]
-    message = rec.lines[-1]
+    assert rec.codes == [EXIT_HUNG] and rec.lines[-1] == "before exit"  # e.g. the run lock released
+    message = rec.lines[-2]
     assert "rank 0: step 12 has waited 11 s" in message and "train.collective_timeout_s=10" in message
     assert "rank(s) 1, 2 stopped progressing" in message
     assert "rank 1: no heartbeat for 9 s (frozen or dead; last at step 12 in train step, pid 4242 on node7)" in message
@@ -85,7 +85,7 @@ def test_exits_when_the_launcher_is_gone(tmp_path):
     dog._parent = os.getppid() + 1  # as if this process had been re-parented
     dog.check(time.time())
     assert rec.codes == [EXIT_ORPHANED]
-    assert "the launcher (pid" in rec.lines[-1] and "is gone" in rec.lines[-1]
+    assert "the launcher (pid" in rec.lines[-2] and "is gone" in rec.lines[-2]
 
 
 @pytest.mark.parametrize("value", [0, -5])

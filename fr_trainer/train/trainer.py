@@ -98,7 +98,7 @@ class Trainer:
         self.verifier = self._build_verifier()
         self.watchdog = Watchdog(self.rank, self.world_size, self.run_dir / "heartbeats",
                                  config.train.collective_timeout_s,
-                                 on_tick=self._refresh_run_lock)
+                                 on_tick=self._refresh_run_lock, before_exit=self._release_run_lock)
         self._saved_step: int | None = None
         self._lock_released = False
 
@@ -546,13 +546,16 @@ class Trainer:
         finally:
             self.watchdog.stop()
             self.stop_request.uninstall()
-            if self.run_lock is not None:
-                self.run_lock.release()
+            self._release_run_lock()
             self._lock_released = True
 
     def _refresh_run_lock(self) -> None:
         if self.run_lock is not None:
             self.run_lock.refresh()
+
+    def _release_run_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
 
     def _preempt(self) -> Preempted:
         """Save this step (unless just saved) for a stop signal; the exception to raise."""
@@ -601,7 +604,8 @@ class Trainer:
             if stop_after is not None and self.step - first_step >= stop_after:
                 self.save()
                 return {"stopped_at": self.step, "losses": losses}
-            if self.stop_request.should_stop():  # a collective: every rank stops at this step
+            # a collective: every rank stops at the same step (after the last one: just finish)
+            if self.step < self.total_steps and self.stop_request.should_stop():
                 raise self._preempt()
         loop_seconds = time.perf_counter() - t_loop
         folder = self.save()

@@ -83,7 +83,9 @@ def stalled_ranks(
 
 
 class Watchdog:
-    """See the module docstring. `exit` and `log` are injectable for tests."""
+    """See the module docstring. `on_tick` runs on each heartbeat (rank 0 refreshes the run
+    lock), `before_exit` before the watchdog ends the process; `exit` and `log` are injectable
+    for tests."""
 
     def __init__(
         self,
@@ -95,6 +97,7 @@ class Watchdog:
         interval_s: float | None = None,
         watch_parent: bool | None = None,
         on_tick: Callable[[], None] | None = None,
+        before_exit: Callable[[], None] | None = None,
         log: Callable[[str], None] = _stderr,
         exit: Callable[[int], None] = os._exit,
     ) -> None:
@@ -106,7 +109,7 @@ class Watchdog:
         # this phase began is named when the timeout comes)
         self.stale_after_s = min(3 * self.interval_s + 2.0, self.timeout_s / 2)
         self.watch_parent = "TORCHELASTIC_RUN_ID" in os.environ if watch_parent is None else watch_parent
-        self.on_tick, self.log, self._exit = on_tick, log, exit
+        self.on_tick, self.before_exit, self.log, self._exit = on_tick, before_exit, log, exit
         self.host, self.pid = socket.gethostname(), os.getpid()
         self._lock = threading.Lock()
         self._step, self._phase, self._since = 0, "start-up", time.time()
@@ -189,4 +192,9 @@ class Watchdog:
         self.log(message)
         write_exit_status(code, message)
         self._stopped.set()
+        if self.before_exit is not None:  # os._exit skips atexit: e.g. release the run lock here
+            try:
+                self.before_exit()
+            except Exception as error:  # noqa: BLE001 - exiting matters more
+                self.log(f"rank {self.rank}: {error}")
         self._exit(code)
