@@ -10,7 +10,7 @@
 #   restart the whole group (up to K times), and the trainer resumes from the latest
 #   checkpoint of its run directory (resume = "auto"), so at most checkpoint.every_steps
 #   steps are recomputed.
-# Signals: SIGTERM/SIGINT/SIGHUP to this script go to torchrun, which sends them to every
+# Signals: SIGTERM/SIGINT (SIGHUP as SIGTERM) to this script go to torchrun, which sends them to every
 #   worker; the workers save a checkpoint at the next step boundary and exit 75. Exit status
 #   of this script: 0 done; 75 preempted, checkpoint saved (rerun the same command to resume);
 #   76 a rank hung (train.collective_timeout_s; the message names it); 77 the launcher died;
@@ -135,7 +135,7 @@ child=$!
 forward() { kill -s "$1" "$child" 2>/dev/null || true; }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-trap 'forward HUP' HUP
+trap 'forward TERM' HUP  # a closed terminal: save and stop, as for SIGTERM
 rc=0
 wait "$child" || rc=$?
 while kill -0 "$child" 2>/dev/null; do  # a trapped signal interrupted wait: wait again

@@ -13,7 +13,7 @@ time now) to `heartbeats/rank_RRRRR.json` and checks how long the current phase 
   progressing (no heartbeat for a while: frozen or dead; or still at an earlier step) and
   exits the process with `EXIT_HUNG` (76);
 - under torchrun, when the launcher (the parent process) is gone, it exits with
-  `EXIT_ORPHANED` (77) instead of training on as an orphan.
+  `EXIT_ORPHANED` (77) within `PARENT_CHECK_S` instead of training on as an orphan.
 
 A frozen process (SIGSTOP, a stuck driver) stops its own heartbeat too, which is how the
 others tell it apart from a rank that is merely slow.
@@ -36,6 +36,7 @@ from fr_trainer.train.signals import EXIT_HUNG, EXIT_ORPHANED, write_exit_status
 # say which rank is missing, speaks first; the c10d timeout stays the backstop
 COLLECTIVE_SLACK_S = 30.0
 WARN_FRACTION = 0.5  # warn when a phase has taken this fraction of the timeout
+PARENT_CHECK_S = 1.0  # the launcher's death is noticed within this (a getppid() per tick)
 
 
 def _clock(wall: float) -> str:
@@ -151,15 +152,25 @@ class Watchdog:
             pass  # a full or vanished run directory must not kill training by itself
 
     def _run(self) -> None:
-        while not self._stopped.wait(self.interval_s):
-            self.check(time.time())
+        last = time.monotonic()
+        while not self._stopped.wait(min(PARENT_CHECK_S, self.interval_s)):
+            if self._orphaned():
+                return
+            if time.monotonic() - last >= self.interval_s:
+                last = time.monotonic()
+                self.check(time.time())
 
-    def check(self, now: float) -> None:
-        """One round of the thread's work (public for tests)."""
+    def _orphaned(self) -> bool:
         if self.watch_parent and os.getppid() != self._parent:
             self._die(EXIT_ORPHANED, f"rank {self.rank}: the launcher (pid {self._parent}, the torchrun agent) "
                                      f"is gone; exiting instead of training on as an orphan "
                                      f"(status {EXIT_ORPHANED})")
+            return True
+        return False
+
+    def check(self, now: float) -> None:
+        """One heartbeat round of the thread's work (public for tests)."""
+        if self._orphaned():
             return
         self._beat(now)
         if self.on_tick is not None:
