@@ -90,11 +90,36 @@ def test_slurm_script_runs_one_agent_per_node(tmp_path, elastic):
                          check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert out.returncode == 0, out.stderr
     tail = "--rdzv-backend=c10d --rdzv-endpoint=gpu-a17:29500 --rdzv-id=777"
+    grace = "--shutdown-timeout=90"
     if elastic:
         line = (f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nnodes=1:2 --nproc-per-node=8 {tail} "
-                "--max-restarts=3 -m fr_trainer train configs/glint360k_r100_cosface.toml")
+                f"--max-restarts=3 {grace} -m fr_trainer train configs/glint360k_r100_cosface.toml")
         assert out.stdout.splitlines() == [line, line]
     else:
         assert out.stdout.splitlines() == [
-            f"torchrun --nnodes=2 --nproc-per-node=8 --node-rank={i} {tail} -m fr_trainer train "
+            f"torchrun --nnodes=2 --nproc-per-node=8 --node-rank={i} {tail} {grace} -m fr_trainer train "
             "configs/glint360k_r100_cosface.toml" for i in (0, 1)]
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (1, False)])
+def test_slurm_script_requeues_a_preempted_job(tmp_path, status, requeued):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake(bin_dir / "scontrol", f'if [ "$1" = requeue ]; then echo "$@" > {tmp_path}/requeue; exit 0; fi\n'
+                                'printf "gpu-a17\\n"\n')
+    _fake(bin_dir / "srun", f"exit {status}\n")  # the job step's status (the highest of its tasks')
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "FR_", "TORCHRUN"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="778", SLURM_JOB_NODELIST="gpu-a17",
+               SLURM_JOB_NUM_NODES="1", SLURM_SUBMIT_DIR=str(ROOT), FR_VENV=str(tmp_path / "no-venv"))
+    out = subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "c.toml"], check=False,
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert out.returncode == status, out.stderr
+    assert (tmp_path / "requeue").exists() == requeued
+    if requeued:
+        assert (tmp_path / "requeue").read_text() == "requeue 778\n"
+        assert "requeueing job 778" in out.stderr
+
+
+def test_slurm_script_asks_for_a_warning_signal():
+    text = (ROOT / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@120" in text and "#SBATCH --requeue" in text

@@ -92,3 +92,14 @@ def all_gather_with_grad(tensor: torch.Tensor, group: ProcessGroup | None) -> to
     if not is_distributed(group):
         return tensor
     return _AllGatherWithGrad.apply(tensor, group)
+
+
+def all_reduce_max_int(value: int, group: ProcessGroup | None, device: torch.device) -> int:
+    """The largest `value` over the ranks (one int: a CPU tensor on gloo, a `device` one on
+    NCCL); `value` itself without a process group."""
+    if not is_distributed(group):
+        return int(value)
+    where = device if backend_name(group) == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([int(value)], dtype=torch.int64, device=where)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return int(tensor.item())

@@ -1,4 +1,10 @@
-"""`fr-trainer train CONFIG [--set key=value ...]` (also `torchrun ... -m fr_trainer train ...`)."""
+"""`fr-trainer train CONFIG [--set key=value ...]` (also `torchrun ... -m fr_trainer train ...`).
+
+Exit status: 0 done; 2 bad config/checkpoint, or the run directory is locked by another job;
+3 non-finite loss; 75 stopped by SIGTERM/SIGINT with a checkpoint saved (rerun to resume);
+76 a step waited train.collective_timeout_s for another rank; 77 the launcher died;
+130 a second SIGINT (no checkpoint). See fr_trainer/train/signals.py.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from fr_trainer.data.bad_records import BadRecordError
     from fr_trainer.train.checkpoint import CheckpointError
     from fr_trainer.train.config import ConfigError, load_config, to_dict
+    from fr_trainer.train.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, write_exit_status
 
     try:
         config = load_config(args.config, args.overrides)
@@ -50,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as error:
         print(f"{PROG}: stopped: {error}", file=sys.stderr)
         return 3
+    except Preempted as error:
+        print(f"{PROG}: preempted: {error}", file=sys.stderr)
+        write_exit_status(EXIT_PREEMPTED, str(error))
+        return EXIT_PREEMPTED
+    except KeyboardInterrupt:
+        print(f"{PROG}: aborted by a second SIGINT, no checkpoint of this step", file=sys.stderr)
+        return EXIT_ABORTED
     finally:
         import torch.distributed as dist
 

@@ -117,6 +117,9 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads per rank (0: torch default)
     scaler_growth_interval: int = 2000  # fp16 GradScaler (torch's default; arcface_torch: 100)
+    # a step (or checkpoint save, verification) waiting longer than this for another rank ends
+    # the job with status 76, naming that rank (train/watchdog.py)
+    collective_timeout_s: float = 600.0
 
 
 @dataclass
@@ -414,6 +417,10 @@ def validate(config: Config) -> None:
     )
     _check(
         config.ddp.bucket_cap_mb > 0, f"ddp.bucket_cap_mb must be > 0, got {config.ddp.bucket_cap_mb}"
+    )
+    _check(
+        t.collective_timeout_s > 0,
+        f"train.collective_timeout_s must be > 0 seconds (default 600), got {t.collective_timeout_s}",
     )
     _check(
         config.checkpoint.every_steps >= 0 and config.checkpoint.keep_last >= 1,

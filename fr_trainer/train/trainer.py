@@ -16,6 +16,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ from fr_trainer.train.run_plan import (
     describe_change,
     make_plan,
 )
+from fr_trainer.train.run_lock import take_run_lock
 from fr_trainer.train.runtime import (
     configure_backends,
     prepare_backbone,
@@ -61,6 +63,8 @@ from fr_trainer.train.runtime import (
     wrap_ddp,
 )
 from fr_trainer.train.schedule import PolySchedule
+from fr_trainer.train.signals import Preempted, StopRequest
+from fr_trainer.train.watchdog import COLLECTIVE_SLACK_S, Watchdog
 
 
 class NonFiniteLoss(RuntimeError):
@@ -87,13 +91,16 @@ class Trainer:
         self.config = config
         self.t_start = time.perf_counter()
         device_type = resolve_device(config.train.device)
-        self.env = env or init_distributed(device_type)
+        timeout = timedelta(seconds=config.train.collective_timeout_s + COLLECTIVE_SLACK_S)
+        self.env = env or init_distributed(device_type, timeout=timeout)
         self.rank, self.world_size, self.device = (
             self.env.rank,
             self.env.world_size,
             self.env.device,
         )
         self.group = None
+        self.run_lock = take_run_lock(config.run_dir, self.rank, self.group, self.device)
+        self.stop_request = StopRequest(self.group, self.device)
         self.precision = resolve_precision(
             config.train.precision, self.device.type, config.engine.name
         )
@@ -115,6 +122,11 @@ class Trainer:
         for note in self._resume_notes:  # checkpoints skipped by the resume, and why
             self.reporter.info(f"warning: {note}")
         self.verifier = self._build_verifier()
+        self.watchdog = Watchdog(self.rank, self.world_size, self.run_dir / "heartbeats",
+                                 config.train.collective_timeout_s,
+                                 on_tick=self._refresh_run_lock, before_exit=self._release_run_lock)
+        self._saved_step: int | None = None
+        self._lock_released = False
 
     # ------------------------------------------------------------------ set-up steps
     def _build_data(self) -> None:
@@ -303,6 +315,8 @@ class Trainer:
         return backbone, head, state["param_groups"], reg
 
     def save(self) -> Path:
+        self.watchdog.begin(self.step, "checkpoint save")
+        self._saved_step = self.step
         self.sync_buffers()
         optim_backbone, optim_head, param_groups, optim_reg = self._split_optimizer_state()
         common = None
@@ -596,6 +610,7 @@ class Trainer:
     def verify(self) -> dict[str, dict]:
         if not self.verifier:
             return {}
+        self.watchdog.begin(self.step, "verification")
         self.sync_buffers()
         results = self.verifier.run(self.backbone, self.device, self.precision.param_dtype)
         line = ", ".join(f"{name} {r['accuracy'] * 100:.2f}%" for name, r in results.items())
@@ -625,7 +640,39 @@ class Trainer:
 
     def fit(self, stop_after: int | None = None) -> dict:
         """Train until the plan's samples are seen (or stop, checkpointed, after
-        `stop_after` steps: tests)."""
+        `stop_after` steps: tests).
+
+        SIGTERM/SIGINT on any rank: all ranks save at the next step boundary and raise
+        `Preempted`; a watchdog thread names the rank a hung step waits for (train/watchdog.py).
+        """
+        if self._lock_released:  # a second fit() on this Trainer: every rank takes part
+            self.run_lock = take_run_lock(self.run_dir, self.rank, self.group, self.device)
+            self._lock_released = False
+        self.stop_request.install()
+        self.watchdog.start()
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.watchdog.stop()
+            self.stop_request.uninstall()
+            self._release_run_lock()
+            self._lock_released = True
+
+    def _refresh_run_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.refresh()
+
+    def _release_run_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+
+    def _preempt(self) -> Preempted:
+        """Save this step (unless just saved) for a stop signal; the exception to raise."""
+        folder = self.save() if self._saved_step != self.step else None
+        self.reporter.info(f"stopping at step {self.step}: {self.stop_request.reason}")
+        return Preempted(self.step, self.stop_request.reason, folder)
+
+    def _fit(self, stop_after: int | None = None) -> dict:
         c = self.config
         r = self.reporter
         for note in self.resume_notes:
@@ -648,6 +695,7 @@ class Trainer:
         t_loop = time.perf_counter()
         first_step = self.step
         while not self.schedule.done:
+            self.watchdog.begin(self.step + 1, "train step")
             result = self.train_step()
             self.step += 1
             losses.append(result.loss)
@@ -663,6 +711,9 @@ class Trainer:
             if stop_after is not None and self.step - first_step >= stop_after:
                 self.save()
                 return {"stopped_at": self.step, "losses": losses}
+            # a collective: every rank stops at the same step (after the last one: just finish)
+            if not self.schedule.done and self.stop_request.should_stop():
+                raise self._preempt()
         loop_seconds = time.perf_counter() - t_loop
         folder = self.save()
         if c.eval.at_end:
