@@ -45,6 +45,7 @@ from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperpa
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
 from fr_trainer.train.reporting import Reporter
+from fr_trainer.train.run_lock import take_run_lock
 from fr_trainer.train.run_plan import (
     PlanBasis,
     RunPlan,
@@ -52,7 +53,6 @@ from fr_trainer.train.run_plan import (
     describe_change,
     make_plan,
 )
-from fr_trainer.train.run_lock import take_run_lock
 from fr_trainer.train.runtime import (
     configure_backends,
     prepare_backbone,
