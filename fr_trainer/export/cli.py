@@ -12,7 +12,8 @@ Where the backbone comes from (the seam, kept in `load_model`):
    are accepted; the embedding size is read from the weights unless --embedding-size is
    given). `fr-trainer export --backbone NAME STATE_DICT.pt OUT.onnx` means the same.
 
-Exit status: 0 exported and checked, 1 failed (missing file, bad weights, parity), 2 usage.
+Exit status: 0 exported and checked; 1 the export or the parity check failed; 2 bad input
+(usage, a missing or unreadable checkpoint, weights that do not fit), one line on stderr.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ PROG = "fr-trainer export"
 
 
 class CliError(Exception):
-    """A user-facing error: printed as `fr-trainer export: error: ...`, exit 1."""
+    """A user-facing error about the input: printed as `fr-trainer export: error: ...`, exit 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,10 +69,10 @@ def main(argv: list[str]) -> int:
         source, out = split_paths(args)
         model = load_model(args, source)
         report = run_export(model, out, args)
-    except CliError as error:
+    except (CliError, OSError, ValueError) as error:  # the input: usage, files, checkpoints
         print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
+        return 2
+    except (RuntimeError, ImportError) as error:  # the export itself (parity, missing onnx)
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
@@ -117,8 +118,12 @@ def load_model(args: argparse.Namespace, source: Path | None) -> nn.Module:
 
 def load_training_checkpoint(path: Path) -> nn.Module:
     from fr_trainer.train.checkpoint import load_backbone
+    from fr_trainer.train.load_errors import UNREADABLE, unreadable_message
 
-    loaded = load_backbone(path)
+    try:
+        loaded = load_backbone(path)
+    except UNREADABLE as error:
+        raise CliError(unreadable_message(path, error)) from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if not isinstance(model, nn.Module):
         raise CliError(f"load_backbone({path}) returned {type(model).__name__}, not a module")

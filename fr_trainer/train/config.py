@@ -291,11 +291,16 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(config: Config) -> None:
     """Value checks that need no data; the data-dependent ones run in `train.setup`."""
+    from fr_trainer.train import config_checks as checks  # the registries (imports torch)
+
+    checks.check_finite(config)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
+        checks.check_choice(key, getattr(getattr(config, section), name), allowed)
     d, o, t, h = config.data, config.optim, config.train, config.head
+    checks.check_backbone(config.model.backbone)
+    checks.check_margin(h.margin, h.margin_args, d.num_classes)
+    checks.check_resume(config.checkpoint.resume)
     from fr_trainer.train.deepspeed_engine import check_config  # no deepspeed import
 
     check_config(config)

@@ -26,8 +26,10 @@ from fr_trainer.backbones import create_backbone
 from fr_trainer.backbones.two_head import TwoHeadBackbone
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
+from fr_trainer.margins import create_margin
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
+from fr_trainer.train import resume_checks
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
 from fr_trainer.train.data_setup import BatchStream, build_train_data, open_dataset
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
@@ -119,7 +121,10 @@ class Trainer:
         if c.model.dropout:
             kwargs["dropout"] = c.model.dropout
         self.backbone_kwargs = kwargs
-        backbone = create_backbone(c.model.backbone, **kwargs)
+        try:
+            backbone = create_backbone(c.model.backbone, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.backbone={c.model.backbone!r} with {kwargs}: {error}") from None
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
@@ -136,16 +141,20 @@ class Trainer:
                 ) from None
             self.two_head = self.two_head.to(self.device, self.precision.param_dtype)
             network = self.two_head
-        margin_args = dict(c.head.margin_args)
+        try:
+            margin = create_margin(c.head.margin, num_classes=self.num_classes, **c.head.margin_args)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(
+                f"head.margin={c.head.margin!r}, head.margin_args={c.head.margin_args!r}: {error}"
+            ) from None
         self.head = PartialFC(
             self.num_classes,
             c.model.embedding_size,
-            margin=c.head.margin,
+            margin=margin,
             sample_rate=c.head.sample_rate,
             process_group=self.group,
             chunk_size=c.head.chunk_size,
             seed=c.run.seed,
-            **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
         self.regularizer = self._build_regularizer()
@@ -322,7 +331,8 @@ class Trainer:
         return folder
 
     def load(self, folder: Path) -> None:
-        common = ckpt.load_common(folder)
+        common = resume_checks.read_common(folder)
+        resume_checks.check_same_model(folder, common, self.config, self.backbone_kwargs)
         if common["num_classes"] != self.num_classes:
             raise ckpt.CheckpointError(
                 f"{folder} was trained with {common['num_classes']} classes, this run has "
@@ -341,6 +351,7 @@ class Trainer:
         head_state = exact["head"]
         if "_extra_state" in head_state and head_state["_extra_state"].get("sampling_rng") is None:
             head_state = {k: v for k, v in head_state.items() if k != "_extra_state"}
+        resume_checks.check_head_state(folder, common, head_state, self.head.state_dict(), self.config.head.margin)
         self.head.load_state_dict(head_state, strict="_extra_state" in head_state)
         optim_reg = self._load_regularizer(folder, common, exact, saved_world)
         self._load_optimizer(common, exact["optim_head"], optim_reg)
