@@ -11,6 +11,17 @@ from pathlib import Path
 from fr_trainer.eval.metrics import FAR_MODES
 
 
+def _far(text: str) -> float:
+    """An argparse type: a false-accept rate in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a false-accept rate in (0, 1], e.g. 1e-4")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="an .onnx file, or a training checkpoint")
     parser.add_argument(
@@ -81,7 +92,8 @@ INPUT_ERRORS = (OSError, ValueError, NotImplementedError, ImportError)
 
 
 def _fail(command: str, error: Exception) -> int:
-    print(f"fr-trainer {command}: error: {error}", file=sys.stderr)
+    message = " ".join(str(error).split())  # one line, whatever the library wrote
+    print(f"fr-trainer {command}: error: {message}", file=sys.stderr)
     return 2
 
 
@@ -96,7 +108,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default 10)")
     parser.add_argument(
         "--fars",
-        type=float,
+        type=_far,
         nargs="+",
         default=[1e-3, 1e-4],
         help="FARs for TAR@FAR (default 1e-3 1e-4)",

@@ -133,13 +133,18 @@ class TorchEmbedder:
         import torch
 
         self.torch = torch
-        self.module = module.eval()
         if device is None:
             try:
                 device = str(next(module.parameters()).device)
             except StopIteration:
                 device = "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here; use --device cpu")
+        self.module = module.to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
