@@ -163,6 +163,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_EMBEDDING_SIZE = 65536  # far above any face model (512 is usual); catches a typo'd size
+
 # --------------------------------------------------------------------------- building
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -301,6 +303,7 @@ def validate(config: Config) -> None:
     checks.check_backbone(config.model.backbone)
     checks.check_margin(h.margin, h.margin_args, d.num_classes)
     checks.check_resume(config.checkpoint.resume)
+    checks.check_output_dir(config.run.output_dir)
     from fr_trainer.train.deepspeed_engine import check_config  # no deepspeed import
 
     check_config(config)
@@ -311,15 +314,20 @@ def validate(config: Config) -> None:
         f"data.num_classes must be >= 1 or left out, got {d.num_classes}",
     )
     _check(
-        config.model.embedding_size >= 1,
-        f"model.embedding_size must be >= 1, got {config.model.embedding_size}",
+        1 <= config.model.embedding_size <= MAX_EMBEDDING_SIZE,
+        f"model.embedding_size must be in [1, {MAX_EMBEDDING_SIZE}], got {config.model.embedding_size}",
     )
+    _check(0 <= config.model.dropout < 1, f"model.dropout must be in [0, 1), got {config.model.dropout}")
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
     _check(
         h.chunk_size is None or h.chunk_size >= 1,
         f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",
     )
     r = config.regularizer
+    _check(
+        d.decode != "gpu" or config.train.device != "cpu",
+        "data.decode='gpu' needs train.device='cuda' (or auto on a GPU machine); use data.decode='pil' on CPU",
+    )
     _check(d.pk_k >= 1, f"data.pk_k must be >= 1, got {d.pk_k}")
     _check(
         d.sampler != "pk" or d.batch_size % d.pk_k == 0,
@@ -338,6 +346,7 @@ def validate(config: Config) -> None:
         "regularizer.args.loss_weight is not used: put the center-loss lambda in "
         "regularizer.weight",
     )
+    checks.check_regularizer_args(r.name, r.args)
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(
         o.momentum >= 0 and o.weight_decay >= 0,

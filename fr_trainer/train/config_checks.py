@@ -77,28 +77,48 @@ def check_margin(name: str, args: dict[str, Any], num_classes: int | None) -> No
 
     check_choice("head.margin", name, list_margins(), "margin")
     factory = MARGINS.get(name)
-    params = {p: v for p, v in inspect.signature(factory).parameters.items() if p != "num_classes"}
-    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
-    accepted = ", ".join(_describe_param(p) for p in params.values()) or "nothing"
-    for arg, value in args.items():
-        key = f"head.margin_args.{arg}"
-        if arg not in params:
-            raise ConfigError(
-                f"{key}={value!r}: margin {name!r} has no argument {arg!r}{did_you_mean(arg, params)}; "
-                f"it accepts {accepted}"
-            )
-        expected = hints.get(arg, Any)
-        if not _fits(value, expected):
-            raise ConfigError(
-                f"{key}={value!r} must be {_type_text(expected)}, got {type(value).__name__}; "
-                f"margin {name!r} accepts {accepted}"
-            )
+    check_kwargs("head.margin_args", f"margin {name!r}", factory, args, internal=("num_classes",))
     if "num_classes" in inspect.signature(factory).parameters and num_classes is None:
         return  # e.g. coco's default alpha needs the class count of the data: checked at build
     try:
         create_margin(name, num_classes=num_classes, **args)
     except (ValueError, TypeError) as error:
         raise ConfigError(f"head.margin_args={args!r} for margin {name!r}: {error}") from None
+
+
+def check_kwargs(key: str, owner: str, factory: Any, args: dict[str, Any], internal: Iterable[str] = ()) -> None:
+    """`args` (the table at `key`) are keywords of `factory` (a class or a function), each
+    of its annotated type; the message lists the accepted keywords with their defaults."""
+    internal = set(internal)
+    params = {p: v for p, v in inspect.signature(factory).parameters.items() if p not in internal}
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    accepted = ", ".join(_describe_param(p) for p in params.values()) or "nothing"
+    for arg, value in args.items():
+        if arg not in params:
+            raise ConfigError(
+                f"{key}.{arg}={value!r}: {owner} has no argument {arg!r}{did_you_mean(arg, params)}; "
+                f"it accepts {accepted}"
+            )
+        expected = hints.get(arg, Any)
+        if not _fits(value, expected):
+            raise ConfigError(
+                f"{key}.{arg}={value!r} must be {_type_text(expected)}, got {type(value).__name__}; "
+                f"{owner} accepts {accepted}"
+            )
+
+
+def check_regularizer_args(name: str, args: dict[str, Any]) -> None:
+    """regularizer.args are keywords of the chosen regularizer, of the right types."""
+    if not name:
+        return
+    from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
+
+    kinds = {"center": CenterLoss, "triplet": TripletLoss, "circle_pair": CirclePairLoss}
+    # set by the trainer: the data's classes, model.embedding_size, regularizer.weight, the group
+    internal = ("num_classes", "embedding_size", "process_group")
+    if name == "center":
+        internal += ("loss_weight",)
+    check_kwargs("regularizer.args", f"regularizer {name!r}", kinds[name], args, internal)
 
 
 def _describe_param(p: inspect.Parameter) -> str:
@@ -155,3 +175,18 @@ def check_resume(value: str) -> None:
             f"checkpoint.resume={value!r} is a file; expected {expected} (a merged file: "
             f"`python tools/checkpoint_shards.py split {value} OUT/checkpoints --world-size N` first)"
         )
+
+
+def check_output_dir(value: str) -> None:
+    """run.output_dir is (or can become) a directory: its nearest existing ancestor is one."""
+    from pathlib import Path
+
+    path = Path(value or ".")
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(
+                    f"run.output_dir={value!r}: {candidate} is a file, not a directory; "
+                    "set run.output_dir to a directory (created if missing)"
+                )
+            return
