@@ -241,3 +241,80 @@ def test_errors_come_without_a_traceback_in_a_subprocess(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "head.margin='arcfce'" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ('regularizer.args={alpha="x"}', "regularizer.args.alpha='x' must be a number, got str; regularizer 'center' "
+                                         "accepts alpha=0.5, update='paper'"),
+        ("regularizer.args={alpah=0.5}", "regularizer.args.alpah=0.5: regularizer 'center' has no argument 'alpah' "
+                                         "(did you mean 'alpha'?)"),
+    ],
+)
+def test_regularizer_args_are_checked_like_margin_args(tmp_path, capsys, override, expected):
+    code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), "regularizer.name=center", override)
+    assert code == 2 and expected in _one_error_line(err, "train")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.embedding_size=99999999999999999999", "model.embedding_size must be in [1, 65536]"),
+        ("model.dropout=1.5", "model.dropout must be in [0, 1), got 1.5"),
+        ("data.decode=gpu", "data.decode='gpu' needs train.device='cuda'"),
+    ],
+)
+def test_model_and_data_values_before_any_tensor(tmp_path, capsys, override, expected):
+    code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), override)
+    assert code == 2 and expected in _one_error_line(err, "train")
+
+
+def test_output_dir_under_a_file(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), f"run.output_dir={afile / 'runs'}")
+    line = _one_error_line(err, "train")
+    assert code == 2 and f"run.output_dir='{afile / 'runs'}': {afile} is a file" in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "command", "expected"),
+    [
+        (["plan", "--classes", "1000", "--world-size", "0"], "plan", "world_size=0"),
+        (["plan", "--classes", "1000", "--tflops", "nan"], "plan", "argument --tflops: 'nan' must be a finite"),
+        (["export", "--backbone", "iresnt18", "o.onnx"], "export", "did you mean 'iresnet18'"),
+        (["export", "--backbone", "iresnet18", "o.onnx", "--batch-sizes", "0"], "export",
+         "argument --batch-sizes: 0 must be >= 1"),
+        (["export", "--backbone", "iresnet18", "o.onnx", "--tolerance", "nan"], "export",
+         "argument --tolerance: 'nan' must be a finite number >= 0"),
+        (["verify", "m.onnx", "--bin", "a.bin", "--fars", "2"], "verify",
+         "argument --fars: '2' is not a false-accept rate in (0, 1]"),
+    ],
+)
+def test_command_options(capsys, argv, command, expected):
+    try:
+        code = main(argv)
+        err = capsys.readouterr().err
+    except SystemExit as exit:  # argparse's own errors: its usage lines, then the one error line
+        code = exit.code
+        err = capsys.readouterr().err
+        assert err.startswith("usage: ") and "Traceback" not in err
+        err = err.strip().splitlines()[-1]
+    line = _one_error_line(err, command)
+    assert code == 2 and expected in line, line
+
+
+def test_export_to_a_directory_and_synth_into_a_file(tmp_path, capsys):
+    code, err = _run(capsys, ["export", "--backbone", "iresnet18", str(tmp_path)])
+    assert code == 2 and f"OUT.onnx {tmp_path} is a directory" in _one_error_line(err, "export")
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    code, err = _run(capsys, ["synth", str(afile)])
+    assert code == 2 and f"OUT_DIR {afile} is a file" in _one_error_line(err, "synth")
+
+
+def test_verify_device_that_does_not_exist(trained, capsys, data):
+    _, run_dir = trained
+    code, err = _run(capsys, ["verify", str(run_dir), "--bin", str(data / "synth_val.bin"), "--device", "cudax"])
+    assert code == 2 and "device 'cudax' is not a torch device" in _one_error_line(err, "verify")

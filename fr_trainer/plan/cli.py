@@ -87,7 +87,8 @@ def make_plans(args: argparse.Namespace) -> list[HeadPlan]:
     if args.gpu_memory is not None:
         budget = args.gpu_memory - args.reserve
         return [gpus_needed(classes, budget, **kwargs) for classes in args.classes]
-    return [plan_head(classes, world_size=8 if args.world_size is None else args.world_size, **kwargs) for classes in args.classes]
+    world_size = 8 if args.world_size is None else args.world_size  # 0 is an error, not the default
+    return [plan_head(classes, world_size=world_size, **kwargs) for classes in args.classes]
 
 
 def _gb(value: float) -> str:
