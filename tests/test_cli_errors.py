@@ -318,3 +318,9 @@ def test_verify_device_that_does_not_exist(trained, capsys, data):
     _, run_dir = trained
     code, err = _run(capsys, ["verify", str(run_dir), "--bin", str(data / "synth_val.bin"), "--device", "cudax"])
     assert code == 2 and "device 'cudax' is not a torch device" in _one_error_line(err, "verify")
+
+
+def test_misspelt_config_key_names_the_nearest_key(tmp_path, capsys):
+    code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), "optim.weight_decy=0.1")
+    line = _one_error_line(err, "train")
+    assert code == 2 and "unknown config key 'optim.weight_decy'" in line and "did you mean 'weight_decay'" in line

@@ -11,6 +11,7 @@ word that is not valid TOML is taken as a string (`--set model.backbone=iresnet5
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -208,9 +209,11 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         name = f"{where}.{key}" if where else key
         if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
             raise ConfigError(
                 f"unknown config key {name!r}; accepted in "
                 f"{'[' + where + ']' if where else 'the top level'}: {', '.join(known)}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
             )
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, name)
