@@ -216,7 +216,7 @@ def test_verify_rejects_a_one_dimensional_output(tmp_path, capsys, data):
     model = _checkpoint_of(tmp_path, FlatOutput(), "test_flat_output")
     code, err = _run(capsys, ["verify", str(model), "--bin", str(data / "synth_val.bin"), "--quiet"])
     line = _one_error_line(err, "verify")
-    assert code == 2 and "output of shape [2]" in line and "expected embeddings [2, D]" in line
+    assert code == 2 and f"{model}: " in line and "output of shape [2]" in line and "expected embeddings [2, D]" in line
 
 
 def test_verify_warns_about_a_small_embedding_and_goes_on(trained, capsys, data):

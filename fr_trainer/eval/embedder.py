@@ -278,8 +278,11 @@ MIN_EMBEDDING_SIZE = 32  # below this a face embedding is suspicious (`embedding
 
 def embedding_size(embedder: Callable[[np.ndarray], np.ndarray], name: str = "the model") -> int:
     """D of the embedder's output, from one blank image; ValueError unless it is [N, D]."""
-    out = np.asarray(embedder(np.zeros((2, 3, INPUT_SIZE, INPUT_SIZE), np.float32)))
-    check_embedding_shape(out, 2, name)
+    try:
+        out = np.asarray(embedder(np.zeros((2, 3, INPUT_SIZE, INPUT_SIZE), np.float32)))
+        check_embedding_shape(out, 2, "it")
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
     return int(out.shape[1])
 
 
