@@ -90,11 +90,17 @@ def check_kwargs(key: str, owner: str, factory: Any, args: dict[str, Any], inter
     """`args` (the table at `key`) are keywords of `factory` (a class or a function), each
     of its annotated type; the message lists the accepted keywords with their defaults."""
     internal = set(internal)
-    params = {p: v for p, v in inspect.signature(factory).parameters.items() if p not in internal}
-    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    everything = inspect.signature(factory).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in everything.values())
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = {p: v for p, v in everything.items() if p not in internal and v.kind in named}
+    try:
+        hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    except (NameError, TypeError):  # annotations naming what only a type checker imports
+        hints = {}
     accepted = ", ".join(_describe_param(p) for p in params.values()) or "nothing"
     for arg, value in args.items():
-        if arg not in params:
+        if arg not in params and not open_ended:
             raise ConfigError(
                 f"{key}.{arg}={value!r}: {owner} has no argument {arg!r}{did_you_mean(arg, params)}; "
                 f"it accepts {accepted}"
