@@ -324,3 +324,14 @@ def test_misspelt_config_key_names_the_nearest_key(tmp_path, capsys):
     code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), "optim.weight_decy=0.1")
     line = _one_error_line(err, "train")
     assert code == 2 and "unknown config key 'optim.weight_decy'" in line and "did you mean 'weight_decay'" in line
+
+
+def test_resuming_a_triplet_run_with_another_second_head_width(data, tmp_path, capsys):
+    sections = {"model": {"backbone": "demonet", "embedding_size": 16}, "data": {"sampler": "pk"},
+                "regularizer": {"name": "triplet", "second_dim": 8}, "train": {"max_steps": 1}}
+    cfg = config_dict(data, tmp_path / "out", **sections)
+    assert _train(tmp_path, capsys, cfg)[0] == 0
+    code, err = _train(tmp_path, capsys, cfg, "regularizer.second_dim=16", "train.max_steps=2")
+    line = _one_error_line(err, "train")
+    assert code == 2 and "was trained with" in line and "regularizer.second_dim=8" in line
+    assert "this run has" in line and "regularizer.second_dim=16" in line

@@ -47,6 +47,10 @@ def check_same_model(folder: Path, common: dict, config: Config, backbone_kwargs
         common.get("backbone_name"), common.get("embedding_size"), dict(common.get("backbone_kwargs") or {})
     )
     now = _model_keys(config.model.backbone, config.model.embedding_size, backbone_kwargs)
+    saved_regularizer = (common.get("config") or {}).get("regularizer") or {}
+    if config.regularizer.name == "triplet" and saved_regularizer.get("name") == "triplet":
+        saved["regularizer.second_dim"] = saved_regularizer.get("second_dim")  # the second head's width
+        now["regularizer.second_dim"] = config.regularizer.second_dim
     if saved != now:
         raise ckpt.CheckpointError(
             f"{folder} was trained with {_describe(saved)}; this run has {_describe(now)}; {FIX}"
