@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -33,7 +34,9 @@ class Registry(Generic[T]):
             return self._entries[name]
         except KeyError:
             known = ", ".join(sorted(self._entries))
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            close = difflib.get_close_matches(str(name), list(self._entries), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {known}{hint}") from None
 
     def create(self, name: str, **kwargs) -> T:
         return self.get(name)(**kwargs)

@@ -90,7 +90,7 @@ def test_cli_strict_and_missing_folder(tree, tmp_path, capsys) -> None:
         == 1
     )
     assert pack_main([str(tmp_path / "nowhere"), str(tmp_path / "o3")]) == 2
-    assert "does not exist" in capsys.readouterr().out
+    assert "fr-trainer pack: error: " in (err := capsys.readouterr().err) and "does not exist" in err
 
 
 def test_bench_data_runs_on_a_given_root(tmp_path, capsys) -> None:

@@ -193,4 +193,4 @@ def test_cli_writes_the_set_and_rejects_bad_arguments(tmp_path, capsys) -> None:
     )
     assert "train.rec 4 images of 2 classes" in capsys.readouterr().out
     assert synth_main([str(tmp_path / "t"), "--holdout-identities", "1"]) == 2
-    assert "num_holdout_identities must be >= 2" in capsys.readouterr().out
+    assert "num_holdout_identities must be >= 2" in capsys.readouterr().err

@@ -245,7 +245,7 @@ def test_ijb_cli_runs_and_reports(tmp_path, onnx_model, capsys):
         and "IJBC 1:N G1: rank-1: 100.00" in printed
     )
     code = ijb_main([str(onnx_model), "--root", str(tmp_path / "nowhere"), "--quiet"])
-    assert code == 1
+    assert code == 2
     assert "nowhere" in capsys.readouterr().err
 
 

@@ -236,5 +236,5 @@ def test_verify_cli(tmp_path, onnx_model, capsys):
     assert [r["name"] for r in results] == ["a", "b"]
     assert results[0]["accuracy"] == pytest.approx(0.9)
     code = verify_main([str(onnx_model), "--bin", str(tmp_path / "absent.bin"), "--quiet"])
-    assert code == 1
+    assert code == 2
     assert "absent.bin" in capsys.readouterr().err

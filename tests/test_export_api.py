@@ -173,21 +173,21 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     from fr_trainer.cli import main as dispatcher
 
     missing = tmp_path / "nope.pt"
-    assert dispatcher(["export", str(missing), str(tmp_path / "o.onnx")]) == 1
+    assert dispatcher(["export", str(missing), str(tmp_path / "o.onnx")]) == 2
     assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
-    assert export_main(["--backbone", "iresnet18", "--weights", str(missing), "o.onnx"]) == 1
+    assert export_main(["--backbone", "iresnet18", "--weights", str(missing), "o.onnx"]) == 2
     assert str(missing) in capsys.readouterr().err
 
     bad = tmp_path / "bad.pt"
     torch.save({"conv1.weight": torch.zeros(1)}, bad)
-    assert export_main(["--backbone", "iresnet18", str(bad), str(tmp_path / "o.onnx")]) == 1
+    assert export_main(["--backbone", "iresnet18", str(bad), str(tmp_path / "o.onnx")]) == 2
     err = capsys.readouterr().err
     assert "does not fit backbone 'iresnet18'" in err and "missing: " in err and "wrong shape" in err
 
     # without --backbone the file must be a training checkpoint (or a run directory)
-    assert export_main([str(bad), str(tmp_path / "o.onnx")]) == 1
+    assert export_main([str(bad), str(tmp_path / "o.onnx")]) == 2
     assert f"{bad} holds no backbone recipe" in capsys.readouterr().err
-    assert export_main([str(tmp_path), str(tmp_path / "o.onnx")]) == 1
+    assert export_main([str(tmp_path), str(tmp_path / "o.onnx")]) == 2
     assert f"no complete checkpoint at {tmp_path}" in capsys.readouterr().err
     assert export_main(["only-one-path.onnx"]) == 2
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from fr_trainer.data.pack import pack_image_folder
@@ -82,8 +83,8 @@ def main(argv: list[str]) -> int:
             quality=args.quality,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, ValueError) as error:
-        print(f"fr-trainer pack: {error}")
+    except (OSError, ValueError) as error:  # missing/unreadable IMAGE_DIR, OUT_DIR not writable
+        print(f"fr-trainer pack: error: {error}", file=sys.stderr)
         return 2
     print(
         f"packed {summary.num_images} images of {summary.num_classes} classes into "

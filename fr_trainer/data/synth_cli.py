@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from fr_trainer.data.synthetic import DEFAULT_VAL_SETS, generate
 
@@ -32,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        print(f"fr-trainer synth: error: OUT_DIR {args.out_dir} is a file; give a directory "
+              "(created if missing)", file=sys.stderr)
+        return 2
     try:
         summary = generate(
             args.out_dir,
@@ -46,8 +52,8 @@ def main(argv: list[str]) -> int:
             workers=args.workers,
             progress=not args.no_progress,
         )
-    except ValueError as error:
-        print(f"fr-trainer synth: {error}")
+    except (OSError, ValueError) as error:  # bad sizes, OUT_DIR a file or not writable
+        print(f"fr-trainer synth: error: {error}", file=sys.stderr)
         return 2
     bins = ", ".join(f"{name}.bin ({pairs} pairs)" for name, pairs in summary.bins.items())
     print(

@@ -11,6 +11,17 @@ from pathlib import Path
 from fr_trainer.eval.metrics import FAR_MODES
 
 
+def _far(text: str) -> float:
+    """An argparse type: a false-accept rate in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a false-accept rate in (0, 1], e.g. 1e-4")
+    return value
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="an .onnx file, or a training checkpoint")
     parser.add_argument(
@@ -43,17 +54,25 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _embedder(args: argparse.Namespace):
-    from fr_trainer.eval.embedder import load_embedder
+def _embedder(args: argparse.Namespace, command: str):
+    from fr_trainer.eval.embedder import MIN_EMBEDDING_SIZE, embedding_size, load_embedder
 
     providers = args.providers.split(",") if args.providers else None
-    return load_embedder(
+    embedder = load_embedder(
         args.model,
         providers=providers,
         batch_size=args.batch_size * 2,
         num_threads=args.threads,
         device=args.device,
     )
+    size = embedding_size(embedder, str(args.model))
+    if size < MIN_EMBEDDING_SIZE:
+        print(
+            f"fr-trainer {command}: warning: {args.model} gives {size}-dimensional embeddings (face models give "
+            f"{MIN_EMBEDDING_SIZE} or more, usually 128-512); is it the right model?",
+            file=sys.stderr,
+        )
+    return embedder
 
 
 def _pct(x: float) -> str:
@@ -68,9 +87,14 @@ def _write_json(path: Path | None, payload) -> None:
         path.write_text(json.dumps(to_jsonable(payload), indent=2))
 
 
+# what a bad model, .bin set or IJB directory raises: one line, exit status 2
+INPUT_ERRORS = (OSError, ValueError, NotImplementedError, ImportError)
+
+
 def _fail(command: str, error: Exception) -> int:
-    print(f"fr-trainer {command}: error: {error}", file=sys.stderr)
-    return 1
+    message = " ".join(str(error).split())  # one line, whatever the library wrote
+    print(f"fr-trainer {command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def verify_main(argv: list[str]) -> int:
@@ -84,7 +108,7 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default 10)")
     parser.add_argument(
         "--fars",
-        type=float,
+        type=_far,
         nargs="+",
         default=[1e-3, 1e-4],
         help="FARs for TAR@FAR (default 1e-3 1e-4)",
@@ -103,7 +127,7 @@ def verify_main(argv: list[str]) -> int:
 
         grid = np.arange(0, 4, 0.01)
     try:
-        embedder = _embedder(args)
+        embedder = _embedder(args, "verify")
         results = []
         for path in args.bin:
             result = verify_bin(
@@ -125,7 +149,7 @@ def verify_main(argv: list[str]) -> int:
                 f"[{args.far_mode}]  {result['images_per_second']:.1f} img/s",
                 flush=True,
             )
-    except (FileNotFoundError, ValueError, NotImplementedError, ImportError) as error:
+    except INPUT_ERRORS as error:
         return _fail("verify", error)
     _write_json(args.json, {"model": str(args.model), "results": results})
     return 0
@@ -155,7 +179,7 @@ def ijb_main(argv: list[str]) -> int:
 
     out = args.out or Path(f"ijb_{args.target.lower()}")
     try:
-        embedder = _embedder(args)
+        embedder = _embedder(args, "ijb")
         result = evaluate_ijb(
             embedder,
             args.root,
@@ -170,7 +194,7 @@ def ijb_main(argv: list[str]) -> int:
             progress=not args.quiet,
             model_name=Path(args.model).stem,
         )
-    except (FileNotFoundError, ValueError, NotImplementedError, ImportError) as error:
+    except INPUT_ERRORS as error:
         return _fail("ijb", error)
     print(
         f"{result['target']} 1:1 ({result['num_images']} images, {result['num_templates']} templates, "

@@ -121,6 +121,7 @@ class OnnxEmbedder:
                 pad = np.zeros((self.fixed_batch - n, *chunk.shape[1:]), dtype=np.float32)
                 chunk = np.concatenate([chunk, pad])
             out = self.session.run([self.output_name], {self.input_name: chunk})[0]
+            check_embedding_shape(out, chunk.shape[0], str(self.path))
             outputs.append(np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)[:n])
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
@@ -132,13 +133,18 @@ class TorchEmbedder:
         import torch
 
         self.torch = torch
-        self.module = module.eval()
         if device is None:
             try:
                 device = str(next(module.parameters()).device)
             except StopIteration:
                 device = "cpu"
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available here; use --device cpu")
+        self.module = module.to(self.device).eval()
         self.batch_size = max(1, int(batch_size))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -152,6 +158,7 @@ class TorchEmbedder:
                 out = self.module(chunk)
                 if isinstance(out, (tuple, list)):
                     out = out[0]
+                check_embedding_shape(out, chunk.shape[0], type(self.module).__name__)
                 outputs.append(out.float().reshape(out.shape[0], -1).cpu().numpy())
         return np.concatenate(outputs) if outputs else np.zeros((0, 0), np.float32)
 
@@ -257,5 +264,34 @@ def load_embedder(
             f"({error}); export the checkpoint with `fr-trainer export {path} model.onnx` "
             "and pass the .onnx file"
         ) from error
-    module = load_backbone(path)
+    from fr_trainer.train.load_errors import UNREADABLE, unreadable_message
+
+    try:
+        module = load_backbone(path)
+    except UNREADABLE as error:
+        raise ValueError(unreadable_message(path, error)) from None
     return TorchEmbedder(module, device=device, batch_size=batch_size)
+
+
+MIN_EMBEDDING_SIZE = 32  # below this a face embedding is suspicious (`embedding_size` warns)
+
+
+def embedding_size(embedder: Callable[[np.ndarray], np.ndarray], name: str = "the model") -> int:
+    """D of the embedder's output, from one blank image; ValueError unless it is [N, D]."""
+    try:
+        out = np.asarray(embedder(np.zeros((2, 3, INPUT_SIZE, INPUT_SIZE), np.float32)))
+        check_embedding_shape(out, 2, "it")
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+    return int(out.shape[1])
+
+
+def check_embedding_shape(out, batch: int, name: str = "the model") -> None:
+    """Raise ValueError unless `out` (a numpy array or tensor) is [batch, D]: a 1-D output
+    [N] would otherwise pass as N one-dimensional embeddings."""
+    shape = tuple(out.shape)
+    if len(shape) < 2 or shape[0] != batch:
+        raise ValueError(
+            f"{name} returned an output of shape {list(shape)} for {batch} images; expected "
+            f"embeddings [{batch}, D] (one row of D features per image); is it a face-embedding model?"
+        )

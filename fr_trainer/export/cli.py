@@ -15,14 +15,16 @@ Where the backbone comes from (the seam, kept in `load_model`):
 Before exporting, `export.sanity.check_exportable` refuses a model with NaN/inf weights or
 whose embedding does not depend on the input (a diverged run passes the parity check).
 
-Exit status: 0 exported and checked, 1 failed (missing file, bad weights, parity), 2 usage
-or a model that must not be exported (non-finite weights, input-independent embeddings).
+Exit status: 0 exported and checked; 1 the export or the parity check failed; 2 bad input
+(usage, a missing or unreadable checkpoint, weights that do not fit, a model that must not
+be exported: non-finite weights, input-independent embeddings), one line on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -33,7 +35,31 @@ PROG = "fr-trainer export"
 
 
 class CliError(Exception):
-    """A user-facing error: printed as `fr-trainer export: error: ...`, exit 1."""
+    """A user-facing error about the input: printed as `fr-trainer export: error: ...`, exit 2."""
+
+
+def _at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+    return parse
+
+
+def _tolerance(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,15 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torch.save) for --backbone; default: random initialisation")
     p.add_argument("--embedding-size", type=int, help="embedding size D for --backbone "
                    "(default: from --weights, else 512)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=_at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights (input/output stay fp32)")
-    p.add_argument("--tolerance", type=float, help="relative parity tolerance "
+    p.add_argument("--tolerance", type=_tolerance, help="relative parity tolerance "
                    "(default 1e-4 fp32, 2e-2 fp16: max|ort-torch| <= tol * max(1, max|torch|))")
-    p.add_argument("--cosine-tolerance", type=float, help="parity also needs min cosine "
+    p.add_argument("--cosine-tolerance", type=_tolerance, help="parity also needs min cosine "
                    ">= 1 - this (default 1e-5 fp32, 1e-3 fp16)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 7],
+    p.add_argument("--batch-sizes", type=_at_least(1), nargs="+", default=[1, 7],
                    help="batch sizes checked and timed (default 1 7)")
-    p.add_argument("--latency-runs", type=int, default=5, help="timed runs per batch size")
+    p.add_argument("--latency-runs", type=_at_least(0), default=5, help="timed runs per batch size")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime parity check")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     return p
@@ -73,10 +99,10 @@ def main(argv: list[str]) -> int:
         model = load_model(args, source)
         refuse_unusable(model, source)
         report = run_export(model, out, args)
-    except CliError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, UsageError) else 1
-    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as error:
+    except (CliError, OSError, ValueError) as error:  # the input: usage, files, checkpoints
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except (RuntimeError, ImportError) as error:  # the export itself (parity, missing onnx)
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     print(report.summary())
@@ -113,11 +139,17 @@ def split_paths(args: argparse.Namespace) -> tuple[Path | None, Path]:
                              "[--weights STATE_DICT.pt] OUT.onnx)")
         if args.weights:
             raise UsageError("--weights goes with --backbone NAME")
-        return paths[0], paths[1]
+        return paths[0], _output(paths[1])
     if len(paths) == 2 and args.weights:
         raise UsageError(f"give the state_dict once: {paths[0]} or --weights {args.weights}")
     weights = paths[0] if len(paths) == 2 else (Path(args.weights) if args.weights else None)
-    return weights, paths[-1]
+    return weights, _output(paths[-1])
+
+
+def _output(path: Path) -> Path:
+    if path.is_dir():
+        raise UsageError(f"OUT.onnx {path} is a directory; give a file name, e.g. {path / 'model.onnx'}")
+    return path
 
 
 def load_model(args: argparse.Namespace, source: Path | None) -> nn.Module:
@@ -135,8 +167,12 @@ def load_model(args: argparse.Namespace, source: Path | None) -> nn.Module:
 
 def load_training_checkpoint(path: Path) -> nn.Module:
     from fr_trainer.train.checkpoint import load_backbone
+    from fr_trainer.train.load_errors import UNREADABLE, unreadable_message
 
-    loaded = load_backbone(path)
+    try:
+        loaded = load_backbone(path)
+    except UNREADABLE as error:
+        raise CliError(unreadable_message(path, error)) from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded
     if not isinstance(model, nn.Module):
         raise CliError(f"load_backbone({path}) returned {type(model).__name__}, not a module")

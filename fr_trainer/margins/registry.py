@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from typing import Callable
 
@@ -27,8 +28,11 @@ def create_margin(name: str, num_classes: int | None = None, **kwargs):
         kwargs["num_classes"] = num_classes
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
+        public = [p for p in accepted if p != "num_classes"]
+        close = difflib.get_close_matches(unknown[0], public, n=1)
         raise ValueError(
             f"margin {name!r} does not take {', '.join(unknown)}; "
-            f"it accepts: {', '.join(p for p in accepted if p != 'num_classes') or 'nothing'}"
+            f"it accepts: {', '.join(public) or 'nothing'}"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
         )
     return factory(**kwargs)

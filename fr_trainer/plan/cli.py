@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict
 
@@ -30,6 +31,17 @@ from fr_trainer.plan.model import (
 GB = 1e9
 COMPONENTS = ("weights", "optimizer_state", "logits", "weight_grad", "features", "workspace",
               "optimizer_temp", "clip_temp")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number > 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--clip-grad", action="store_true", help="count the trainer's global-norm clipping")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
-    p.add_argument("--tflops", type=float, default=None, help="sustained GEMM TFLOP/s, for a time estimate")
-    p.add_argument("--net-gbps", type=float, default=None, help="per-GPU network GB/s, for a time estimate")
+    p.add_argument("--tflops", type=positive_float, default=None, help="sustained GEMM TFLOP/s, for a time estimate")
+    p.add_argument("--net-gbps", type=positive_float, default=None, help="per-GPU network GB/s, for a time estimate")
     p.add_argument("--measure", action="store_true",
                    help="also run the configuration on --world-size CPU ranks and print the measured peak")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for --measure")
@@ -75,7 +87,8 @@ def make_plans(args: argparse.Namespace) -> list[HeadPlan]:
     if args.gpu_memory is not None:
         budget = args.gpu_memory - args.reserve
         return [gpus_needed(classes, budget, **kwargs) for classes in args.classes]
-    return [plan_head(classes, world_size=args.world_size or 8, **kwargs) for classes in args.classes]
+    world_size = 8 if args.world_size is None else args.world_size  # 0 is an error, not the default
+    return [plan_head(classes, world_size=world_size, **kwargs) for classes in args.classes]
 
 
 def _gb(value: float) -> str:
@@ -149,12 +162,12 @@ def _measure(plans: list[HeadPlan], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.measure and args.gpu_memory is not None:
-        print("fr-trainer plan: --measure runs a given --world-size; drop --gpu-memory", file=sys.stderr)
+        print("fr-trainer plan: error: --measure runs a given --world-size; drop --gpu-memory", file=sys.stderr)
         return 2
     try:
         plans = make_plans(args)
     except ValueError as error:
-        print(f"fr-trainer plan: {error}", file=sys.stderr)
+        print(f"fr-trainer plan: error: {error}", file=sys.stderr)
         return 2
     if args.json:
         out = [dict(asdict(p), peak=p.peak, peak_phase=p.peak_phase,

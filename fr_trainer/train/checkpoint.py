@@ -609,12 +609,16 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if path.is_file():
         obj = _load(path)
-        common = obj["common"] if obj.get("kind") == MERGED_KIND else obj
+        common = obj.get("common") if isinstance(obj, dict) and obj.get("kind") == MERGED_KIND else obj
     else:
         common = load_common(resolve_checkpoint(path))
-    if "backbone" not in common or "backbone_name" not in common:
+    if not isinstance(common, dict) or "backbone" not in common or "backbone_name" not in common:
         raise CheckpointError(f"{path} holds no backbone recipe; is it an fr_trainer checkpoint?")
     model = create_backbone(common["backbone_name"], **common.get("backbone_kwargs", {}))
     state = {k.removeprefix("module."): v for k, v in common["backbone"].items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: the saved weights do not fit backbone {common['backbone_name']!r} "
+                              f"({' '.join(str(error).split())[:300]})") from None
     return model.float().eval()

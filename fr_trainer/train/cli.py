@@ -49,10 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from fr_trainer.train.trainer import NonFiniteLoss, Trainer
 
-        trainer = Trainer(config)
+        try:
+            trainer = Trainer(config)
+        except ValueError as error:  # set-up rejected the data, the model or the checkpoint
+            raise ConfigError(str(error)) from error
         trainer.fit()
     except (ConfigError, CheckpointError, BadRecordError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
     except NonFiniteLoss as error:
         print(f"{PROG}: stopped: {error}", file=sys.stderr)

@@ -11,6 +11,7 @@ word that is not valid TOML is taken as a string (`--set model.backbone=iresnet5
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import typing
@@ -204,6 +205,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+MAX_EMBEDDING_SIZE = 65536  # far above any face model (512 is usual); catches a typo'd size
+
 # --------------------------------------------------------------------------- building
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -247,9 +250,11 @@ def _build(cls, values: dict, where: str):
     for key, value in values.items():
         name = f"{where}.{key}" if where else key
         if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
             raise ConfigError(
                 f"unknown config key {name!r}; accepted in "
                 f"{'[' + where + ']' if where else 'the top level'}: {', '.join(known)}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
             )
         if dataclasses.is_dataclass(hints[key]):
             kwargs[key] = _build(hints[key], value, name)
@@ -332,11 +337,17 @@ def _check(ok: bool, message: str) -> None:
 
 def validate(config: Config) -> None:
     """Value checks that need no data; the data-dependent ones run in `train.setup`."""
+    from fr_trainer.train import config_checks as checks  # the registries (imports torch)
+
+    checks.check_finite(config)
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        _check(value in allowed, f"{key}={value!r} is not one of {', '.join(allowed)}")
+        checks.check_choice(key, getattr(getattr(config, section), name), allowed)
     d, o, t, h = config.data, config.optim, config.train, config.head
+    checks.check_backbone(config.model.backbone)
+    checks.check_margin(h.margin, h.margin_args, d.num_classes)
+    checks.check_resume(config.checkpoint.resume)
+    checks.check_output_dir(config.run.output_dir)
     from fr_trainer.train.deepspeed_engine import check_config  # no deepspeed import
 
     check_config(config)
@@ -347,15 +358,20 @@ def validate(config: Config) -> None:
         f"data.num_classes must be >= 1 or left out, got {d.num_classes}",
     )
     _check(
-        config.model.embedding_size >= 1,
-        f"model.embedding_size must be >= 1, got {config.model.embedding_size}",
+        1 <= config.model.embedding_size <= MAX_EMBEDDING_SIZE,
+        f"model.embedding_size must be in [1, {MAX_EMBEDDING_SIZE}], got {config.model.embedding_size}",
     )
+    _check(0 <= config.model.dropout < 1, f"model.dropout must be in [0, 1), got {config.model.dropout}")
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
     _check(
         h.chunk_size is None or h.chunk_size >= 1,
         f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",
     )
     r = config.regularizer
+    _check(
+        d.decode != "gpu" or config.train.device != "cpu",
+        "data.decode='gpu' needs train.device='cuda' (or auto on a GPU machine); use data.decode='pil' on CPU",
+    )
     _check(d.pk_k >= 1, f"data.pk_k must be >= 1, got {d.pk_k}")
     _check(
         0.0 <= d.max_bad_fraction < 1.0,
@@ -379,6 +395,7 @@ def validate(config: Config) -> None:
         "regularizer.args.loss_weight is not used: put the center-loss lambda in "
         "regularizer.weight",
     )
+    checks.check_regularizer_args(r.name, r.args)
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(
         o.momentum >= 0 and o.weight_decay >= 0,

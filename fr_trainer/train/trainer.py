@@ -30,8 +30,10 @@ from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
 from fr_trainer.heads.update import densify
+from fr_trainer.margins import create_margin
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
+from fr_trainer.train import resume_checks
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
 from fr_trainer.train.data_setup import (
     BatchStream,
@@ -158,7 +160,10 @@ class Trainer:
         if c.model.dropout:
             kwargs["dropout"] = c.model.dropout
         self.backbone_kwargs = kwargs
-        backbone = create_backbone(c.model.backbone, **kwargs)
+        try:
+            backbone = create_backbone(c.model.backbone, **kwargs)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"model.backbone={c.model.backbone!r} with {kwargs}: {error}") from None
         if c.model.init == "upstream":
             init_weights_upstream(backbone)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
@@ -178,11 +183,16 @@ class Trainer:
                 ) from None
             self.two_head = self.two_head.to(self.device, self.precision.param_dtype)
             network = self.two_head
-        margin_args = dict(c.head.margin_args)
+        try:
+            margin = create_margin(c.head.margin, num_classes=self.num_classes, **c.head.margin_args)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(
+                f"head.margin={c.head.margin!r}, head.margin_args={c.head.margin_args!r}: {error}"
+            ) from None
         self.head = PartialFC(
             self.num_classes,
             c.model.embedding_size,
-            margin=c.head.margin,
+            margin=margin,
             sample_rate=c.head.sample_rate,
             process_group=self.group,
             chunk_size=c.head.chunk_size,
@@ -190,7 +200,6 @@ class Trainer:
             compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
             logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
             device=self.device,  # drawn block by block into device memory, not via the host
-            **margin_args,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
         self.regularizer = self._build_regularizer()
@@ -384,7 +393,8 @@ class Trainer:
 
     def load(self, folder: Path) -> None:
         self.resume_notes = []  # (of this candidate only: ckpt.resume may try several)
-        common = ckpt.load_common(folder)
+        common = resume_checks.read_common(folder)
+        resume_checks.check_same_model(folder, common, self.config, self.backbone_kwargs)
         if common["num_classes"] != self.num_classes:
             raise ckpt.CheckpointError(
                 f"{folder} was trained with {common['num_classes']} classes, this run has "
@@ -399,6 +409,7 @@ class Trainer:
         if exact is None:
             exact = ckpt.load_shard_rows(folder, self.head.shard.start, self.head.shard.end)
         ckpt.refuse_nonfinite(folder, {"common": common, "shard": exact}, self.group)
+        resume_checks.check_head_state(folder, common, exact["head"], self.head.state_dict(), self.config.head.margin)
         self.backbone.load_state_dict(common["backbone"])
         # a resharded sampling stream is None: the head reseeds it for its rank and the step
         self.head.load_state_dict(exact["head"], strict="_extra_state" in exact["head"])
