@@ -145,7 +145,8 @@ def test_verify_command_refuses_a_crafted_bin(tmp_path, capsys, pairs_data) -> N
     make_trainer(0, 1, config_dict(pairs_data, tmp_path / "out", train={"max_steps": 1})).fit()
     marker = tmp_path / "marker"
     _crafted(tmp_path / "crafted.bin", marker, "system")
-    assert verify_main([str(tmp_path / "out" / "t"), "--bin", str(tmp_path / "crafted.bin"), "--quiet"]) == 1
+    code = verify_main([str(tmp_path / "out" / "t"), "--bin", str(tmp_path / "crafted.bin"), "--quiet"])
+    assert code == 2  # bad input
     assert "crafted.bin: refused to load: it asks for posix.system" in capsys.readouterr().err
     assert not marker.exists()
 

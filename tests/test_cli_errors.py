@@ -201,9 +201,10 @@ def test_resume_from_a_truncated_checkpoint_names_the_file(trained, tmp_path, ca
     common.write_bytes(common.read_bytes()[:500])
     code, err = _train(tmp_path, capsys, cfg, f"checkpoint.resume={copy}")
     line = _one_error_line(err, "train")
-    assert code == 2 and f"{common} is not a readable checkpoint" in line
+    assert code == 2 and "no usable checkpoint" in line and str(common) in line, line
     code, err = _run(capsys, ["verify", str(copy), "--bin", str(tmp_path / "a.bin")])
-    assert code == 2 and "is not a readable checkpoint" in _one_error_line(err, "verify")
+    line = _one_error_line(err, "verify")
+    assert code == 2 and str(common) in line and ("unreadable" in line or "not a readable" in line), line
 
 
 def _checkpoint_of(tmp_path, module: torch.nn.Module, name: str):

@@ -150,7 +150,7 @@ def test_error_policy_in_training_is_one_line_with_exit_status_2(tmp_path, capsy
 
 
 def test_on_bad_and_max_bad_fraction_are_validated(tmp_path) -> None:
-    with pytest.raises(ConfigError, match=r"data.on_bad='drop' is not one of error, skip"):
+    with pytest.raises(ConfigError, match=r"data.on_bad='drop' is not one of 'error', 'skip'"):
         config_from_dict({"data": {"on_bad": "drop"}})
     with pytest.raises(ConfigError, match=r"data.max_bad_fraction must be in \[0, 1\), got 1.5"):
         config_from_dict({"data": {"max_bad_fraction": 1.5}})

@@ -172,7 +172,7 @@ def test_head_rejects_bad_inputs() -> None:
         head(torch.randn(3, 4), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="margin keywords"):
         PartialFC(10, 4, margin=create_margin("cosface"), s=3.0)
-    with pytest.raises(ValueError, match="keep the head in float32"):
+    with pytest.raises(ValueError, match="keep the centres in float32"):
         PartialFC(10, 4, seed=0).half()(torch.randn(3, 4), torch.tensor([1, 2, 3]))
 
 
