@@ -4,8 +4,12 @@ Three modes run one after the other, each on freshly spawned ranks (so each proc
 memory is its own):
 
 - floor: the three GEMMs of a linear layer of the same shapes (logits `X W^T`, input grad
-  `Z W`, weight grad `Z^T X`), the compute a head cannot avoid;
-- head: `PartialFC` forward + backward;
+  `Z W`, weight grad `Z^T X`) in `--dtype`, the compute a head cannot avoid. Every operand
+  and every output buffer is allocated before the clock starts (the GEMMs write with
+  `out=`), so the floor times arithmetic, not first-touch page faults of fresh outputs;
+- head: `PartialFC` forward + backward; with `--dtype bf16|fp16` the centres stay fp32 and
+  the head runs its GEMMs and logits in that dtype (`compute_dtype`, mixed precision), fed
+  16-bit embeddings as a bf16/fp16 autocast backbone would;
 - reference (with --reference): the same head written plainly with autograd (normalised
   weight copy, full-matrix margin, distributed softmax through autograd all-reduces), the
   way the usual implementations do it.
@@ -53,6 +57,7 @@ class BenchConfig:
     warmup: int = 2
     dtype: str = "fp32"
     rounds: int = 1  # the modes run in turn this many times; medians across rounds
+    logits_dtype: str | None = None  # mixed precision: the head's logit buffer (None: its default)
 
 
 @dataclass
@@ -99,20 +104,30 @@ def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
     shard = ClassShard(cfg.classes, cfg.world_size, rank)
     used = num_sampled(shard.num_local, cfg.sample_rate)
     dtype = DTYPES[cfg.dtype]
-    x = torch.randn(cfg.batch * cfg.world_size, cfg.dim, device=device, dtype=dtype)
+    rows = cfg.batch * cfg.world_size
+    x = torch.randn(rows, cfg.dim, device=device, dtype=dtype)
     w = torch.randn(used, cfg.dim, device=device, dtype=dtype)
+    z = torch.randn(rows, used, device=device, dtype=dtype)  # outputs, touched before the clock
+    grad_x = torch.randn(rows, cfg.dim, device=device, dtype=dtype)
+    grad_w = torch.randn(used, cfg.dim, device=device, dtype=dtype)
 
     def step():
-        z = torch.mm(x, w.t())
-        torch.mm(z, w)
-        torch.mm(z.t(), x)
+        torch.mm(x, w.t(), out=z)
+        torch.mm(z, w, out=grad_x)
+        torch.mm(z.t(), x, out=grad_w)
 
     return step
 
 
 def _head_step(cfg: BenchConfig, rank: int, device: torch.device):
+    dtype = DTYPES[cfg.dtype]
+    mixed = dtype in (torch.bfloat16, torch.float16)
     head = PartialFC(cfg.classes, cfg.dim, margin=cfg.margin, sample_rate=cfg.sample_rate,
-                     chunk_size=cfg.chunk_size, seed=0, device=device).to(dtype=DTYPES[cfg.dtype])
+                     chunk_size=cfg.chunk_size, seed=0, device=device,
+                     compute_dtype=dtype if mixed else None,
+                     logits_dtype=DTYPES[cfg.logits_dtype] if cfg.logits_dtype else None)
+    if not mixed:
+        head = head.to(dtype=dtype)
     x, y = _inputs(cfg, rank, device)
     x.requires_grad_()
 
@@ -212,7 +227,9 @@ def format_table(cfg: BenchConfig, results: list[ModeResult]) -> str:
     lines = [
         f"PartialFC fwd+bwd: world {cfg.world_size} x {cfg.threads} thread(s) on {cfg.device}, "
         f"batch {cfg.batch}/rank, D {cfg.dim}, {cfg.classes} classes, sample_rate {cfg.sample_rate}, "
-        f"{cfg.margin}, chunk {cfg.chunk_size}, {cfg.dtype}, {cfg.iters} iters x {cfg.rounds} round(s)",
+        f"{cfg.margin}, chunk {cfg.chunk_size}, {cfg.dtype}"
+        + (f" (logits {cfg.logits_dtype})" if cfg.logits_dtype else "")
+        + f", {cfg.iters} iters x {cfg.rounds} round(s)",
         f"{'mode':<10} {'step ms':>9} {'x floor':>8} {'peak MB':>9} {'x floor':>8} {'base MB':>8}",
     ]
     for r in results:
@@ -236,6 +253,8 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     parser.add_argument("--iters", type=int, default=defaults.iters)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype)
+    parser.add_argument("--logits-dtype", choices=sorted(DTYPES), default=None,
+                        help="with --dtype bf16/fp16: the head's logit buffer (default: fp16 for fp16, fp32 for bf16)")
     parser.add_argument("--rounds", type=int, default=defaults.rounds,
                         help="run the modes in turn this many times (median across rounds)")
     parser.add_argument("--reference", action="store_true", help="also time a plain autograd head")
@@ -243,7 +262,7 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     args = parser.parse_args(argv)
     cfg = BenchConfig(args.world_size, args.batch, args.dim, args.classes, args.sample_rate,
                       args.margin, args.chunk_size, args.device, args.threads, args.iters,
-                      args.warmup, args.dtype, args.rounds)
+                      args.warmup, args.dtype, args.rounds, args.logits_dtype)
     return cfg, args.reference, args.json
 
 

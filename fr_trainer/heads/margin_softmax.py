@@ -117,6 +117,26 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
     return radial
 
 
+def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor, start: int, end: int,
+                  grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ with 16-bit GEMMs, one
+    column chunk at a time. bf16 has fp32's range, so the column factor f goes into the
+    16-bit copy of h (a [G, c] pass); fp16 would overflow there at large loss scales, so it
+    scales the centres' copy and the fp32 results instead (two [c, D] passes)."""
+    dtype = ops.compute_dtype
+    for a, b in _column_blocks(end - start, MM_COLUMNS):
+        f, rows = factor[a:b], slice(start + a, start + b)
+        if dtype == torch.bfloat16:
+            h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device)
+            torch.mul(h[:, a:b], f, out=h_c)
+            grad_xh.add_(torch.mm(h_c, ops.w_c[rows]))
+            grad_w[rows].copy_(torch.mm(h_c.t(), ops.xh_c))
+        else:
+            h_c = h[:, a:b].to(dtype)
+            grad_xh.add_(torch.mm(h_c, (ops.w[rows] * f[:, None]).to(dtype)))
+            torch.mul(torch.mm(h_c.t(), ops.xh_c), f[:, None], out=grad_w[rows])
+
+
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
                          z_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
     """Replace, in `sum_exp`, the target terms taken from the 16-bit logit buffer by the
@@ -291,11 +311,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
                 h[rows, cols] = 0
-                for a, b in _column_blocks(end - start, MM_COLUMNS):
-                    h_c, f = h[:, a:b].to(ops.compute_dtype), factor[a:b, None]
-                    w_f = (ops.w[start + a:start + b] * f).to(ops.compute_dtype)
-                    grad_xh.add_(torch.mm(h_c, w_f))
-                    torch.mul(torch.mm(h_c.t(), ops.xh_c), f, out=grad_w[start + a:start + b])
+                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w)
                 grad_xh.index_add_(0, rows, h_t[:, None] * ops.w[start:end].index_select(0, cols))
                 grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh.index_select(0, rows))
                 if grad_b is not None:
