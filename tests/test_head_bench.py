@@ -39,3 +39,19 @@ def test_cli_usage_and_unknown_command(capsys) -> None:
     assert cli_main(["trian"]) == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
     assert cli_main(["bench", "nothing"]) == 2
+
+
+def test_table_ratios_are_computed_from_the_measured_times() -> None:
+    from fr_trainer.heads.bench import ModeResult
+
+    cfg = BenchConfig(dtype="bf16")
+    results = [ModeResult("floor", 80.0, 400.0, 200.0), ModeResult("head", 100.0, 450.0, 200.0)]
+    rows = {line.split()[0]: line.split() for line in format_table(cfg, results).splitlines()[2:]}
+    assert rows["floor"][1:3] == ["80.0", "1.00"]
+    assert rows["head"][1:5] == ["100.0", "1.25", "450", "1.12"]  # 100 / 80, 450 / 400
+
+
+def test_mixed_precision_bench_keeps_fp32_centres() -> None:
+    cfg = BenchConfig(world_size=1, batch=4, dim=8, classes=60, iters=1, warmup=0, dtype="bf16")
+    results = run_benchmark(cfg, ["floor", "head"])
+    assert [r.mode for r in results] == ["floor", "head"] and all(r.step_ms > 0 for r in results)
