@@ -29,8 +29,8 @@ def test_deepspeed_precision_choices(monkeypatch):
     assert runtime.resolve_precision("fp32", "cuda", "deepspeed").autocast_dtype is None
     with pytest.raises(ConfigError, match="precision='fp16' is not supported with engine.name='deepspeed'"):
         runtime.resolve_precision("fp16", "cuda", "deepspeed")
-    # the DDP engine keeps fp16 with a scaler on CUDA
-    ddp = runtime.resolve_precision("auto", "cuda", "ddp")
+    # the DDP engine keeps fp16 with a scaler on CUDA when asked for
+    ddp = runtime.resolve_precision("fp16", "cuda", "ddp")
     assert (ddp.name, ddp.scaler) == ("fp16", True)
 
 
@@ -56,5 +56,6 @@ def test_trainer_with_deepspeed_builds_no_grad_scaler(monkeypatch, tmp_path):
     built = make_trainer(0, 1, cfg)
     assert built.precision.name == "bf16"
     assert built.scaler is None
-    cfg["engine"] = {"name": "ddp"}  # the same resolution builds a scaler for DDP (fp16)
+    cfg["engine"] = {"name": "ddp"}  # fp16 under DDP builds a scaler
+    cfg["train"]["precision"] = "fp16"
     assert make_trainer(0, 1, cfg).scaler is not None

@@ -112,7 +112,8 @@ class TrainConfig:
     epochs: float = 20.0
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (fp16 on cuda, fp32 on cpu) | fp32 | fp16 | bf16 | fp64
+    # auto: bf16 where fast (bf16 GPUs, AVX512-BF16/AMX CPUs), else fp16 on cuda, fp32 on cpu
+    precision: str = "auto"  # auto | fp32 | fp16 | bf16 | fp64
     nonfinite: str = "stop"  # stop | skip
     max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
     deterministic: bool = False

@@ -693,7 +693,9 @@ class Trainer:
         r.info(
             f"training {c.model.backbone} on {self.dataset.rec_path} ({len(self.dataset)} images, "
             f"{self.num_classes} classes), world size {self.world_size}, {self.device}, "
-            f"{self.precision.name}, {self.total_steps} steps of {self.samples_per_step} samples "
+            f"{self.precision.name}"
+            + (f" ({self.precision.reason})" if self.precision.reason else "")
+            + f", {self.total_steps} steps of {self.samples_per_step} samples "
             f"({self.plan.total_samples} samples, {self.plan.epochs:g} epochs)"
             + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
         )

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The device check, one script, at most ~8 minutes on one H100/H200 (scripts/README: run it
+# whenever a GPU is lent; record the figures in docs/benchmarks.md with the GPU named):
+#   1. the CUDA tests (tests/test_cuda.py, marker `cuda`): the head on CUDA in fp32/bf16/fp16
+#      against the fp64 CPU reference, the sparse update, NCCL on one rank, resumed
+#      optimizer state;
+#   2. `fr-trainer bench head --device cuda` at 1M classes per GPU (G 1024, D 512) in bf16
+#      and fp32 against the GEMM floor of the same dtype, and 10M classes per GPU chunked
+#      in bf16 (peak memory: target within 80 GB);
+#   3. a JSON and a markdown table of it all in $OUT (default gpu_check_out/).
+# Uses the python3 that holds torch (no install: the device image has torch, pytest and
+# onnxruntime); the project is imported from this checkout.
+#   bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-gpu_check_out}"
+mkdir -p "$out"
+py="${FR_PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+status=0
+step() {  # step NAME TIMEOUT_S COMMAND...
+  local name="$1" limit="$2"; shift 2
+  echo "=== $name"
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  tail -n 25 "$out/$name.log"
+  echo "=== $name: exit $rc in $((SECONDS - start)) s"
+  echo "{\"step\": \"$name\", \"rc\": $rc, \"seconds\": $((SECONDS - start))}" >> "$out/steps.jsonl"
+  [ "$rc" -eq 0 ] || status=1
+}
+: > "$out/steps.jsonl"
+nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+"$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
+  >> "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+step cuda_tests 150 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --batch 1024 --dim 512)
+step head_1m_bf16 90 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"
+step head_1m_bf16_logits 90 "${bench[@]}" --classes 1000000 --dtype bf16 --logits-dtype bf16 --iters 20 --warmup 3 \
+  --json "$out/head_1m_bf16_logits.json"
+step head_1m_fp32 90 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
+step head_10m_bf16 150 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
+  --json "$out/head_10m_bf16.json"
+"$py" - "$out" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+gpu = (out / "gpu.txt").read_text().strip().replace("\n", "; ")
+rows, report = [], {"gpu": gpu, "steps": [json.loads(l) for l in (out / "steps.jsonl").read_text().splitlines()]}
+for path in sorted(out.glob("head_*.json")):
+    data = json.loads(path.read_text())
+    results = {r["mode"]: r for r in data["results"]}
+    floor, head = results["floor"], results["head"]
+    ratio = head["step_ms"] / floor["step_ms"]
+    report[path.stem] = {"config": data["config"], "floor_ms": floor["step_ms"], "head_ms": head["step_ms"],
+                         "ratio": ratio, "head_peak_mb": head["peak_mb"], "floor_peak_mb": floor["peak_mb"]}
+    rows.append(f"| {path.stem} | {floor['step_ms']:.2f} | {head['step_ms']:.2f} | {ratio:.2f} | "
+                f"{head['peak_mb'] / 1024:.1f} | {floor['peak_mb'] / 1024:.1f} |")
+(out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+table = [f"GPU: {gpu}", "", "| case | floor ms | head ms | head / floor | head peak GiB | floor peak GiB |",
+         "|---|---:|---:|---:|---:|---:|", *rows, "",
+         "| step | exit | seconds |", "|---|---:|---:|",
+         *[f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in report["steps"]]]
+(out / "gpu_check.md").write_text("\n".join(table) + "\n")
+print("\n".join(table))
+PY
+exit "$status"
