@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 import pytest
-from test_train_support import config_dict, make_data_with_pairs, make_trainer
+from test_train_support import config_dict, make_trainer
 
 from fr_trainer.eval.binset import encode_image, load_bin, read_bin_pickle
 from fr_trainer.train.config import ConfigError
@@ -111,11 +111,6 @@ def test_find_bins_names_only(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"eval.bins: .*evil\.bin: refused to load.*remove 'evil' from eval.bins"):
         PeriodicVerifier(find_bins(tmp_path, ["lfw", "evil"]), 8, 0, 1)
     assert not marker.exists()
-
-
-@pytest.fixture(scope="module")
-def pairs_data(tmp_path_factory):
-    return make_data_with_pairs(tmp_path_factory.mktemp("data"))
 
 
 def test_training_opens_only_the_named_sets(tmp_path, pairs_data) -> None:

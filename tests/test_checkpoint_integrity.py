@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import config_dict, make_data, make_trainer, rank_fit
+from test_train_support import config_dict, make_trainer, rank_fit
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train import checkpoint_integrity as integrity
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("integrity_data"))
 
 
 def _cfg(data, out: Path, **sections) -> dict:

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_train_support import config_dict, make_data_with_pairs
+from test_train_support import config_dict
 
 from fr_trainer.backbones.registry import BACKBONES
 from fr_trainer.cli import main
@@ -32,11 +32,6 @@ class FlatOutput(torch.nn.Module):
 
 if "test_flat_output" not in BACKBONES:
     BACKBONES.register("test_flat_output")(lambda embedding_size=16: FlatOutput(embedding_size))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data_with_pairs(tmp_path_factory.mktemp("cli_errors_data"))
 
 
 def _run(capsys, argv: list[str]) -> tuple[int, str]:
@@ -128,6 +123,12 @@ def test_resume_from_a_file_names_checkpoint_resume(tmp_path, capsys):
     assert code == 2 and f"checkpoint.resume='{junk}' is a file" in line and "run directory" in line
     code, err = _train(tmp_path, capsys, _no_data_config(tmp_path), f"checkpoint.resume={tmp_path / 'nothing'}")
     assert code == 2 and "does not exist" in _one_error_line(err, "train")
+
+
+@pytest.fixture(scope="module")
+def data(pairs_data):
+    """These tests need the held-out `.bin` sets too."""
+    return pairs_data
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import config_dict, make_data, make_trainer
+from test_train_support import config_dict, make_trainer
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.export.cli import main as export_main
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train import checkpoint_integrity as integrity
 from fr_trainer.train.trainer import NonFiniteLoss
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("nonfinite_data"))
 
 
 def _cfg(data, out: Path, **sections) -> dict:

@@ -7,18 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from test_train_support import NUM_CLASSES, config_dict, make_data, make_trainer
+from test_train_support import NUM_CLASSES, config_dict, make_trainer
 
 from fr_trainer.train.cli import main as train_main
 from fr_trainer.train.config import ConfigError, config_from_dict, load_config
 from fr_trainer.train.schedule import poly_lr
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("config_data"))
 
 
 def test_unknown_keys_are_rejected_with_the_accepted_ones():

@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="the `deepspeed` extra is not installed")
 
-from test_train_support import config_dict, make_data, rank_fit  # noqa: E402
+from test_train_support import config_dict, rank_fit  # noqa: E402
 
 from fr_trainer.distributed.spawn import run_ranks  # noqa: E402
 from fr_trainer.train.config import ConfigError, config_from_dict  # noqa: E402
@@ -25,11 +25,6 @@ def rank_runs(rank: int, world_size: int, runs: list[tuple[dict, int | None]]) -
 # schedule must reach the backbone's optimizer inside the engine, and the engine must
 # reduce only at the accumulation boundary.
 SECTIONS = {"train": {"max_steps": 4}, "optim": {"accumulate": 2, "warmup_steps": 2}}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("data"))
 
 
 def _config(data, out, engine: dict | None = None, **extra) -> dict:

@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_train_support import config_dict, make_data, make_trainer, rank_fit, rank_load_and_save
+from test_train_support import config_dict, make_trainer, rank_fit, rank_load_and_save
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.train import checkpoint as ckpt
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("train_data"))
 
 
 def _cat_heads(results: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import config_dict, head_state, make_data, make_trainer
+from test_train_support import config_dict, head_state, make_trainer
 from torch import nn
 
 from fr_trainer.backbones.registry import BACKBONES
@@ -45,11 +45,6 @@ class TinyTwoHeadNet(nn.Module):
 
 if "test_tiny_two_head" not in BACKBONES:
     BACKBONES.register("test_tiny_two_head")(lambda embedding_size=16: TinyTwoHeadNet(embedding_size))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("loss_data"))
 
 
 # ------------------------------------------------------------------ each demo config trains

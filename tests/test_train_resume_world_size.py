@@ -9,18 +9,13 @@ import json
 from collections import Counter
 
 import pytest
-from test_train_support import NUM_CLASSES, PER_CLASS, config_dict, make_data, make_trainer
+from test_train_support import NUM_CLASSES, PER_CLASS, config_dict, make_trainer
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.train.schedule import poly_lr_by_samples
 
 NUM_SAMPLES = NUM_CLASSES * PER_CLASS  # 96: a multiple of the global batches 16, 8, 24
 EPOCHS = 2
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("resume_data"))
 
 
 def _sections(batch_size: int) -> dict:

@@ -5,9 +5,8 @@ process with the same global batch, and both ranks keep the same weights."""
 
 from __future__ import annotations
 
-import pytest
 import torch
-from test_train_support import config_dict, make_data, make_trainer
+from test_train_support import config_dict, make_trainer
 from torch import nn
 
 from fr_trainer.backbones.registry import BACKBONES
@@ -46,11 +45,6 @@ def rank_fit(rank: int, world_size: int, cfg: dict) -> dict:
     trainer = make_trainer(rank, world_size, cfg)
     losses = trainer.fit()["losses"]
     return {"losses": losses, "snapshot": trainer.state_snapshot(), "step": trainer.step}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("triplet_ddp_data"))
 
 
 def _config(data, out, batch_size: int) -> dict:

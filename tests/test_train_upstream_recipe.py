@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_train_support import config_dict, make_data, make_trainer
+from test_train_support import config_dict, make_trainer
 
 from fr_trainer.backbones import create_backbone
 from fr_trainer.backbones.base import init_weights_upstream
@@ -22,11 +22,6 @@ from fr_trainer.train.config import load_config
 from fr_trainer.train.optim import SGD
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_data(tmp_path_factory.mktemp("upstream_data"))
 
 
 def test_straight_through_arcface_without_fallback_is_arcface_torchs_loss():
