@@ -1,0 +1,458 @@
+"""All-pairs verification of a labelled set: TAR at FAR over every pair, exactly.
+
+    tars = all_pairs_tar_at_far(embeddings, labels, fars=(1e-6, 1e-4))
+
+Pairs: every unordered pair {i, j}, i != j, of the N rows; genuine when the labels are
+equal, impostor otherwise (M impostor and G genuine pairs). Scores are the fp32 GEMM of
+the (L2-normalised, unless `normalize=False`) rows, computed block by block; the pairs
+are never materialised.
+
+Threshold semantics (the "max" convention of `fr_trainer.eval.metrics.tar_at_far`): for
+a FAR f let m = the largest integer with m / M <= f (false accepts allowed). A pair is
+accepted when its score is strictly greater than the threshold t, where
+
+    t = the (m + 1)-th largest impostor score  (the smallest impostor score s such that
+        at most m impostor scores are > s),
+    TAR = #(genuine scores > t) / G,   achieved FAR = #(impostor scores > t) / M <= f.
+
+Ties count exactly: impostors equal to t are rejected with it. This equals the largest
+TAR over the ROC points with FAR <= f (`metrics.tar_at_far(..., mode="max")`). When
+m >= M every pair is accepted (t = -inf, TAR = 1). A FAR f < 1 / M is *not resolvable*:
+m = 0 and the TAR reported is the TAR at zero false accepts (flagged, with 1 / M).
+
+How (one GEMM pass in the usual case; see `AllPairsStats`):
+1. The rows are sorted by label, so the genuine pairs lie in the few blocks near the
+   diagonal; the other blocks need no mask.
+2. A small sample of rows (against all rows) estimates where each threshold lies.
+3. The main pass computes each score block once and, from the float32 bit patterns
+   (monotone in the value once the sign is accounted for), accumulates an exact
+   histogram of the top 16 bits (65,536 bins) for impostors and genuines; in the bins
+   predicted to hold a threshold it also accumulates the histogram of the low 16 bits
+   (so the exact score is known without storing it), and it keeps every score above a
+   cut predicted for the extreme tail (small FARs).
+4. The exact threshold bin is read from the full histogram. If the sample had mispredicted
+   it, a second pass over the same blocks (the same GEMM calls, so the same fp32 values)
+   collects that bin's low-bit histogram.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DEFAULT_ALLPAIRS_BUDGET = 512 << 20  # bytes of score-block working set
+ALLPAIRS_FARS: tuple[float, ...] = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+BYTES_PER_SCORE = 24  # scores fp32 + bins int32 + slot lookups int64 + masks, per block element
+NUM_BINS = 1 << 16
+TAIL_SAMPLE_COUNT = 200  # below this many expected sample impostors, a target is "tail"
+CUT_SAMPLE_COUNT = 800  # the tail cut keeps about this many sample impostors' worth
+MAX_SLOTS_PER_TARGET = 16
+TAIL_CODE = -2
+
+# bins in increasing order of value: negative floats have their bit patterns reversed
+_MONO_ORDER = np.concatenate([np.arange(NUM_BINS // 2 - 1, -1, -1), np.arange(NUM_BINS // 2, NUM_BINS)])
+_MONO_RANK = np.empty(NUM_BINS, dtype=np.int64)
+_MONO_RANK[_MONO_ORDER] = np.arange(NUM_BINS)
+
+
+def block_size_for_budget(memory_budget: int, n: int) -> int:
+    """Rows per square score block so that a block's working set fits `memory_budget`."""
+    if memory_budget <= 0:
+        raise ValueError(f"memory_budget must be positive, got {memory_budget} bytes")
+    b = int(math.isqrt(memory_budget // BYTES_PER_SCORE))
+    if b < 1:
+        raise ValueError(
+            f"memory_budget {memory_budget} bytes is too small; give at least {BYTES_PER_SCORE} bytes"
+        )
+    return max(1, min(b, n))
+
+
+def allowed_false_accepts(far: float, num_impostors: int) -> int:
+    """The largest integer m with m / M <= far (float64), as `metrics.tar_at_far` counts."""
+    if num_impostors <= 0:
+        return 0
+    m = int(math.floor(far * num_impostors))
+    m = max(0, min(m, num_impostors))
+    while m < num_impostors and (m + 1) / num_impostors <= far:
+        m += 1
+    while m > 0 and m / num_impostors > far:
+        m -= 1
+    return m
+
+
+def smallest_resolvable_far(num_impostors: int) -> float:
+    """1 / M: below it a TAR@FAR is the TAR at zero false accepts."""
+    return 1.0 / num_impostors if num_impostors > 0 else float("inf")
+
+
+def float_from_bins(high: int, low: int) -> float:
+    """The float32 whose bit pattern is (high - 32768) << 16 | low (the bins' encoding)."""
+    bits = np.array([((high - NUM_BINS // 2) << 16) | low], dtype=np.int64).astype(np.uint32)
+    return float(bits.view(np.float32)[0])
+
+
+def _bins(values: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Top 16 bits of each float32, shifted to [0, 65536) (int32); -0.0 must be gone."""
+    bits = values.view(torch.int32)
+    high = torch.bitwise_right_shift(bits, 16, out=out) if out is not None else torch.bitwise_right_shift(bits, 16)
+    return high.add_(NUM_BINS // 2)
+
+
+@dataclass
+class _Accumulator:
+    """Histograms (and tail values) of one kind of pair: "impostor" or "genuine"."""
+
+    device: torch.device
+    num_slots: int
+    cut: float | None
+    high: torch.Tensor = field(init=False)
+    low: torch.Tensor | None = field(init=False)
+    tail: list[torch.Tensor] = field(default_factory=list)
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.high = torch.zeros(NUM_BINS, dtype=torch.int64, device=self.device)
+        self.low = (
+            torch.zeros(self.num_slots * NUM_BINS, dtype=torch.int64, device=self.device) if self.num_slots else None
+        )
+
+    def add(self, values: torch.Tensor, slot_of_bin: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+        values = values.reshape(-1)
+        if values.numel() == 0:
+            return
+        self.count += int(values.numel())
+        values.add_(0.0)  # -0.0 -> +0.0, so that equal values share one bit pattern
+        bins = _bins(values, scratch[: values.numel()] if scratch is not None else None)
+        self.high += torch.bincount(bins, minlength=NUM_BINS)
+        if slot_of_bin is None:
+            return
+        # codes: slot index of a predicted bin, TAIL_CODE for bins kept whole, -1 otherwise
+        code = slot_of_bin[bins]
+        hit = torch.nonzero(code >= 0 if self.cut is None else code != -1).reshape(-1)
+        if hit.numel() == 0:
+            return
+        code = code[hit]
+        picked = values[hit]
+        if self.cut is not None:
+            tail = code == TAIL_CODE
+            if bool(tail.any()):
+                self.tail.append(picked[tail])
+            keep = ~tail
+            code, picked = code[keep], picked[keep]
+        if self.low is not None and code.numel():
+            low = torch.bitwise_and(picked.view(torch.int32), 0xFFFF)
+            self.low += torch.bincount(code.long() * NUM_BINS + low, minlength=self.num_slots * NUM_BINS)
+
+    def tail_values(self) -> np.ndarray:
+        if not self.tail:
+            return np.zeros(0, dtype=np.float32)
+        return torch.cat(self.tail).cpu().numpy()
+
+
+@dataclass
+class FarResult:
+    """One FAR of an all-pairs evaluation (see the module doc for the semantics)."""
+
+    far: float
+    tar: float
+    threshold: float  # accept when score > threshold
+    achieved_far: float  # #impostors > threshold / M
+    false_accepts_allowed: int  # m
+    resolvable: bool  # far >= 1 / M
+
+
+@dataclass
+class AllPairsResult:
+    """The result of `all_pairs_verification`."""
+
+    results: dict[float, FarResult]
+    num_impostors: int
+    num_genuine: int
+    smallest_resolvable_far: float
+    passes: int  # GEMM passes over all blocks (1 when the sample predicted every bin)
+    block_size: int
+    sample_rows: int
+
+    def tar_at_far(self) -> dict[float, float]:
+        return {far: r.tar for far, r in self.results.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "tar_at_far": {str(f): r.tar for f, r in self.results.items()},
+            "threshold": {str(f): r.threshold for f, r in self.results.items()},
+            "achieved_far": {str(f): r.achieved_far for f, r in self.results.items()},
+            "resolvable": {str(f): r.resolvable for f, r in self.results.items()},
+            "num_impostors": self.num_impostors,
+            "num_genuine": self.num_genuine,
+            "smallest_resolvable_far": self.smallest_resolvable_far,
+            "passes": self.passes,
+        }
+
+
+def _pair_counts(labels: np.ndarray) -> tuple[int, int]:
+    n = labels.size
+    _, sizes = np.unique(labels, return_counts=True)
+    genuine = int((sizes.astype(np.int64) * (sizes - 1) // 2).sum())
+    return n * (n - 1) // 2 - genuine, genuine
+
+
+def _blocks(
+    emb: torch.Tensor, labels: torch.Tensor, block: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(impostor scores, genuine scores or None) of every block of the upper triangle.
+
+    Rows are sorted by label; a block (I, J>I) holds genuine pairs only when the last
+    label of I equals the first label of J. The same blocks, in the same order, with the
+    same GEMM calls on every pass.
+    """
+    n = emb.shape[0]
+    starts = list(range(0, n, block))
+    for i0 in starts:
+        rows = emb[i0 : i0 + block]
+        row_labels = labels[i0 : i0 + block]
+        for j0 in starts:
+            if j0 < i0:
+                continue
+            cols = emb[j0 : j0 + block]
+            scores = torch.mm(rows, cols.T)
+            if j0 == i0:
+                col_labels = labels[j0 : j0 + block]
+                upper = torch.ones_like(scores, dtype=torch.bool).triu_(1)
+                same = row_labels[:, None] == col_labels[None, :]
+                yield scores[upper & ~same], scores[upper & same]
+            elif bool(row_labels[-1] == labels[j0]):
+                col_labels = labels[j0 : j0 + block]
+                same = row_labels[:, None] == col_labels[None, :]
+                yield scores[~same], scores[same]
+            else:
+                yield scores, None
+
+
+def _sample_histogram(emb: torch.Tensor, labels: torch.Tensor, rows: np.ndarray, block: int) -> tuple[np.ndarray, int]:
+    """Impostor top-16-bit histogram of the sampled rows against all rows (ordered pairs)."""
+    hist = torch.zeros(NUM_BINS, dtype=torch.int64, device=emb.device)
+    count = 0
+    index = torch.from_numpy(rows).to(emb.device)
+    for r0 in range(0, index.numel(), block):
+        sel = index[r0 : r0 + block]
+        for j0 in range(0, emb.shape[0], block):
+            scores = torch.mm(emb[sel], emb[j0 : j0 + block].T)
+            other = labels[sel][:, None] != labels[j0 : j0 + block][None, :]
+            values = scores[other]
+            values.add_(0.0)
+            count += int(values.numel())
+            hist += torch.bincount(_bins(values), minlength=NUM_BINS)
+    return hist.cpu().numpy(), count
+
+
+def _locate(mono_hist: np.ndarray, rank: float) -> int:
+    """The monotone bin holding the `rank`-th largest value (1-based) of a histogram."""
+    above = np.cumsum(mono_hist[::-1])[::-1]  # above[b] = count in bins >= b
+    hits = np.flatnonzero(above >= rank)
+    return int(hits[-1]) if hits.size else 0
+
+
+@dataclass
+class _Prediction:
+    slots: list[int]  # monotone bin indices with a low-bit histogram
+    cut: float | None  # keep every score >= cut
+    cut_bin: int  # monotone bin of the cut (bins >= it are kept whole)
+
+
+def _predict(sample_mono: np.ndarray, sample_count: int, total: int, needed: Sequence[int]) -> _Prediction:
+    """Bins likely to hold each needed rank (1-based, among `total` impostors)."""
+    if sample_count == 0 or not needed:
+        return _Prediction([], None, NUM_BINS)
+    scale = total / sample_count
+    slots: set[int] = set()
+    tail = False
+    above = np.cumsum(sample_mono[::-1])[::-1]
+    for rank in needed:
+        expected = rank / scale
+        if expected < TAIL_SAMPLE_COUNT:
+            tail = True
+            continue
+        spread = 6.0 * math.sqrt(expected) + 0.02 * expected
+        lo_rank, hi_rank = max(1.0, expected - spread), expected + spread
+        # bins whose [above[b+1], above[b]] range meets [lo_rank, hi_rank]
+        upper_b = _locate(sample_mono, lo_rank)
+        lower_b = _locate(sample_mono, hi_rank)
+        window = list(range(max(0, lower_b - 1), min(NUM_BINS - 1, upper_b + 1) + 1))
+        if len(window) > MAX_SLOTS_PER_TARGET:
+            centre = _locate(sample_mono, expected)
+            half = MAX_SLOTS_PER_TARGET // 2
+            window = list(range(max(0, centre - half), min(NUM_BINS, centre + half)))
+        slots.update(window)
+    cut = None
+    cut_bin = NUM_BINS
+    if tail:
+        if above[0] <= CUT_SAMPLE_COUNT:
+            cut_bin = 0
+        else:
+            cut_bin = int(np.flatnonzero(above >= CUT_SAMPLE_COUNT)[-1])
+        cut = _lowest_value_of_bin(cut_bin)
+    return _Prediction(sorted(b for b in slots if b < cut_bin), cut, cut_bin)
+
+
+def _lowest_value_of_bin(mono_bin: int) -> float:
+    """The smallest float32 of a monotone bin (-inf for bin 0, which holds -NaN and -inf)."""
+    if mono_bin <= 0:
+        return -math.inf
+    high = int(_MONO_ORDER[mono_bin])
+    # negative bins: the largest low bits are the most negative
+    return float_from_bins(high, 0xFFFF if high < NUM_BINS // 2 else 0)
+
+
+def _low_order(high: int) -> np.ndarray:
+    """Low-bit values of a bin in increasing order of float value."""
+    return np.arange(NUM_BINS - 1, -1, -1) if high < NUM_BINS // 2 else np.arange(NUM_BINS)
+
+
+def _scan(
+    emb: torch.Tensor, labels: torch.Tensor, block: int, pred: _Prediction, progress: bool | str, total_blocks: int
+) -> tuple[_Accumulator, _Accumulator, list[int]]:
+    device = emb.device
+    slot_of_bin = None
+    if pred.slots or pred.cut is not None:
+        lut = torch.full((NUM_BINS,), -1, dtype=torch.int32)
+        if pred.cut is not None:
+            lut[torch.from_numpy(_MONO_ORDER[pred.cut_bin :])] = TAIL_CODE
+        if pred.slots:
+            lut[torch.from_numpy(_MONO_ORDER[pred.slots])] = torch.arange(len(pred.slots), dtype=torch.int32)
+        slot_of_bin = lut.to(device)
+    imp = _Accumulator(device, len(pred.slots), pred.cut)
+    gen = _Accumulator(device, len(pred.slots), pred.cut)
+    scratch = torch.empty(block * block, dtype=torch.int32, device=device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_blocks, unit="block", desc=progress if isinstance(progress, str) else "all pairs")
+    for impostors, genuines in _blocks(emb, labels, block):
+        imp.add(impostors, slot_of_bin, scratch)
+        if genuines is not None:
+            gen.add(genuines, slot_of_bin, scratch)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return imp, gen, pred.slots
+
+
+def all_pairs_verification(
+    embeddings,
+    labels,
+    fars: Iterable[float] = ALLPAIRS_FARS,
+    *,
+    device: str | torch.device = "cpu",
+    memory_budget: int = DEFAULT_ALLPAIRS_BUDGET,
+    normalize: bool = True,
+    sample_fraction: float = 0.005,
+    sample_rows: int | None = None,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> AllPairsResult:
+    """TAR, threshold and achieved FAR at each FAR over every pair (see the module doc).
+
+    Args:
+        embeddings: [N, D] (tensor or array); labels: [N] integer identities.
+        fars: target false-accept rates.
+        device: where the GEMMs and histograms run ("cpu", "cuda", ...).
+        memory_budget: bytes for one score block's working set (`block_size_for_budget`).
+        normalize: L2-normalise the rows (cosine scores); False scores raw inner products.
+        sample_fraction / sample_rows: rows sampled to predict the threshold bins.
+        seed: the sample's seed.
+    """
+    fars = [float(f) for f in fars]
+    for far in fars:
+        if not 0.0 <= far <= 1.0:
+            raise ValueError(f"FAR {far} is outside [0, 1]; give FARs like 1e-6")
+    device = torch.device(device)
+    labels = np.asarray(labels).reshape(-1)
+    if getattr(embeddings, "ndim", None) != 2 or embeddings.shape[0] != labels.size:
+        raise ValueError(
+            f"expected embeddings [N, D] and labels [N]; got {tuple(getattr(embeddings, 'shape', ()))} "
+            f"and {labels.shape}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers (identity ids), got dtype {labels.dtype}")
+    emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, torch.Tensor)
+                          else embeddings.float())
+    if not bool(torch.isfinite(emb).all()):
+        raise ValueError("embeddings contain NaN or inf; check the model's outputs")
+    order = np.argsort(labels, kind="stable")
+    emb = emb[torch.from_numpy(order)].to(device)
+    if normalize:
+        emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    lab = torch.from_numpy(labels[order].astype(np.int64)).to(device)
+    n = labels.size
+    num_imp, num_gen = _pair_counts(labels)
+    block = block_size_for_budget(memory_budget, n)
+    nb = (n + block - 1) // block
+    total_blocks = nb * (nb + 1) // 2
+
+    needed = sorted({allowed_false_accepts(f, num_imp) + 1 for f in fars if allowed_false_accepts(f, num_imp) < num_imp})
+    rows = sample_rows if sample_rows is not None else max(1, int(math.ceil(sample_fraction * n)))
+    rows = min(max(rows, 0), n)
+    picked = np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False)) if rows else np.zeros(0, int)
+    sample_hist, sample_count = _sample_histogram(emb, lab, picked, block) if rows else (np.zeros(NUM_BINS), 0)
+    pred = _predict(sample_hist[_MONO_ORDER], sample_count, num_imp, needed)
+    imp, gen, slots = _scan(emb, lab, block, pred, progress, total_blocks)
+    passes = 1
+
+    imp_mono = imp.high.cpu().numpy()[_MONO_ORDER]
+    gen_mono = gen.high.cpu().numpy()[_MONO_ORDER]
+    target_bin = {rank: _locate(imp_mono, rank) for rank in needed}
+    missing = sorted({b for rank, b in target_bin.items() if b not in slots and b < pred.cut_bin})
+    low_imp = {b: imp.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
+    low_gen = {b: gen.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
+    if missing:
+        # the sample mispredicted: collect those bins' low bits with the same blocks again
+        imp2, gen2, _ = _scan(emb, lab, block, _Prediction(missing, None, NUM_BINS), progress, total_blocks)
+        for i, b in enumerate(missing):
+            low_imp[b] = imp2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
+            low_gen[b] = gen2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
+        passes = 2
+    tail_imp = np.sort(imp.tail_values())[::-1] if pred.cut is not None else None
+    tail_gen = gen.tail_values() if pred.cut is not None else None
+    imp_above = np.concatenate([np.cumsum(imp_mono[::-1])[::-1][1:], [0]])  # count in bins > b
+    gen_above = np.concatenate([np.cumsum(gen_mono[::-1])[::-1][1:], [0]])
+
+    results: dict[float, FarResult] = {}
+    resolvable_far = smallest_resolvable_far(num_imp)
+    for far in fars:
+        m = allowed_false_accepts(far, num_imp)
+        resolvable = num_imp > 0 and far >= resolvable_far
+        if num_imp == 0 or num_gen == 0:
+            results[far] = FarResult(far, float("nan"), float("nan"), float("nan"), m, resolvable)
+            continue
+        if m >= num_imp:
+            results[far] = FarResult(far, 1.0, -math.inf, 1.0, m, resolvable)
+            continue
+        rank = m + 1
+        b = target_bin[rank]
+        if b >= pred.cut_bin:
+            threshold = float(tail_imp[rank - 1])
+            false_acc = int((tail_imp > threshold).sum())
+            true_acc = int((tail_gen > threshold).sum())
+        else:
+            high = int(_MONO_ORDER[b])
+            order_low = _low_order(high)
+            lows = low_imp[b][order_low]
+            above_in_bin = np.cumsum(lows[::-1])[::-1]  # count with low rank >= j within the bin
+            need = rank - int(imp_above[b])
+            j = int(np.flatnonzero(above_in_bin >= need)[-1])
+            threshold = float_from_bins(high, int(order_low[j]))
+            false_acc = int(imp_above[b]) + int(lows[j + 1 :].sum())
+            true_acc = int(gen_above[b]) + int(low_gen[b][order_low][j + 1 :].sum())
+        results[far] = FarResult(far, true_acc / num_gen, threshold, false_acc / num_imp, m, resolvable)
+    return AllPairsResult(results, num_imp, num_gen, resolvable_far, passes, block, rows)
+
+
+def all_pairs_tar_at_far(embeddings, labels, fars: Iterable[float] = ALLPAIRS_FARS, **kwargs) -> dict[float, float]:
+    """{far: TAR} over every pair of a labelled set (see `all_pairs_verification`)."""
+    return all_pairs_verification(embeddings, labels, fars, **kwargs).tar_at_far()
