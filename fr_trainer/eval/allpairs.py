@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fr_trainer.eval.resolution import is_resolvable, smallest_resolvable_far
+
 DEFAULT_ALLPAIRS_BUDGET = 512 << 20  # bytes of score-block working set
 ALLPAIRS_FARS: tuple[float, ...] = (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 BYTES_PER_SCORE = 24  # scores fp32 + bins int32 + slot lookups int64 + masks, per block element
@@ -52,6 +54,15 @@ TAIL_SAMPLE_COUNT = 200  # below this many expected sample impostors, a target i
 CUT_SAMPLE_COUNT = 800  # the tail cut keeps about this many sample impostors' worth
 MAX_SLOTS_PER_TARGET = 16
 TAIL_CODE = -2
+NEG_INF_BIN = (int(np.array([-np.inf], np.float32).view(np.int32)[0]) >> 16) + (1 << 15)
+
+
+@dataclass
+class _Lookup:
+    """Per top-16-bit bin: slot index, TAIL_CODE or -1; `lowest_high` when all are positive."""
+
+    codes: torch.Tensor
+    lowest_high: int | None
 
 # bins in increasing order of value: negative floats have their bit patterns reversed
 _MONO_ORDER = np.concatenate([np.arange(NUM_BINS // 2 - 1, -1, -1), np.arange(NUM_BINS // 2, NUM_BINS)])
@@ -84,11 +95,6 @@ def allowed_false_accepts(far: float, num_impostors: int) -> int:
     return m
 
 
-def smallest_resolvable_far(num_impostors: int) -> float:
-    """1 / M: below it a TAR@FAR is the TAR at zero false accepts."""
-    return 1.0 / num_impostors if num_impostors > 0 else float("inf")
-
-
 def float_from_bins(high: int, low: int) -> float:
     """The float32 whose bit pattern is (high - 32768) << 16 | low (the bins' encoding)."""
     bits = np.array([((high - NUM_BINS // 2) << 16) | low], dtype=np.int64).astype(np.uint32)
@@ -112,7 +118,6 @@ class _Accumulator:
     high: torch.Tensor = field(init=False)
     low: torch.Tensor | None = field(init=False)
     tail: list[torch.Tensor] = field(default_factory=list)
-    count: int = 0
 
     def __post_init__(self) -> None:
         self.high = torch.zeros(NUM_BINS, dtype=torch.int64, device=self.device)
@@ -120,32 +125,37 @@ class _Accumulator:
             torch.zeros(self.num_slots * NUM_BINS, dtype=torch.int64, device=self.device) if self.num_slots else None
         )
 
-    def add(self, values: torch.Tensor, slot_of_bin: torch.Tensor | None, scratch: torch.Tensor | None) -> None:
+    def add(self, values: torch.Tensor, lut: _Lookup | None, scratch: torch.Tensor | None) -> None:
+        """Count a block of scores; -0.0 must already be +0.0, -inf entries are ignored."""
         values = values.reshape(-1)
         if values.numel() == 0:
             return
-        self.count += int(values.numel())
-        values.add_(0.0)  # -0.0 -> +0.0, so that equal values share one bit pattern
         bins = _bins(values, scratch[: values.numel()] if scratch is not None else None)
         self.high += torch.bincount(bins, minlength=NUM_BINS)
-        if slot_of_bin is None:
+        if lut is None:
             return
-        # codes: slot index of a predicted bin, TAIL_CODE for bins kept whole, -1 otherwise
-        code = slot_of_bin[bins]
-        hit = torch.nonzero(code >= 0 if self.cut is None else code != -1).reshape(-1)
+        if lut.lowest_high is not None:  # every interesting bin is above this bit pattern
+            hit = torch.nonzero(bins >= lut.lowest_high).reshape(-1)
+        else:
+            hit = torch.nonzero(torch.index_select(lut.codes, 0, bins) != -1).reshape(-1)
         if hit.numel() == 0:
             return
-        code = code[hit]
-        picked = values[hit]
+        code = torch.index_select(lut.codes, 0, torch.index_select(bins, 0, hit))
+        picked = torch.index_select(values, 0, hit)
         if self.cut is not None:
-            tail = code == TAIL_CODE
-            if bool(tail.any()):
-                self.tail.append(picked[tail])
-            keep = ~tail
-            code, picked = code[keep], picked[keep]
-        if self.low is not None and code.numel():
+            tail = torch.nonzero(code == TAIL_CODE).reshape(-1)
+            if tail.numel():
+                self.tail.append(torch.index_select(picked, 0, tail))
+        if self.low is not None:
+            # entries outside the slots land in one extra slot, dropped
             low = torch.bitwise_and(picked.view(torch.int32), 0xFFFF)
-            self.low += torch.bincount(code.long() * NUM_BINS + low, minlength=self.num_slots * NUM_BINS)
+            index = torch.where(code >= 0, code * NUM_BINS + low, self.num_slots * NUM_BINS)
+            counts = torch.bincount(index, minlength=(self.num_slots + 1) * NUM_BINS)
+            self.low += counts[: self.num_slots * NUM_BINS]
+
+    def finish(self) -> None:
+        """Drop the -inf that masked pairs were filled with (no finite score has those bits)."""
+        self.high[NEG_INF_BIN] = 0
 
     def tail_values(self) -> np.ndarray:
         if not self.tail:
@@ -200,36 +210,58 @@ def _pair_counts(labels: np.ndarray) -> tuple[int, int]:
     return n * (n - 1) // 2 - genuine, genuine
 
 
+def _runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end (exclusive) of every run of equal labels in a sorted array."""
+    if labels.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    edges = np.flatnonzero(np.diff(labels)) + 1
+    return np.concatenate([[0], edges]), np.concatenate([edges, [labels.size]])
+
+
 def _blocks(
-    emb: torch.Tensor, labels: torch.Tensor, block: int
+    emb: torch.Tensor, labels: np.ndarray, block: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(impostor scores, genuine scores or None) of every block of the upper triangle.
 
-    Rows are sorted by label; a block (I, J>I) holds genuine pairs only when the last
-    label of I equals the first label of J. The same blocks, in the same order, with the
-    same GEMM calls on every pass.
+    Rows are sorted by label, so the genuine pairs of a block are rectangles (one per
+    label run present on both sides); they are copied out, then set to -inf together
+    with the diagonal and the lower triangle of diagonal blocks (which `finish` drops).
+    Every score is also made +0.0 where it was -0.0 (by adding 0). The same blocks, in
+    the same order, with the same GEMM calls on every pass; the yielded tensor is
+    reused by the next block.
     """
     n = emb.shape[0]
-    starts = list(range(0, n, block))
-    for i0 in starts:
-        rows = emb[i0 : i0 + block]
-        row_labels = labels[i0 : i0 + block]
-        for j0 in starts:
-            if j0 < i0:
-                continue
-            cols = emb[j0 : j0 + block]
-            scores = torch.mm(rows, cols.T)
+    starts, ends = _runs(labels)
+    buffer = torch.empty((min(block, n), min(block, n)), device=emb.device)
+    penalty = torch.full_like(buffer, -math.inf).tril_()  # 0 above the diagonal
+    for i0 in range(0, n, block):
+        i1 = min(n, i0 + block)
+        rows = emb[i0:i1]
+        for j0 in range(i0, n, block):
+            j1 = min(n, j0 + block)
+            out = buffer if (i1 - i0, j1 - j0) == tuple(buffer.shape) else None
+            scores = torch.mm(rows, emb[j0:j1].T, out=out)
             if j0 == i0:
-                col_labels = labels[j0 : j0 + block]
-                upper = torch.ones_like(scores, dtype=torch.bool).triu_(1)
-                same = row_labels[:, None] == col_labels[None, :]
-                yield scores[upper & ~same], scores[upper & same]
-            elif bool(row_labels[-1] == labels[j0]):
-                col_labels = labels[j0 : j0 + block]
-                same = row_labels[:, None] == col_labels[None, :]
-                yield scores[~same], scores[same]
+                scores.add_(penalty[: i1 - i0, : j1 - j0])
             else:
-                yield scores, None
+                scores.add_(0.0)
+            # label runs meeting both [i0, i1) and [j0, j1)
+            first = np.searchsorted(ends, max(i0, j0), side="right")
+            last = np.searchsorted(starts, min(i1, j1), side="left")
+            genuine = []
+            for r in range(first, last):
+                a0, a1 = max(starts[r], i0), min(ends[r], i1)
+                b0, b1 = max(starts[r], j0), min(ends[r], j1)
+                if a1 <= a0 or b1 <= b0:
+                    continue
+                part = scores[a0 - i0 : a1 - i0, b0 - j0 : b1 - j0]
+                if j0 == i0:
+                    rr, cc = torch.triu_indices(a1 - a0, b1 - b0, offset=1, device=emb.device)
+                    genuine.append(part[rr, cc])
+                else:
+                    genuine.append(part.reshape(-1).clone())
+                part.fill_(-math.inf)
+            yield scores, (torch.cat(genuine) if genuine else None)
 
 
 def _sample_histogram(emb: torch.Tensor, labels: torch.Tensor, rows: np.ndarray, block: int) -> tuple[np.ndarray, int]:
@@ -313,17 +345,23 @@ def _low_order(high: int) -> np.ndarray:
 
 
 def _scan(
-    emb: torch.Tensor, labels: torch.Tensor, block: int, pred: _Prediction, progress: bool | str, total_blocks: int
+    emb: torch.Tensor, labels: np.ndarray, block: int, pred: _Prediction, progress: bool | str, total_blocks: int
 ) -> tuple[_Accumulator, _Accumulator, list[int]]:
     device = emb.device
-    slot_of_bin = None
+    lookup = None
     if pred.slots or pred.cut is not None:
-        lut = torch.full((NUM_BINS,), -1, dtype=torch.int32)
+        codes = torch.full((NUM_BINS,), -1, dtype=torch.int32)
+        marked = list(pred.slots)
         if pred.cut is not None:
-            lut[torch.from_numpy(_MONO_ORDER[pred.cut_bin :])] = TAIL_CODE
+            codes[torch.from_numpy(_MONO_ORDER[pred.cut_bin :])] = TAIL_CODE
+            marked.append(pred.cut_bin)
         if pred.slots:
-            lut[torch.from_numpy(_MONO_ORDER[pred.slots])] = torch.arange(len(pred.slots), dtype=torch.int32)
-        slot_of_bin = lut.to(device)
+            codes[torch.from_numpy(_MONO_ORDER[pred.slots])] = torch.arange(len(pred.slots), dtype=torch.int32)
+        codes[NEG_INF_BIN] = -1
+        lowest = int(_MONO_ORDER[min(marked)])
+        # in the positive half, bit order is value order, so one comparison finds the hits
+        positive = min(marked) >= NUM_BINS // 2 and (pred.cut is None or pred.cut_bin >= NUM_BINS // 2)
+        lookup = _Lookup(codes.to(device), lowest if positive else None)
     imp = _Accumulator(device, len(pred.slots), pred.cut)
     gen = _Accumulator(device, len(pred.slots), pred.cut)
     scratch = torch.empty(block * block, dtype=torch.int32, device=device)
@@ -333,13 +371,15 @@ def _scan(
 
         bar = tqdm(total=total_blocks, unit="block", desc=progress if isinstance(progress, str) else "all pairs")
     for impostors, genuines in _blocks(emb, labels, block):
-        imp.add(impostors, slot_of_bin, scratch)
+        imp.add(impostors, lookup, scratch)
         if genuines is not None:
-            gen.add(genuines, slot_of_bin, scratch)
+            gen.add(genuines, lookup, scratch)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    imp.finish()
+    gen.finish()
     return imp, gen, pred.slots
 
 
@@ -401,7 +441,8 @@ def all_pairs_verification(
     picked = np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False)) if rows else np.zeros(0, int)
     sample_hist, sample_count = _sample_histogram(emb, lab, picked, block) if rows else (np.zeros(NUM_BINS), 0)
     pred = _predict(sample_hist[_MONO_ORDER], sample_count, num_imp, needed)
-    imp, gen, slots = _scan(emb, lab, block, pred, progress, total_blocks)
+    sorted_labels = labels[order]
+    imp, gen, slots = _scan(emb, sorted_labels, block, pred, progress, total_blocks)
     passes = 1
 
     imp_mono = imp.high.cpu().numpy()[_MONO_ORDER]
@@ -412,7 +453,7 @@ def all_pairs_verification(
     low_gen = {b: gen.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
     if missing:
         # the sample mispredicted: collect those bins' low bits with the same blocks again
-        imp2, gen2, _ = _scan(emb, lab, block, _Prediction(missing, None, NUM_BINS), progress, total_blocks)
+        imp2, gen2, _ = _scan(emb, sorted_labels, block, _Prediction(missing, None, NUM_BINS), progress, total_blocks)
         for i, b in enumerate(missing):
             low_imp[b] = imp2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
             low_gen[b] = gen2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
@@ -426,7 +467,7 @@ def all_pairs_verification(
     resolvable_far = smallest_resolvable_far(num_imp)
     for far in fars:
         m = allowed_false_accepts(far, num_imp)
-        resolvable = num_imp > 0 and far >= resolvable_far
+        resolvable = is_resolvable(far, num_imp)
         if num_imp == 0 or num_gen == 0:
             results[far] = FarResult(far, float("nan"), float("nan"), float("nan"), m, resolvable)
             continue

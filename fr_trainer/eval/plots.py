@@ -25,12 +25,15 @@ def plot_roc(
     path: str | os.PathLike,
     title: str = "ROC",
     far_range: tuple[float, float] = (1e-6, 1.0),
+    min_far: float | None = None,
 ) -> Path:
     """Save a ROC plot (TAR against FAR, log FAR axis) of one or more curves as a PNG.
 
     Args:
         curves: {label: (fpr [K], tpr [K])}.
         path: the .png to write.
+        min_far: the smallest resolvable FAR (1 / impostor pairs); FARs below it are
+            shaded and labelled "not resolvable".
     """
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6, 4.5), dpi=120)
@@ -41,6 +44,9 @@ def plot_roc(
             axes.plot(fpr[keep], np.asarray(tpr)[keep], label=label, linewidth=1.5)
         axes.set_xscale("log")
         axes.set_xlim(*far_range)
+        if min_far is not None and min_far > far_range[0]:
+            axes.axvspan(far_range[0], min(min_far, far_range[1]), color="0.85", zorder=0,
+                         label=f"not resolvable (FAR < 1/M = {min_far:.1g})")
         axes.set_ylim(0.0, 1.0)
         axes.set_xlabel("False accept rate")
         axes.set_ylabel("True accept rate")
