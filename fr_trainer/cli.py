@@ -25,6 +25,8 @@ BENCHMARKS: dict[str, str] = {
     "train": "fr_trainer.train.bench:main",
     "export": "fr_trainer.export.bench:main",
     "eval": "fr_trainer.eval.bench:main",
+    "search": "fr_trainer.eval.bench_scale:search_main",
+    "allpairs": "fr_trainer.eval.bench_scale:allpairs_main",
 }
 
 USAGE = """usage: fr-trainer <command> [args]
@@ -37,7 +39,8 @@ commands:
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
   plan --classes N [...]               head memory and collective volume per GPU
-  bench head|data|train|export|eval    benchmarks
+  bench head|data|train|export|eval|search|allpairs
+                                       benchmarks
 
 `fr-trainer <command> --help` for the options of one command."""
 

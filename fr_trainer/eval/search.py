@@ -18,6 +18,7 @@ the GPU (chunks are copied there); the result comes back to the CPU.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,9 +71,13 @@ def plan_chunks(
 
 
 def _as_tensor(x, device: torch.device) -> torch.Tensor:
+    """fp32 on `device`; a read-only fp32 memmap slice is wrapped without a copy (never written)."""
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32)
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(device)
+    array = np.ascontiguousarray(x, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # read-only pages: only ever read
+        return torch.from_numpy(array).to(device)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -100,13 +105,18 @@ def merge_topk(
 def _chunk_topk(block: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's top-k [P, min(k, C)] with the smallest-index rule on ties.
 
-    `torch.topk` picks arbitrarily among scores equal to the k-th; rows with more such
-    scores than it kept (rare with real embeddings) are redone with a stable sort.
+    `torch.topk` picks arbitrarily among scores equal to the k-th; rows where the
+    (k+1)-th largest equals the k-th (rare with real embeddings) are redone with a
+    stable sort.
     """
     kk = min(k, block.shape[1])
-    values, cols = torch.topk(block, kk, dim=1, largest=True, sorted=True)
-    kth = values[:, -1:]
-    ties_at_boundary = (block == kth).sum(dim=1) > (values == kth).sum(dim=1)
+    if kk == block.shape[1]:
+        exact = torch.sort(block, dim=1, descending=True, stable=True)
+        return exact.values, exact.indices + offset
+    # the (k+1)-th largest equal to the k-th means a tie at the boundary
+    values, cols = torch.topk(block, kk + 1, dim=1, largest=True, sorted=True)
+    ties_at_boundary = values[:, kk] == values[:, kk - 1]
+    values, cols = values[:, :kk], cols[:, :kk]
     if bool(ties_at_boundary.any()):
         rows = torch.nonzero(ties_at_boundary).flatten()
         exact = torch.sort(block[rows], dim=1, descending=True, stable=True)
