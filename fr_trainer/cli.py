@@ -17,6 +17,8 @@ COMMANDS: dict[str, str] = {
     "export": "fr_trainer.export.cli:main",
     "verify": "fr_trainer.eval.cli:verify_main",
     "ijb": "fr_trainer.eval.cli:ijb_main",
+    "megaface": "fr_trainer.eval.scale_cli:megaface_main",
+    "allpairs": "fr_trainer.eval.scale_cli:allpairs_main",
     "plan": "fr_trainer.plan.cli:main",
 }
 BENCHMARKS: dict[str, str] = {
@@ -38,6 +40,8 @@ commands:
   export CHECKPOINT OUT.onnx           ONNX export with a parity check
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
+  megaface MODEL --probes D --distractors D   MegaFace-style CMC and TAR@FAR=1e-6
+  allpairs MODEL --root IMAGE_DIR      exact TAR@FAR over every pair of a labelled set
   plan --classes N [...]               head memory and collective volume per GPU
   bench head|data|train|export|eval|search|allpairs
                                        benchmarks
