@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "ijb": "fr_trainer.eval.cli:ijb_main",
     "megaface": "fr_trainer.eval.scale_cli:megaface_main",
     "allpairs": "fr_trainer.eval.scale_cli:allpairs_main",
+    "eval": "fr_trainer.eval.report:main",
     "plan": "fr_trainer.plan.cli:main",
 }
 BENCHMARKS: dict[str, str] = {
@@ -42,6 +43,7 @@ commands:
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
   megaface MODEL --probes D --distractors D   MegaFace-style CMC and TAR@FAR=1e-6
   allpairs MODEL --root IMAGE_DIR      exact TAR@FAR over every pair of a labelled set
+  eval MODEL ROOT [--out DIR]          every set under ROOT, one markdown + JSON report
   plan --classes N [...]               head memory and collective volume per GPU
   bench head|data|train|export|eval|search|allpairs
                                        benchmarks

@@ -59,3 +59,37 @@ def plot_roc(
     finally:
         plt.close(figure)
     return path
+
+
+def plot_cmc(cmc: Mapping[int, Mapping[int, float]], path: str | os.PathLike, title: str = "CMC") -> Path:
+    """Save MegaFace-style curves as a PNG: CMC (rank 1..10) per distractor count, and
+    rank-1 against the number of distractors (log axis).
+
+    Args:
+        cmc: {distractors n: {rank r: identification rate}}.
+    """
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    try:
+        counts = sorted(int(n) for n in cmc)
+        for n in counts:
+            ranks = sorted(int(r) for r in cmc[n])
+            left.plot(ranks, [cmc[n][r] for r in ranks], marker="o", markersize=3, label=f"{n} distractors")
+        left.set_xlabel("Rank")
+        left.set_ylabel("Identification rate")
+        left.set_ylim(0.0, 1.0)
+        left.grid(True, linestyle=":", linewidth=0.5)
+        left.legend(loc="lower right", fontsize=7)
+        right.plot(counts, [cmc[n][1] for n in counts], marker="o")
+        right.set_xscale("log")
+        right.set_xlabel("Distractors")
+        right.set_ylabel("Rank-1 identification rate")
+        right.set_ylim(0.0, 1.0)
+        right.grid(True, which="both", linestyle=":", linewidth=0.5)
+        figure.suptitle(title)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return path
