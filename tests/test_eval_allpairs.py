@@ -128,3 +128,31 @@ def test_float_from_bins_roundtrip() -> None:
     for value in (0.0, 0.3, -0.3, 1.0, -1.0, 1e-30, -7.5):
         bits = int(np.array([value], np.float32).view(np.int32)[0])
         assert allpairs.float_from_bins((bits >> 16) + 32768, bits & 0xFFFF) == np.float32(value)
+
+
+def test_negative_zero_scores_equal_positive_zero(monkeypatch) -> None:
+    """A GEMM may give -0.0 for a zero dot product; it must tie with +0.0 (one recount pass)."""
+    emb, labels = integer_set(150, 4, 5, seed=7)
+    scores, genuine = brute_force(emb, labels, normalize=False)
+    impostors = np.sort(scores[~genuine])[::-1]
+    zeros = np.flatnonzero(impostors == 0)
+    assert zeros.size > 100
+    far = float(zeros[-3]) / impostors.size  # the threshold is 0.0, near the end of the run of zeros
+    real_mm = torch.mm
+
+    def mixed_zeros(a, b, out=None):
+        result = real_mm(a, b, out=out)
+        flat = result.view(-1)
+        where = torch.nonzero(flat == 0).reshape(-1)
+        flat[where[::2]] = -0.0  # half of the zeros come out negative
+        return result
+
+    monkeypatch.setattr(torch, "mm", mixed_zeros)
+    fars = (far, 0.05, 0.5)
+    result = all_pairs_verification(
+        emb, labels, fars, memory_budget=24 * 40 * 40, normalize=False, sample_rows=150
+    )  # the whole sample: bulk bins (low-bit histograms), not the value-keeping tail
+    assert result.results[far].threshold == 0.0
+    assert result.results[far].achieved_far == (impostors > 0).sum() / impostors.size
+    assert result.passes >= 2
+    assert result.tar_at_far() == tar_at_far(scores, genuine, fars, mode="max")

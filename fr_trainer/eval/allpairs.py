@@ -219,14 +219,16 @@ def _runs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _blocks(
-    emb: torch.Tensor, labels: np.ndarray, block: int
+    emb: torch.Tensor, labels: np.ndarray, block: int, canonical_zero: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
     """(impostor scores, genuine scores or None) of every block of the upper triangle.
 
     Rows are sorted by label, so the genuine pairs of a block are rectangles (one per
     label run present on both sides); they are copied out, then set to -inf together
     with the diagonal and the lower triangle of diagonal blocks (which `finish` drops).
-    Every score is also made +0.0 where it was -0.0 (by adding 0). The same blocks, in
+    Diagonal blocks (and, with `canonical_zero`, all blocks) have every -0.0 made +0.0 by
+    the addition; otherwise a -0.0 would sit in bin 0 apart from +0.0, which the caller
+    detects (`_has_negative_zero_bin`) and answers with a canonical pass. The same blocks, in
     the same order, with the same GEMM calls on every pass; the yielded tensor is
     reused by the next block.
     """
@@ -243,7 +245,7 @@ def _blocks(
             scores = torch.mm(rows, emb[j0:j1].T, out=out)
             if j0 == i0:
                 scores.add_(penalty[: i1 - i0, : j1 - j0])
-            else:
+            elif canonical_zero:
                 scores.add_(0.0)
             # label runs meeting both [i0, i1) and [j0, j1)
             first = np.searchsorted(ends, max(i0, j0), side="right")
@@ -345,7 +347,13 @@ def _low_order(high: int) -> np.ndarray:
 
 
 def _scan(
-    emb: torch.Tensor, labels: np.ndarray, block: int, pred: _Prediction, progress: bool | str, total_blocks: int
+    emb: torch.Tensor,
+    labels: np.ndarray,
+    block: int,
+    pred: _Prediction,
+    progress: bool | str,
+    total_blocks: int,
+    canonical_zero: bool = False,
 ) -> tuple[_Accumulator, _Accumulator, list[int]]:
     device = emb.device
     lookup = None
@@ -370,7 +378,7 @@ def _scan(
         from tqdm import tqdm
 
         bar = tqdm(total=total_blocks, unit="block", desc=progress if isinstance(progress, str) else "all pairs")
-    for impostors, genuines in _blocks(emb, labels, block):
+    for impostors, genuines in _blocks(emb, labels, block, canonical_zero):
         imp.add(impostors, lookup, scratch)
         if genuines is not None:
             gen.add(genuines, lookup, scratch)
@@ -381,6 +389,11 @@ def _scan(
     imp.finish()
     gen.finish()
     return imp, gen, pred.slots
+
+
+def _has_negative_zero_bin(imp: _Accumulator, gen: _Accumulator) -> bool:
+    """Bin 0 holds -0.0 and negative denormals only (bit patterns 0x8000xxxx)."""
+    return bool(imp.high[0] > 0) or bool(gen.high[0] > 0)
 
 
 def all_pairs_verification(
@@ -444,6 +457,10 @@ def all_pairs_verification(
     sorted_labels = labels[order]
     imp, gen, slots = _scan(emb, sorted_labels, block, pred, progress, total_blocks)
     passes = 1
+    if _has_negative_zero_bin(imp, gen):
+        # some score was -0.0 (or a negative denormal): recount with zeros made canonical
+        imp, gen, slots = _scan(emb, sorted_labels, block, pred, progress, total_blocks, canonical_zero=True)
+        passes = 2
 
     imp_mono = imp.high.cpu().numpy()[_MONO_ORDER]
     gen_mono = gen.high.cpu().numpy()[_MONO_ORDER]
@@ -457,7 +474,7 @@ def all_pairs_verification(
         for i, b in enumerate(missing):
             low_imp[b] = imp2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
             low_gen[b] = gen2.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy()
-        passes = 2
+        passes += 1
     tail_imp = np.sort(imp.tail_values())[::-1] if pred.cut is not None else None
     tail_gen = gen.tail_values() if pred.cut is not None else None
     imp_above = np.concatenate([np.cumsum(imp_mono[::-1])[::-1][1:], [0]])  # count in bins > b
