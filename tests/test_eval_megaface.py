@@ -69,8 +69,9 @@ def test_verification_equals_brute_force_tar() -> None:
 def tree(tmp_path_factory):
     from fr_trainer.data.synth_megaface import write_megaface_tree
 
-    return write_megaface_tree(tmp_path_factory.mktemp("mf"), num_identities=4, images_per_identity=3,
-                               num_distractors=60, seed=0)
+    return write_megaface_tree(
+        tmp_path_factory.mktemp("mf"), num_identities=4, images_per_identity=3, num_distractors=60, seed=0
+    )
 
 
 def pooled_model(path, kernel: int):
@@ -87,9 +88,19 @@ def test_cli_runs_on_the_synth_tree_and_reuses_the_cache_only_for_the_same_model
     model_a = pooled_model(tmp_path / "a.onnx", 28)
     model_b = pooled_model(tmp_path / "b.onnx", 16)
     cache = tmp_path / "cache"
-    common = ["--probes", str(tree / "facescrub"), "--distractors", str(tree / "megaface"),
-              "--noise", str(tree / "noise.txt"), "--cache", str(cache), "--quiet", "--providers",
-              "CPUExecutionProvider"]
+    common = [
+        "--probes",
+        str(tree / "facescrub"),
+        "--distractors",
+        str(tree / "megaface"),
+        "--noise",
+        str(tree / "noise.txt"),
+        "--cache",
+        str(cache),
+        "--quiet",
+        "--providers",
+        "CPUExecutionProvider",
+    ]
     assert main(["megaface", str(model_a), *common, "--json", str(tmp_path / "a1.json")]) == 0
     first = json.loads((tmp_path / "a1.json").read_text())
     assert first["distractors"] == 59  # one listed in noise.txt
@@ -108,8 +119,25 @@ def test_allpairs_cli_on_the_probe_tree(tree, tmp_path, capsys) -> None:
     from fr_trainer.cli import main
 
     model = pooled_model(tmp_path / "m.onnx", 28)
-    assert main(["allpairs", str(model), "--root", str(tree / "facescrub"), "--quiet", "--fars", "1e-9", "0.1",
-                 "--providers", "CPUExecutionProvider", "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        main(
+            [
+                "allpairs",
+                str(model),
+                "--root",
+                str(tree / "facescrub"),
+                "--quiet",
+                "--fars",
+                "1e-9",
+                "0.1",
+                "--providers",
+                "CPUExecutionProvider",
+                "--json",
+                str(tmp_path / "r.json"),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["num_genuine"] == 4 * 3 and result["num_impostors"] == 12 * 11 // 2 - 12
     assert result["resolvable"] == {"1e-09": False, "0.1": True}
@@ -119,6 +147,19 @@ def test_missing_directories_are_named(tmp_path, capsys) -> None:
     from fr_trainer.cli import main
 
     model = pooled_model(tmp_path / "m.onnx", 56)
-    assert main(["megaface", str(model), "--probes", str(tmp_path / "nope"), "--distractors", str(tmp_path),
-                 "--quiet", "--no-cache"]) == 1
+    assert (
+        main(
+            [
+                "megaface",
+                str(model),
+                "--probes",
+                str(tmp_path / "nope"),
+                "--distractors",
+                str(tmp_path),
+                "--quiet",
+                "--no-cache",
+            ]
+        )
+        == 1
+    )
     assert "nope" in capsys.readouterr().err

@@ -21,8 +21,14 @@ def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     rng = np.random.default_rng(0)
     write_bin(root / "tiny.bin", rng.integers(0, 256, (40, 112, 112, 3), dtype=np.uint8), [True, False] * 10)
-    make_mini_ijb(root / "IJBC", num_subjects=4, templates_per_subject=2, medias_per_template=1,
-                  images_per_media=2, impostors_per_genuine=2)
+    make_mini_ijb(
+        root / "IJBC",
+        num_subjects=4,
+        templates_per_subject=2,
+        medias_per_template=1,
+        images_per_media=2,
+        impostors_per_genuine=2,
+    )
     tree = write_megaface_tree(root, num_identities=3, images_per_identity=3, num_distractors=30)
     shutil.copytree(tree / "facescrub", root / "people")
     return root
@@ -44,8 +50,9 @@ def test_eval_writes_one_report_with_plots(root, tmp_path, capsys) -> None:
 
     model = export_onnx_simple(nn.Sequential(nn.AvgPool2d(28), nn.Flatten()).eval(), tmp_path / "m.onnx")
     out = tmp_path / "report"
-    assert main(["eval", str(model), str(root), "--out", str(out), "--quiet", "--providers",
-                 "CPUExecutionProvider"]) == 0
+    assert (
+        main(["eval", str(model), str(root), "--out", str(out), "--quiet", "--providers", "CPUExecutionProvider"]) == 0
+    )
     text = (out / "report.md").read_text()
     for section in ("1:1 verification", "IJB 1:1", "MegaFace-style identification", "All-pairs verification", "n/r"):
         assert section in text

@@ -54,9 +54,10 @@ def test_chunks_are_computed_from_the_budget() -> None:
     plan = plan_chunks(3530, 1_000_000, 512, 10, 1 << 30)
     assert plan.probe_chunk == 3530
     assert plan.bytes_per_step <= 1 << 30
-    assert plan_chunks(3530, 1_000_000, 512, 10, 1 << 30).gallery_chunk > plan_chunks(
-        3530, 1_000_000, 512, 10, 1 << 28
-    ).gallery_chunk
+    assert (
+        plan_chunks(3530, 1_000_000, 512, 10, 1 << 30).gallery_chunk
+        > plan_chunks(3530, 1_000_000, 512, 10, 1 << 28).gallery_chunk
+    )
     small = plan_chunks(100_000, 50_000, 64, 10, 4 << 20)
     assert small.probe_chunk < 100_000 and small.bytes_per_step <= 4 << 20
     with pytest.raises(ValueError, match="too small"):

@@ -35,7 +35,10 @@ def _face(seed: int, identity: int, sample: int) -> bytes:
 
 
 def write_megaface_tree(
-    out_dir: str | Path, num_identities: int = 10, images_per_identity: int = 5, num_distractors: int = 500,
+    out_dir: str | Path,
+    num_identities: int = 10,
+    images_per_identity: int = 5,
+    num_distractors: int = 500,
     seed: int = 0,
 ) -> Path:
     """Write the tree under `out_dir/MegaFace` and return that directory."""

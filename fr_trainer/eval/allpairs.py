@@ -64,6 +64,7 @@ class _Lookup:
     codes: torch.Tensor
     lowest_high: int | None
 
+
 # bins in increasing order of value: negative floats have their bit patterns reversed
 _MONO_ORDER = np.concatenate([np.arange(NUM_BINS // 2 - 1, -1, -1), np.arange(NUM_BINS // 2, NUM_BINS)])
 _MONO_RANK = np.empty(NUM_BINS, dtype=np.int64)
@@ -76,9 +77,7 @@ def block_size_for_budget(memory_budget: int, n: int) -> int:
         raise ValueError(f"memory_budget must be positive, got {memory_budget} bytes")
     b = int(math.isqrt(memory_budget // BYTES_PER_SCORE))
     if b < 1:
-        raise ValueError(
-            f"memory_budget {memory_budget} bytes is too small; give at least {BYTES_PER_SCORE} bytes"
-        )
+        raise ValueError(f"memory_budget {memory_budget} bytes is too small; give at least {BYTES_PER_SCORE} bytes")
     return max(1, min(b, n))
 
 
@@ -433,8 +432,9 @@ def all_pairs_verification(
         )
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be integers (identity ids), got dtype {labels.dtype}")
-    emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, torch.Tensor)
-                          else embeddings.float())
+    emb = torch.as_tensor(
+        np.asarray(embeddings, dtype=np.float32) if not isinstance(embeddings, torch.Tensor) else embeddings.float()
+    )
     if not bool(torch.isfinite(emb).all()):
         raise ValueError("embeddings contain NaN or inf; check the model's outputs")
     order = np.argsort(labels, kind="stable")
@@ -448,7 +448,9 @@ def all_pairs_verification(
     nb = (n + block - 1) // block
     total_blocks = nb * (nb + 1) // 2
 
-    needed = sorted({allowed_false_accepts(f, num_imp) + 1 for f in fars if allowed_false_accepts(f, num_imp) < num_imp})
+    needed = sorted(
+        {allowed_false_accepts(f, num_imp) + 1 for f in fars if allowed_false_accepts(f, num_imp) < num_imp}
+    )
     rows = sample_rows if sample_rows is not None else max(1, int(math.ceil(sample_fraction * n)))
     rows = min(max(rows, 0), n)
     picked = np.sort(np.random.default_rng(seed).choice(n, size=rows, replace=False)) if rows else np.zeros(0, int)
@@ -466,8 +468,12 @@ def all_pairs_verification(
     gen_mono = gen.high.cpu().numpy()[_MONO_ORDER]
     target_bin = {rank: _locate(imp_mono, rank) for rank in needed}
     missing = sorted({b for rank, b in target_bin.items() if b not in slots and b < pred.cut_bin})
-    low_imp = {b: imp.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
-    low_gen = {b: gen.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
+    low_imp = (
+        {b: imp.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
+    )
+    low_gen = (
+        {b: gen.low[i * NUM_BINS : (i + 1) * NUM_BINS].cpu().numpy() for i, b in enumerate(slots)} if slots else {}
+    )
     if missing:
         # the sample mispredicted: collect those bins' low bits with the same blocks again
         imp2, gen2, _ = _scan(emb, sorted_labels, block, _Prediction(missing, None, NUM_BINS), progress, total_blocks)

@@ -95,7 +95,9 @@ def _search_floor(gallery: np.ndarray, probes: np.ndarray, plan) -> float:
     """The search's GEMMs alone: gallery in RAM, outputs allocated before the clock starts."""
     in_ram = torch.from_numpy(np.array(gallery))
     p = torch.from_numpy(probes)
-    blocks = [(p0, g0) for p0 in range(0, len(probes), plan.probe_chunk) for g0 in range(0, len(in_ram), plan.gallery_chunk)]
+    blocks = [
+        (p0, g0) for p0 in range(0, len(probes), plan.probe_chunk) for g0 in range(0, len(in_ram), plan.gallery_chunk)
+    ]
     shapes = {(min(plan.probe_chunk, len(probes) - p0), min(plan.gallery_chunk, len(in_ram) - g0)) for p0, g0 in blocks}
     outs = {shape: torch.empty(shape) for shape in shapes}
     for out in outs.values():
@@ -129,8 +131,15 @@ def bench_search(args: argparse.Namespace) -> dict:
             search = time.perf_counter() - t0
         after = _search_floor(gallery, probes, plan)
         floor = (before + after) / 2
-        rounds.append({"floor_before_s": before, "search_s": search, "floor_after_s": after, "ratio": search / floor,
-                       "peak_anon_mb": mem.peak_mb})
+        rounds.append(
+            {
+                "floor_before_s": before,
+                "search_s": search,
+                "floor_after_s": after,
+                "ratio": search / floor,
+                "peak_anon_mb": mem.peak_mb,
+            }
+        )
         print(json.dumps(rounds[-1]), flush=True)
     result["rounds"] = rounds
     result["machine_after"] = _machine()

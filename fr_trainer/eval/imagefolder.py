@@ -64,9 +64,7 @@ def decode(path: Path, size: int = 112) -> np.ndarray:
     with Image.open(path) as image:
         image = image.convert("RGB")
         if image.size != (size, size):
-            raise ValueError(
-                f"{path} is {image.size[0]}x{image.size[1]}; expected an aligned {size}x{size} crop"
-            )
+            raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}; expected an aligned {size}x{size} crop")
         return np.asarray(image, dtype=np.uint8)
 
 

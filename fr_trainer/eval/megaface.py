@@ -87,10 +87,14 @@ def load_distractors(root: str | os.PathLike, noise: set[str]) -> list[Path]:
 
 
 def _file_digest(path: Path) -> str:
+    """SHA-256 of a model file, or of every file (names and bytes) of a checkpoint directory."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode() if path.is_dir() else b"")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -172,8 +176,14 @@ def identification(
     genuine = _probe_scores(probe_emb)[p, g]
     cmc: dict[int, dict[int, float]] = {}
     for n in counts:
-        top, _ = topk_search(probe_emb, distractors[:n], CMC_RANKS, device=device, memory_budget=memory_budget,
-                             progress=f"{n} distractors" if progress else False)
+        top, _ = topk_search(
+            probe_emb,
+            distractors[:n],
+            CMC_RANKS,
+            device=device,
+            memory_budget=memory_budget,
+            progress=f"{n} distractors" if progress else False,
+        )
         beaten = (top[p] >= genuine[:, None]).sum(axis=1)  # distractors at or above g, capped at 10
         rank = 1 + beaten
         cmc[int(n)] = {r: float((rank <= r).mean()) for r in range(1, CMC_RANKS + 1)}
@@ -197,8 +207,14 @@ def verification(
     genuine = _probe_scores(probe_emb)[i[same], j[same]]
     allowed = {f: allowed_false_accepts(f, num_imp) for f in fars}
     k = min(num_distractors, max(allowed.values()) + 1)
-    top, _ = topk_search(probe_emb, distractors, k, device=device, memory_budget=memory_budget,
-                         progress="verification" if progress else False)
+    top, _ = topk_search(
+        probe_emb,
+        distractors,
+        k,
+        device=device,
+        memory_budget=memory_budget,
+        progress="verification" if progress else False,
+    )
     pooled = np.sort(top.reshape(-1))[::-1]
     tar, threshold, resolvable = {}, {}, {}
     for far, m in allowed.items():
@@ -244,12 +260,20 @@ def evaluate_megaface(
         embed_images(embedder, ImageList(probe_paths), batch_size, flip, progress="probes" if progress else False)
     )
     distractors, reused = cached_distractor_embeddings(
-        embedder, distractor_paths, Path(distractors_dir), Path(cache_dir) if cache_dir else None,
-        model_path, batch_size, flip, progress,
+        embedder,
+        distractor_paths,
+        Path(distractors_dir),
+        Path(cache_dir) if cache_dir else None,
+        model_path,
+        batch_size,
+        flip,
+        progress,
     )
     if distractors.shape[1] != probe_emb.shape[1]:
         raise ValueError(f"cached distractors have D={distractors.shape[1]} but the model gives D={probe_emb.shape[1]}")
-    counts = sorted({int(c) for c in (counts or distractor_counts(len(distractor_paths))) if 0 < c <= len(distractor_paths)})
+    counts = sorted(
+        {int(c) for c in (counts or distractor_counts(len(distractor_paths))) if 0 < c <= len(distractor_paths)}
+    )
     cmc = identification(probe_emb, labels, distractors, counts, device, memory_budget, progress)
     ver = verification(probe_emb, labels, distractors, fars, device, memory_budget, progress)
     return {

@@ -93,8 +93,10 @@ def _tar_cell(tar: float, resolvable: bool) -> str:
 def _far_table(rows: list[tuple[str, dict, dict, float]]) -> list[str]:
     """Markdown: one row per set, one column per FAR."""
     fars = sorted({float(f) for _, tars, _, _ in rows for f in tars}, reverse=True)
-    lines = ["| set | " + " | ".join(f"TAR@FAR={f:g}" for f in fars) + " | smallest resolvable FAR |",
-             "|---|" + "---:|" * len(fars) + "---:|"]
+    lines = [
+        "| set | " + " | ".join(f"TAR@FAR={f:g}" for f in fars) + " | smallest resolvable FAR |",
+        "|---|" + "---:|" * len(fars) + "---:|",
+    ]
     for name, tars, resolvable, min_far in rows:
         keyed = {float(f): (t, resolvable.get(f, resolvable.get(str(f), True))) for f, t in tars.items()}
         cells = [_tar_cell(*keyed[f]) if f in keyed else "-" for f in fars]
@@ -114,21 +116,45 @@ def run_report(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     embedder = _embedder(args)
-    report: dict = {"model": str(args.model), "root": str(args.root), "out": str(out), "verify": [], "ijb": [], "megaface": [],
-                    "allpairs": [], "plots": []}
+    report: dict = {
+        "model": str(args.model),
+        "root": str(args.root),
+        "out": str(out),
+        "verify": [],
+        "ijb": [],
+        "megaface": [],
+        "allpairs": [],
+        "plots": [],
+    }
     start = time.perf_counter()
     progress = not args.quiet
     if found.bins:
         from fr_trainer.eval.verification import verify_bin
 
         for path in found.bins:
-            report["verify"].append(verify_bin(embedder, path, batch_size=args.batch_size, flip=not args.no_flip,
-                                               progress=progress, fars=(1e-3, 1e-4)))
+            report["verify"].append(
+                verify_bin(
+                    embedder,
+                    path,
+                    batch_size=args.batch_size,
+                    flip=not args.no_flip,
+                    progress=progress,
+                    fars=(1e-3, 1e-4),
+                )
+            )
     for directory, target in found.ijb:
         from fr_trainer.eval.ijb import evaluate_ijb
 
-        result = evaluate_ijb(embedder, directory, target, out_dir=out / target.lower(), batch_size=args.batch_size,
-                              flip=not args.no_flip, progress=progress, model_name=Path(args.model).stem)
+        result = evaluate_ijb(
+            embedder,
+            directory,
+            target,
+            out_dir=out / target.lower(),
+            batch_size=args.batch_size,
+            flip=not args.no_flip,
+            progress=progress,
+            model_name=Path(args.model).stem,
+        )
         report["ijb"].append(result)
         report["plots"].append(result["files"].get("roc"))
     for directory in found.megaface:
@@ -138,14 +164,21 @@ def run_report(args: argparse.Namespace) -> dict:
 
         noise_file = directory / "noise.txt"
         result = evaluate_megaface(
-            embedder, directory / "facescrub", directory / "megaface", model_path=args.model,
-            cache_dir=out / "megaface_cache", noise=read_noise_list(noise_file) if noise_file.exists() else set(),
-            batch_size=args.batch_size, flip=not args.no_flip, progress=progress,
+            embedder,
+            directory / "facescrub",
+            directory / "megaface",
+            model_path=args.model,
+            cache_dir=out / "megaface_cache",
+            noise=read_noise_list(noise_file) if noise_file.exists() else set(),
+            batch_size=args.batch_size,
+            flip=not args.no_flip,
+            progress=progress,
         )
         result["name"] = directory.name
         report["megaface"].append(result)
-        report["plots"].append(str(plot_cmc(result["cmc"], out / f"{directory.name}_cmc.png",
-                                            title=f"{directory.name}: CMC and rank-1")))
+        report["plots"].append(
+            str(plot_cmc(result["cmc"], out / f"{directory.name}_cmc.png", title=f"{directory.name}: CMC and rank-1"))
+        )
     for directory in found.folders:
         from fr_trainer.eval.allpairs import all_pairs_verification
         from fr_trainer.eval.embedder import embed_images
@@ -153,17 +186,27 @@ def run_report(args: argparse.Namespace) -> dict:
         from fr_trainer.eval.plots import plot_roc
 
         paths, labels, names = list_class_folders(directory)
-        emb = embed_images(embedder, ImageList(paths), args.batch_size, not args.no_flip,
-                           progress=f"embed {directory.name}" if progress else False)
-        res = all_pairs_verification(emb, labels, (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-                                     progress=progress)
+        emb = embed_images(
+            embedder,
+            ImageList(paths),
+            args.batch_size,
+            not args.no_flip,
+            progress=f"embed {directory.name}" if progress else False,
+        )
+        res = all_pairs_verification(
+            emb, labels, (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1), progress=progress
+        )
         entry = {"name": directory.name, "images": len(paths), "identities": len(names), **res.to_json()}
         report["allpairs"].append(entry)
         points = sorted((r.achieved_far, r.tar) for r in res.results.values() if r.resolvable and r.achieved_far > 0)
         if points:
-            path = plot_roc({directory.name: ([p[0] for p in points], [p[1] for p in points])},
-                            out / f"{directory.name}_allpairs_roc.png", title=f"{directory.name}: all pairs",
-                            far_range=(1e-9, 1.0), min_far=res.smallest_resolvable_far)
+            path = plot_roc(
+                {directory.name: ([p[0] for p in points], [p[1] for p in points])},
+                out / f"{directory.name}_allpairs_roc.png",
+                title=f"{directory.name}: all pairs",
+                far_range=(1e-9, 1.0),
+                min_far=res.smallest_resolvable_far,
+            )
             report["plots"].append(str(path))
     report["seconds"] = time.perf_counter() - start
     report["plots"] = [p for p in report["plots"] if p]
@@ -177,15 +220,31 @@ def run_report(args: argparse.Namespace) -> dict:
 def markdown(report: dict) -> list[str]:
     lines = [f"# Evaluation of `{report['model']}`", "", f"Sets found under `{report['root']}`.", ""]
     if report["verify"]:
-        lines += ["## 1:1 verification (`.bin`, 10-fold)", "", "| set | pairs | accuracy | +- |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['name']} | {r['num_pairs']} | {_pct(r['accuracy'])} | {_pct(r['accuracy_std'])} |"
-                  for r in report["verify"]]
-        lines += ["", *_far_table([(r["name"], r["tar_at_far"], r["far_resolvable"], r["smallest_resolvable_far"])
-                                   for r in report["verify"]]), ""]
+        lines += [
+            "## 1:1 verification (`.bin`, 10-fold)",
+            "",
+            "| set | pairs | accuracy | +- |",
+            "|---|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['name']} | {r['num_pairs']} | {_pct(r['accuracy'])} | {_pct(r['accuracy_std'])} |"
+            for r in report["verify"]
+        ]
+        lines += [
+            "",
+            *_far_table(
+                [
+                    (r["name"], r["tar_at_far"], r["far_resolvable"], r["smallest_resolvable_far"])
+                    for r in report["verify"]
+                ]
+            ),
+            "",
+        ]
     if report["ijb"]:
         lines += ["## IJB 1:1 verification", ""]
-        lines += _far_table([(r["target"], r["tar_at_far"], r["far_resolvable"], r["smallest_resolvable_far"])
-                             for r in report["ijb"]])
+        lines += _far_table(
+            [(r["target"], r["tar_at_far"], r["far_resolvable"], r["smallest_resolvable_far"]) for r in report["ijb"]]
+        )
         lines.append("")
         for r in report["ijb"]:
             for gallery, ident in (r.get("identification") or {}).items():
@@ -193,17 +252,31 @@ def markdown(report: dict) -> list[str]:
                 lines.append(f"- {r['target']} 1:N {gallery}: {ranks}")
         lines.append("")
     for r in report["megaface"]:
-        lines += [f"## MegaFace-style identification: {r['name']}", "",
-                  f"{r['identities']} identities, {r['probe_images']} probe images, {r['distractors']} distractors.", "",
-                  "| distractors | rank-1 | rank-5 | rank-10 |", "|---:|---:|---:|---:|"]
+        lines += [
+            f"## MegaFace-style identification: {r['name']}",
+            "",
+            f"{r['identities']} identities, {r['probe_images']} probe images, {r['distractors']} distractors.",
+            "",
+            "| distractors | rank-1 | rank-5 | rank-10 |",
+            "|---:|---:|---:|---:|",
+        ]
         lines += [f"| {n} | {_pct(c[1])} | {_pct(c[5])} | {_pct(c[10])} |" for n, c in r["cmc"].items()]
         v = r["verification"]
-        lines += ["", *_far_table([("verification vs distractors", v["tar_at_far"], v["far_resolvable"],
-                                    v["smallest_resolvable_far"])]), ""]
+        lines += [
+            "",
+            *_far_table(
+                [("verification vs distractors", v["tar_at_far"], v["far_resolvable"], v["smallest_resolvable_far"])]
+            ),
+            "",
+        ]
     if report["allpairs"]:
         lines += ["## All-pairs verification", ""]
-        lines += _far_table([(f"{r['name']} ({r['images']} images)", r["tar_at_far"], r["resolvable"],
-                              r["smallest_resolvable_far"]) for r in report["allpairs"]])
+        lines += _far_table(
+            [
+                (f"{r['name']} ({r['images']} images)", r["tar_at_far"], r["resolvable"], r["smallest_resolvable_far"])
+                for r in report["allpairs"]
+            ]
+        )
         lines.append("")
     if report["plots"]:
         lines += ["## Plots", ""] + [f"![{Path(p).stem}]({os.path.relpath(p, report['out'])})" for p in report["plots"]]

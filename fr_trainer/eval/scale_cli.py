@@ -31,7 +31,9 @@ def format_megaface(result: dict) -> list[str]:
         f"distractor cache {'reused' if result['distractor_cache_reused'] else 'written'})"
     ]
     for n, ranks in result["cmc"].items():
-        lines.append(f"  {n:>9} distractors: " + "  ".join(f"rank-{r}: {_pct(v)}" for r, v in ranks.items() if r in (1, 5, 10)))
+        lines.append(
+            f"  {n:>9} distractors: " + "  ".join(f"rank-{r}: {_pct(v)}" for r, v in ranks.items() if r in (1, 5, 10))
+        )
     ver = result["verification"]
     from fr_trainer.eval.resolution import format_tar
 
@@ -59,10 +61,15 @@ def megaface_main(argv: list[str]) -> int:
     parser.add_argument("--distractors", type=Path, required=True, help="distractor images (any depth)")
     parser.add_argument("--noise", type=Path, default=None, help="noise list: image paths or ids to ignore")
     parser.add_argument(
-        "--cache", type=Path, default=Path("megaface_cache"), help="distractor embedding cache (default ./megaface_cache)"
+        "--cache",
+        type=Path,
+        default=Path("megaface_cache"),
+        help="distractor embedding cache (default ./megaface_cache)",
     )
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the cache")
-    parser.add_argument("--counts", type=int, nargs="+", default=None, help="distractor counts (default 10, 100, ..., N)")
+    parser.add_argument(
+        "--counts", type=int, nargs="+", default=None, help="distractor counts (default 10, 100, ..., N)"
+    )
     parser.add_argument("--fars", type=float, nargs="+", default=[1e-6], help="verification FARs (default 1e-6)")
     args = parser.parse_args(argv)
     from fr_trainer.eval.imagefolder import read_noise_list
@@ -102,9 +109,7 @@ def allpairs_main(argv: list[str]) -> int:
     _add_model_args(parser)
     _scale_args(parser)
     parser.add_argument("--root", type=Path, required=True, help="images: ROOT/<identity>/<image>")
-    parser.add_argument(
-        "--fars", type=float, nargs="+", default=[1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
-    )
+    parser.add_argument("--fars", type=float, nargs="+", default=[1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
     args = parser.parse_args(argv)
     try:
         result = run_allpairs(args)

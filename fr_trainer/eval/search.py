@@ -63,8 +63,7 @@ def plan_chunks(
     if g < max(1, min(k, num_gallery)):
         need = step_bytes(1, max(k, 1))
         raise ValueError(
-            f"memory_budget {memory_budget} bytes is too small for k={k}, D={dim}; "
-            f"give at least {need} bytes"
+            f"memory_budget {memory_budget} bytes is too small for k={k}, D={dim}; give at least {need} bytes"
         )
     g = int(min(g, max(num_gallery, 1)))
     return SearchPlan(probe_chunk=int(p), gallery_chunk=g, bytes_per_step=step_bytes(p, g))
