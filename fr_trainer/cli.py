@@ -18,6 +18,9 @@ COMMANDS: dict[str, str] = {
     "export": "fr_trainer.export.cli:main",
     "verify": "fr_trainer.eval.cli:verify_main",
     "ijb": "fr_trainer.eval.cli:ijb_main",
+    "megaface": "fr_trainer.eval.scale_cli:megaface_main",
+    "allpairs": "fr_trainer.eval.scale_cli:allpairs_main",
+    "eval": "fr_trainer.eval.report:main",
     "plan": "fr_trainer.plan.cli:main",
 }
 BENCHMARKS: dict[str, str] = {
@@ -26,6 +29,8 @@ BENCHMARKS: dict[str, str] = {
     "train": "fr_trainer.train.bench:main",
     "export": "fr_trainer.export.bench:main",
     "eval": "fr_trainer.eval.bench:main",
+    "search": "fr_trainer.eval.bench_scale:search_main",
+    "allpairs": "fr_trainer.eval.bench_scale:allpairs_main",
 }
 
 USAGE = """usage: fr-trainer <command> [args]
@@ -39,8 +44,12 @@ commands:
   export CHECKPOINT OUT.onnx           ONNX export with a parity check
   verify MODEL --bin a.bin [...]       LFW-style 10-fold verification
   ijb MODEL --root DIR --target IJBC   IJB-C / IJB-B 1:1 and 1:N
+  megaface MODEL --probes D --distractors D   MegaFace-style CMC and TAR@FAR=1e-6
+  allpairs MODEL --root IMAGE_DIR      exact TAR@FAR over every pair of a labelled set
+  eval MODEL ROOT [--out DIR]          every set under ROOT, one markdown + JSON report
   plan --classes N [...]               head memory and collective volume per GPU
-  bench head|data|train|export|eval    benchmarks
+  bench head|data|train|export|eval|search|allpairs
+                                       benchmarks
 
 `fr-trainer <command> --help` for the options of one command."""
 

@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ijbc-subjects", type=int, default=40, help="subjects of the mini IJB-C (0: none)"
     )
+    parser.add_argument(
+        "--megaface-identities", type=int, default=8, help="probe identities of the mini MegaFace tree (0: none)"
+    )
+    parser.add_argument("--megaface-images", type=int, default=4, help="images per MegaFace probe identity")
+    parser.add_argument("--megaface-distractors", type=int, default=200, help="MegaFace distractors")
     parser.add_argument("--image-size", type=int, default=112, help="side of the training images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
@@ -52,6 +57,13 @@ def main(argv: list[str]) -> int:
             workers=args.workers,
             progress=not args.no_progress,
         )
+        megaface = None
+        if args.megaface_identities > 0:
+            from fr_trainer.data.synth_megaface import write_megaface_tree
+
+            megaface = write_megaface_tree(
+                args.out_dir, args.megaface_identities, args.megaface_images, args.megaface_distractors, args.seed
+            )
     except (OSError, ValueError) as error:  # bad sizes, OUT_DIR a file or not writable
         print(f"fr-trainer synth: error: {error}", file=sys.stderr)
         return 2
@@ -63,4 +75,9 @@ def main(argv: list[str]) -> int:
         f"{summary.images_rendered} images in {summary.seconds:.1f} s "
         f"({summary.images_per_second:.0f} images/s)"
     )
+    if megaface is not None:
+        print(
+            f"wrote {megaface}: {args.megaface_identities} probe identities x {args.megaface_images} images, "
+            f"{args.megaface_distractors} distractors, noise.txt"
+        )
     return 0

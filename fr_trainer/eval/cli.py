@@ -79,6 +79,14 @@ def _pct(x: float) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
 
 
+def _tar(result: dict, far: float, tar: float) -> str:
+    """One TAR@FAR, marked "n/r" when the set has fewer than 1 / far impostor pairs."""
+    from fr_trainer.eval.resolution import format_tar
+
+    resolvable = result.get("far_resolvable", {}).get(far, True)
+    return format_tar(far, tar, resolvable, result.get("smallest_resolvable_far", 0.0))
+
+
 def _write_json(path: Path | None, payload) -> None:
     if path is not None:
         from fr_trainer.eval.ijb import to_jsonable
@@ -142,7 +150,7 @@ def verify_main(argv: list[str]) -> int:
                 threshold_grid=grid,
             )
             results.append(result)
-            tars = "  ".join(f"TAR@FAR={f:g}: {_pct(t)}" for f, t in result["tar_at_far"].items())
+            tars = "  ".join("TAR@FAR=" + _tar(result, f, t) for f, t in result["tar_at_far"].items())
             print(
                 f"{result['name']}: accuracy {_pct(result['accuracy'])} +- "
                 f"{_pct(result['accuracy_std'])} ({result['num_pairs']} pairs)  {tars}  "
@@ -200,7 +208,7 @@ def ijb_main(argv: list[str]) -> int:
         f"{result['target']} 1:1 ({result['num_images']} images, {result['num_templates']} templates, "
         f"{result['num_pairs']} pairs), TAR@FAR [{result['far_mode']}]:"
     )
-    print("  " + "  ".join(f"{f:g}: {_pct(t)}" for f, t in result["tar_at_far"].items()))
+    print("  " + "  ".join(_tar(result, f, t) for f, t in result["tar_at_far"].items()))
     for gallery, ident in (result["identification"] or {}).items():
         ranks = "  ".join(f"rank-{k}: {_pct(v)}" for k, v in ident["rank"].items())
         tpirs = "  ".join(f"{f:g}: {_pct(v)}" for f, v in ident["tpir_at_fpir"].items())

@@ -32,6 +32,7 @@ from PIL import Image
 from fr_trainer.eval.align import align_face
 from fr_trainer.eval.embedder import embed_batch, iter_batches
 from fr_trainer.eval.metrics import FarMode, roc_curve, tar_at_far, tar_at_far_from_roc
+from fr_trainer.eval.resolution import resolution_fields
 
 IJB_FARS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 IJB_FPIRS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -506,6 +507,7 @@ def evaluate_ijb(
         "num_images": len(meta.image_names),
         "num_templates": len(templates),
         "num_pairs": int(scores.size),
+        **resolution_fields(fars, int((~np.asarray(meta.pair_labels, dtype=bool)).sum())),
         "identification": ident,
         "files": {},
     }
@@ -528,7 +530,12 @@ def evaluate_ijb(
         from fr_trainer.eval.plots import plot_roc
 
         plot_path = out / f"{meta.prefix}_roc.png"
-        plot_roc({model_name: roc_for_plot(fpr, tpr)}, plot_path, title=f"{target.upper()} 1:1 ROC")
+        plot_roc(
+            {model_name: roc_for_plot(fpr, tpr)},
+            plot_path,
+            title=f"{target.upper()} 1:1 ROC",
+            min_far=result["smallest_resolvable_far"],
+        )
         result["files"]["roc"] = str(plot_path)
         timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start

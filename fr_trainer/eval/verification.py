@@ -22,6 +22,7 @@ import numpy as np
 from fr_trainer.eval.binset import BinSet, load_bin
 from fr_trainer.eval.embedder import embed_images, shard_slice
 from fr_trainer.eval.metrics import FarMode, kfold_accuracy, tar_at_far
+from fr_trainer.eval.resolution import resolution_fields
 
 VERIFICATION_FARS: tuple[float, ...] = (1e-3, 1e-4)
 
@@ -66,7 +67,8 @@ def evaluate(
     Returns:
         {"accuracy": mean, "accuracy_std": std, "thresholds": [nfolds],
          "fold_accuracies": [nfolds], "tar_at_far": {far: tar}, "far_mode": str,
-         "num_pairs": N}
+         "num_pairs": N, "far_resolvable": {far: bool}, "num_impostors": M,
+         "smallest_resolvable_far": 1 / M} (fr_trainer.eval.resolution)
     """
     emb1 = np.asarray(emb1)
     emb2 = np.asarray(emb2)
@@ -81,6 +83,7 @@ def evaluate(
     distances = ((a - b) ** 2).sum(axis=1)
     accuracies, thresholds = kfold_accuracy(distances, issame, nfolds, threshold_grid)
     cosine = (a * b).sum(axis=1)
+    fars = tuple(fars)
     return {
         "accuracy": float(accuracies.mean()),
         "accuracy_std": float(accuracies.std()),
@@ -89,6 +92,7 @@ def evaluate(
         "tar_at_far": tar_at_far(cosine, issame, fars, far_mode),
         "far_mode": far_mode,
         "num_pairs": int(issame.size),
+        **resolution_fields(fars, int((~issame).sum())),
     }
 
 

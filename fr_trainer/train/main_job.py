@@ -120,6 +120,8 @@ def ijb_step(onnx_path: Path, data: Path) -> dict:
         {
             "tar_at_far": result["tar_at_far"],
             "num_pairs": result["num_pairs"],
+            "far_resolvable": result.get("far_resolvable", {}),
+            "smallest_resolvable_far": result.get("smallest_resolvable_far"),
             "identification": ident,
         }
     )
@@ -145,7 +147,11 @@ def print_table(summary: dict) -> None:
     if tar:
         print(
             "\nmini IJB-C 1:1 TAR@FAR: "
-            + ", ".join(f"{far}: {value * 100:.1f}%" for far, value in tar.items())
+            + ", ".join(
+                f"{far}: {value * 100:.1f}%"
+                + ("" if summary["ijbc"].get("far_resolvable", {}).get(far, True) else " (n/r: TAR at 0 false accepts)")
+                for far, value in tar.items()
+            )
         )
     loss = summary["training"]
     print(
