@@ -115,7 +115,7 @@ def run_report(args: argparse.Namespace) -> dict:
         )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    embedder = _embedder(args)
+    embedder = _embedder(args, "eval")
     report: dict = {
         "model": str(args.model),
         "root": str(args.root),

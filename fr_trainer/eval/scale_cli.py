@@ -76,7 +76,7 @@ def megaface_main(argv: list[str]) -> int:
     from fr_trainer.eval.megaface import evaluate_megaface
 
     try:
-        embedder = _embedder(args)
+        embedder = _embedder(args, "megaface")
         result = evaluate_megaface(
             embedder,
             args.probes,
@@ -127,7 +127,7 @@ def run_allpairs(args: argparse.Namespace) -> dict:
 
     paths, labels, names = list_class_folders(args.root)
     embeddings = embed_images(
-        _embedder(args), ImageList(paths), args.batch_size, not args.no_flip, progress=False if args.quiet else "embed"
+        _embedder(args, "allpairs"), ImageList(paths), args.batch_size, not args.no_flip, progress=False if args.quiet else "embed"
     )
     res = all_pairs_verification(
         embeddings,
