@@ -127,7 +127,8 @@ def run_allpairs(args: argparse.Namespace) -> dict:
 
     paths, labels, names = list_class_folders(args.root)
     embeddings = embed_images(
-        _embedder(args, "allpairs"), ImageList(paths), args.batch_size, not args.no_flip, progress=False if args.quiet else "embed"
+        _embedder(args, "allpairs"), ImageList(paths), args.batch_size, not args.no_flip,
+        progress=False if args.quiet else "embed",
     )
     res = all_pairs_verification(
         embeddings,
