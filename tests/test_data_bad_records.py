@@ -256,3 +256,28 @@ def test_every_rank_counts_the_bad_records_of_its_shard(tmp_path) -> None:
         logged = [json.loads(line)["index"] for line in log.read_text().splitlines()] if log.exists() else []
         assert sorted(logged) == result["skipped"]
     assert [result["skipped"] for result in results] == [[2], [17]]  # seed 3: one in each shard
+
+
+def _rank_errors(rank: int, world_size: int, cfg: dict) -> str:
+    from fr_trainer.data.bad_records import BadRecordError
+    from fr_trainer.train.peer_failure import PeerFailed
+
+    trainer = make_trainer(rank, world_size, cfg)
+    try:
+        trainer.fit()
+    except (BadRecordError, PeerFailed) as error:
+        return f"{type(error).__name__}: {error}"
+    return "finished"
+
+
+def test_a_bad_record_on_one_rank_is_named_on_every_rank(tmp_path) -> None:
+    """The rank that reads the record raises its one line; its peer, whose collective then
+    fails, raises that rank's message (not gloo's "connection closed")."""
+    from fr_trainer.distributed.spawn import run_ranks
+
+    rec = _set_with_bad_jpeg(tmp_path / "data", bad=(17,))  # in rank 1's shard (seed 3)
+    cfg = config_dict(rec.parent, tmp_path / "out", data={"batch_size": 4, "num_workers": 0},
+                      train={"max_steps": 3})
+    first, second = run_ranks(_rank_errors, 2, cfg)
+    assert second.startswith("BadRecordError: ") and "index 17" in second, second
+    assert first.startswith("PeerFailed: rank 1 stopped: ") and "index 17" in first, first

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from fr_trainer.data.bad_records import BadRecordError
     from fr_trainer.train.checkpoint import CheckpointError
     from fr_trainer.train.config import ConfigError, load_config, to_dict
+    from fr_trainer.train.peer_failure import PeerFailed
     from fr_trainer.train.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, write_exit_status
 
     try:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as error:  # set-up rejected the data, the model or the checkpoint
             raise ConfigError(str(error)) from error
         trainer.fit()
-    except (ConfigError, CheckpointError, BadRecordError) as error:
+    except (ConfigError, CheckpointError, BadRecordError, PeerFailed) as error:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)  # one line
         return 2
     except NonFiniteLoss as error:

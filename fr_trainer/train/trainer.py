@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_trainer.backbones import create_backbone
 from fr_trainer.backbones.base import init_weights_upstream
 from fr_trainer.backbones.two_head import TwoHeadBackbone
+from fr_trainer.data.bad_records import BadRecordError
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
@@ -33,7 +34,7 @@ from fr_trainer.heads.update import densify
 from fr_trainer.margins import create_margin
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
-from fr_trainer.train import resume_checks
+from fr_trainer.train import peer_failure, resume_checks
 from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
 from fr_trainer.train.data_setup import (
     BatchStream,
@@ -117,6 +118,7 @@ class Trainer:
         self._nonfinite_run = 0
         self.resume_notes: list[str] = []  # logged when the reporter exists
         self._prepare_run_dir()
+        peer_failure.clear(self.run_dir, self.rank)  # a message of an earlier attempt
         self.resumed_from = self._maybe_resume()
         self.reporter = Reporter(
             self.run_dir, self.rank, self.total_steps, config.log.progress, config.log.tensorboard
@@ -589,6 +591,20 @@ class Trainer:
         self.schedule.advance()
         return StepResult(loss, lr, False, norm)
 
+    def _guarded_step(self) -> StepResult:
+        """`train_step`, with a rank's own data error left for its peers, and a peer's
+        error reported by its message instead of the collective's traceback."""
+        try:
+            return self.train_step()
+        except BadRecordError as error:
+            peer_failure.report(self.run_dir, self.rank, error)
+            raise
+        except RuntimeError as error:  # gloo / NCCL: a peer is gone
+            message = peer_failure.peer_message(self.run_dir, self.rank) if self.world_size > 1 else None
+            if message is None:
+                raise
+            raise peer_failure.PeerFailed(message) from error
+
     def _on_nonfinite(self, loss: float) -> None:
         t = self.config.train
         self._nonfinite_run += 1
@@ -709,7 +725,7 @@ class Trainer:
         first_step = self.step
         while not self.schedule.done:
             self.watchdog.begin(self.step + 1, "train step")
-            result = self.train_step()
+            result = self._guarded_step()
             self.step += 1
             losses.append(result.loss)
             done = self.schedule.done
