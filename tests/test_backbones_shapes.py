@@ -25,7 +25,8 @@ def meta_backbone(name: str, **kwargs) -> nn.Module:
 
 def test_registry_lists_every_backbone():
     shipped = [name for name in list_backbones() if not name.startswith("test_")]  # tests may add their own
-    assert shipped == sorted([*ALL, "demonet"])
+    vits = ["vit_t", "vit_s", "vit_b", "vit_l", "vit_h", "vit_demo"]  # tests/test_backbones_vit.py
+    assert shipped == sorted([*ALL, "demonet", "mbf", *vits])
 
 
 def test_unknown_name_and_option_are_clear_errors():

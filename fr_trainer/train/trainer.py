@@ -41,6 +41,7 @@ from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
+from fr_trainer.train.pretrained_setup import load_configured_pretrained
 from fr_trainer.train.reporting import Reporter
 from fr_trainer.train.run_plan import (
     PlanBasis,
@@ -143,6 +144,7 @@ class Trainer:
         backbone = create_backbone(c.model.backbone, **kwargs)
         if c.model.init == "upstream":
             init_weights_upstream(backbone)
+        load_configured_pretrained(backbone, c.model.pretrained)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
