@@ -206,3 +206,14 @@ def test_bad_layout_values_are_clear_errors():
         create_backbone("vit_demo", mask_ratio=1.0)
     with pytest.raises(ValueError, match="drop_path_rate"):
         create_backbone("vit_demo", drop_path_rate=-0.1)
+
+
+@pytest.mark.parametrize("mask_ratio", [0.0, 0.2])
+def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_detection(mask_ratio):
+    torch.manual_seed(0)
+    model = create_backbone("vit_demo", depth=1, mask_ratio=mask_ratio).train()
+    assert "mask_token" in model.state_dict()  # kept for arcface_torch's checkpoints either way
+    assert model.mask_token.requires_grad == (mask_ratio > 0)
+    model(torch.randn(2, 3, 112, 112)).sum().backward()
+    no_grad = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []

@@ -181,7 +181,9 @@ class VisionTransformer(FaceBackbone):
         self.num_patches = self.patch_embed.num_patches
         self.feature_size = (self.patch_embed.grid, self.patch_embed.grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, width))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        # kept in the state_dict whatever mask_ratio (arcface_torch's checkpoints hold it), but
+        # only trained when masking is on: unused parameters would stall DDP's reduction
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width), requires_grad=mask_ratio > 0)
         rates = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]  # linear rule
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, rate, qkv_bias) for rate in rates])
         self.norm = nn.LayerNorm(width)
