@@ -7,7 +7,9 @@ demonet, two-head wrapper.
 
 Every backbone exposes `num_features` (D), `feature_channels` (C of the last feature map),
 `set_grad_checkpointing(enabled)`, `forward_features(x) -> [B,C,7,7]` and
-`forward_head(feature_map) -> [B,D]` (the ViTs: tokens [B,144,W] instead of the 7x7 map). Precision, DDP and compile are applied by the trainer.
+`forward_head(feature_map) -> [B,D]` (the ViTs: tokens [B,144,W] instead of the 7x7 map).
+Precision, DDP and compile are applied by the trainer. `backbones.pretrained.load_pretrained`
+loads arcface_torch's published weights.
 """
 
 from fr_trainer.backbones import demonet as _demonet  # noqa: F401  (registers)
@@ -20,8 +22,8 @@ from fr_trainer.backbones.mobilefacenet import MobileFaceNet
 from fr_trainer.backbones.profile import count_macs, count_parameters
 from fr_trainer.backbones.registry import BACKBONES, create_backbone, list_backbones
 from fr_trainer.backbones.two_head import TwoHeadBackbone
-from fr_trainer.backbones.vit import VisionTransformer
 from fr_trainer.backbones.utils import recalibrate_batchnorm
+from fr_trainer.backbones.vit import VisionTransformer
 
 __all__ = [
     "BACKBONES",
