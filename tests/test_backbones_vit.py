@@ -217,3 +217,13 @@ def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_detect
     model(torch.randn(2, 3, 112, 112)).sum().backward()
     no_grad = [k for k, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert no_grad == []
+
+
+def test_two_head_wrapper_takes_the_tokens():
+    from fr_trainer.backbones import TwoHeadBackbone
+
+    torch.manual_seed(0)
+    model = TwoHeadBackbone(create_backbone("vit_demo", embedding_size=32, depth=1), second_dim=16)
+    assert model.second_head.in_features == N * 128
+    emb, second = model(torch.randn(2, 3, 112, 112))
+    assert emb.shape == (2, 32) and second.shape == (2, 16)
