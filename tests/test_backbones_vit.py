@@ -227,3 +227,19 @@ def test_two_head_wrapper_takes_the_tokens():
     assert model.second_head.in_features == N * 128
     emb, second = model(torch.randn(2, 3, 112, 112))
     assert emb.shape == (2, 32) and second.shape == (2, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (fused flash / memory-efficient kernels)")
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_fused_gpu_kernels_match_plain_attention_in_bf16(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    attn = Attention(768, heads=8).cuda()  # vit_l's head size, 96
+    x = torch.randn(4, N, 768, device="cuda")
+    with torch.no_grad():
+        ref = plain_attention(attn, x)
+        with sdpa_kernel(getattr(SDPBackend, backend)), torch.autocast("cuda", dtype=torch.bfloat16):
+            got = attn(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.02)
