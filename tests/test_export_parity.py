@@ -42,15 +42,21 @@ def face_images(n: int, seed: int) -> torch.Tensor:
 
 
 SLOW = {"iresnet100", "iresnet200"}
+# The full-size ViTs are exported by the benchmark (`python -m fr_trainer.export.bench`,
+# docs/benchmarks.md), not here: vit_t runs at 2 blocks (the same graph, per block),
+# vit_demo at its own 4; vit_s/b/l take minutes on a CPU and vit_h's file passes protobuf's 2 GB.
+REDUCED = {"vit_t": {"depth": 2}}
+BENCH_ONLY = {"vit_s", "vit_b", "vit_l", "vit_h"}
 
 
 SHIPPED = [name for name in list_backbones() if not name.startswith("test_")]  # tests may register more
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in SHIPPED])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n
+                                  for n in SHIPPED if n not in BENCH_ONLY])
 def test_onnxruntime_matches_torch_at_batch_1_and_7(name, tmp_path):
     torch.manual_seed(0)
-    model = create_backbone(name, embedding_size=512)
+    model = create_backbone(name, embedding_size=512, **REDUCED.get(name, {}))
     randomize_batchnorm(model)
     path = tmp_path / f"{name}.onnx"
     report = export_onnx_with_report(model, path, check=False, latency_runs=0)

@@ -16,6 +16,11 @@ A bottleneck (MobileNetV2) is conv1x1 expand x t - BN - PReLU - depthwise conv3x
 BN - PReLU - conv1x1 project - BN (linear), with a residual when stride 1 and the shape
 is kept. The paper's embedding is 128-d (0.99M parameters); here D defaults to 512 like
 the rest of the registry (about 1.2M parameters).
+
+`mbf` is arcface_torch's MobileFaceNet ("mobilefacenet-0.45G", `get_mbf`, scale 2): the
+same stages with twice the block widths (stem 128 channels, its second conv grouped in 64
+groups of 2; blocks 128/256 wide, expansions to 128/256/512/256), 2.0M parameters,
+0.45 GMACs. Its checkpoints load after `fr_trainer.backbones.pretrained` renames their keys.
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (2, 128, 6, 1),
     (4, 128, 1, 2),
     (2, 128, 2, 1),
+)
+# arcface_torch's `mbf` (scale 2, blocks (1, 4, 6, 2)), in the same (t, c, n, s) terms:
+# the expansion widths 128/256/256/512/256 with block widths 128/256
+MBF_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
+    (1, 128, 5, 2),
+    (2, 256, 1, 2),
+    (1, 256, 6, 1),
+    (2, 256, 1, 2),
+    (1, 256, 2, 1),
 )
 
 
@@ -73,18 +87,20 @@ class MobileFaceNet(FaceBackbone):
     """images [B,3,112,112] -> embeddings [B, embedding_size]."""
 
     def __init__(self, embedding_size: int = 512, dropout: float = 0.0,
-                 feature_channels: int = 512) -> None:
+                 feature_channels: int = 512,
+                 settings: tuple[tuple[int, int, int, int], ...] = SETTINGS,
+                 stem_channels: int = 64, stem_groups: int = 64) -> None:
         super().__init__()
         check_head_args(embedding_size, dropout)
         self.num_features = embedding_size
         self.feature_channels = feature_channels
         self.stem = nn.Sequential(
-            ConvBN(3, 64, 3, stride=2),
-            ConvBN(64, 64, 3, groups=64),
+            ConvBN(3, stem_channels, 3, stride=2),
+            ConvBN(stem_channels, stem_channels, 3, groups=stem_groups),
         )
         stages: list[nn.Module] = []
-        cin = 64
-        for t, c, n, s in SETTINGS:
+        cin = stem_channels
+        for t, c, n, s in settings:
             blocks = [Bottleneck(cin if i == 0 else c, c, s if i == 0 else 1, t) for i in range(n)]
             stages.append(nn.Sequential(*blocks))
             cin = c
@@ -113,3 +129,10 @@ class MobileFaceNet(FaceBackbone):
 def mobilefacenet(embedding_size: int = 512, dropout: float = 0.0) -> MobileFaceNet:
     """MobileFaceNet (Chen et al. 2018) with a D-dimensional embedding."""
     return MobileFaceNet(embedding_size=embedding_size, dropout=dropout)
+
+
+@BACKBONES.register("mbf")
+def mbf(embedding_size: int = 512, dropout: float = 0.0) -> MobileFaceNet:
+    """arcface_torch's MobileFaceNet (`get_mbf`, scale 2, "mobilefacenet-0.45G")."""
+    return MobileFaceNet(embedding_size=embedding_size, dropout=dropout, settings=MBF_SETTINGS,
+                         stem_channels=128, stem_groups=64)

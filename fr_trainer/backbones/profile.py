@@ -12,7 +12,9 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 112, 112)) -> int:
-    """Multiply-accumulates per image of Conv2d and Linear layers (input `input_size`).
+    """Multiply-accumulates per image of Conv2d and Linear layers (input `input_size`), plus
+    what modules declare through a `count_extra_macs(inputs, output) -> int` method (the
+    attention products of the ViTs, which are functions, not modules).
 
     This is the figure papers call "FLOPs" or "MAdds" for face backbones (BN, PReLU and
     additions are not counted). The model is copied to the meta device, so it is cheap.
@@ -27,9 +29,11 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...] = (1, 3, 112, 112))
             total += output.numel() * k
         elif isinstance(module, nn.Linear):
             total += output.numel() * module.in_features
+        if hasattr(module, "count_extra_macs"):
+            total += int(module.count_extra_macs(inputs, output))
 
     handles = [m.register_forward_hook(hook) for m in meta.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+               if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "count_extra_macs")]
     try:
         meta.eval()
         with torch.no_grad():

@@ -59,6 +59,9 @@ class ModelConfig:
     init: str = "default"
     channels_last: str = "auto"  # auto (on CUDA, for convolutional backbones) | on | off
     compile: bool = False  # torch.compile the backbone (inductor; gcc on CPU, Triton on GPU)
+    # "" or a backbone state_dict file (arcface_torch's published iresnet/mbf/ViT weights load
+    # as they are; fr_trainer/backbones/pretrained.py) loaded right after the backbone is built
+    pretrained: str = ""
 
 
 @dataclass
@@ -363,6 +366,10 @@ def validate(config: Config) -> None:
         f"model.embedding_size must be in [1, {MAX_EMBEDDING_SIZE}], got {config.model.embedding_size}",
     )
     _check(0 <= config.model.dropout < 1, f"model.dropout must be in [0, 1), got {config.model.dropout}")
+    _check(
+        config.model.pretrained == config.model.pretrained.strip(),
+        f"model.pretrained={config.model.pretrained!r} has leading/trailing spaces; give the bare path",
+    )
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
     _check(
         h.chunk_size is None or h.chunk_size >= 1,

@@ -47,6 +47,7 @@ from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
+from fr_trainer.train.pretrained_setup import load_configured_pretrained
 from fr_trainer.train.reporting import Reporter
 from fr_trainer.train.run_lock import take_run_lock
 from fr_trainer.train.run_plan import (
@@ -168,6 +169,7 @@ class Trainer:
             raise ConfigError(f"model.backbone={c.model.backbone!r} with {kwargs}: {error}") from None
         if c.model.init == "upstream":
             init_weights_upstream(backbone)
+        load_configured_pretrained(backbone, c.model.pretrained)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
