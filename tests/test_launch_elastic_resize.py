@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_launch_torchrun import free_port
+from test_launch_torchrun import free_port, prepare_workspace
 
 from fr_trainer.train.schedule import poly_lr_by_samples
 
@@ -60,13 +60,7 @@ if os.environ.get("FR_TEST_LOG") and os.environ.get("LOCAL_RANK") is not None:
 @pytest.fixture(scope="module")
 def workspace() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="fr_trainer_resize_") as directory:
-        root = Path(directory)
-        subprocess.run([sys.executable, "-m", "fr_trainer", "synth", str(root / "data"), "--identities",
-                        str(IDENTITIES), "--images-per-identity", str(PER_IDENTITY), "--holdout-identities", "2",
-                        "--pairs", "0", "--ijbc-subjects", "0", "--workers", "1", "--no-progress"],
-                       check=True, capture_output=True, cwd=root, timeout=300)
-        (root / "inject").mkdir()
-        (root / "inject" / "sitecustomize.py").write_text(INJECT)
+        root = prepare_workspace(Path(directory), INJECT, identities=IDENTITIES, pairs=0)
         (root / "log").mkdir()
         yield root
 

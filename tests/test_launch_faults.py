@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_launch_torchrun import prepare_workspace
 
 pytestmark = pytest.mark.slow
 
@@ -64,14 +65,7 @@ if os.environ.get("FR_TEST_GO_FILE") and os.environ.get("LOCAL_RANK") is not Non
 @pytest.fixture(scope="module")
 def workspace() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="fr_trainer_faults_") as directory:
-        root = Path(directory)
-        subprocess.run([sys.executable, "-m", "fr_trainer", "synth", str(root / "data"), "--identities", "40",
-                        "--images-per-identity", "8", "--holdout-identities", "4", "--pairs", "0",
-                        "--ijbc-subjects", "0", "--workers", "1", "--no-progress"],
-                       check=True, capture_output=True, cwd=root, timeout=300)
-        (root / "inject").mkdir()
-        (root / "inject" / "sitecustomize.py").write_text(INJECT)
-        yield root
+        yield prepare_workspace(Path(directory), INJECT, pairs=0)
 
 
 def launch(workspace: Path, name: str, sets: list[str] = (), launch_args: list[str] = ()) -> subprocess.Popen:

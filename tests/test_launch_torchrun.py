@@ -70,16 +70,18 @@ def workspace() -> Iterator[Path]:
     # Not pytest's tmp_path: it keeps only the last 3 session folders, and other pytest
     # sessions on a shared machine would delete this one under the running workers.
     with tempfile.TemporaryDirectory(prefix="fr_trainer_launch_") as directory:
-        yield _prepare(Path(directory))
+        yield prepare_workspace(Path(directory), INJECT)
 
 
-def _prepare(root: Path) -> Path:
-    subprocess.run([sys.executable, "-m", "fr_trainer", "synth", str(root / "data"), "--identities", "40",
-                    "--images-per-identity", "8", "--holdout-identities", "4", "--pairs", "20",
-                    "--ijbc-subjects", "0", "--workers", "1", "--no-progress"],
+def prepare_workspace(root: Path, inject: str, identities: int = 40, pairs: int = 20) -> Path:
+    """A synthetic set in root/data (8 images an identity) and the fault-injecting
+    sitecustomize module `inject` in root/inject (put on the workers' PYTHONPATH)."""
+    subprocess.run([sys.executable, "-m", "fr_trainer", "synth", str(root / "data"), "--identities", str(identities),
+                    "--images-per-identity", "8", "--holdout-identities", "4", "--pairs", str(pairs),
+                    "--ijbc-subjects", "0", "--megaface-identities", "0", "--workers", "1", "--no-progress"],
                    check=True, capture_output=True, cwd=root, timeout=300)
     (root / "inject").mkdir()
-    (root / "inject" / "sitecustomize.py").write_text(INJECT)
+    (root / "inject" / "sitecustomize.py").write_text(inject)
     return root
 
 

@@ -53,9 +53,7 @@ def plot_roc(
         axes.set_title(title)
         axes.grid(True, which="both", linestyle=":", linewidth=0.5)
         axes.legend(loc="lower right")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, bbox_inches="tight")
+        path = _save(figure, path)
     finally:
         plt.close(figure)
     return path
@@ -87,9 +85,15 @@ def plot_cmc(cmc: Mapping[int, Mapping[int, float]], path: str | os.PathLike, ti
         right.set_ylim(0.0, 1.0)
         right.grid(True, which="both", linestyle=":", linewidth=0.5)
         figure.suptitle(title)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, bbox_inches="tight")
+        path = _save(figure, path)
     finally:
         plt.close(figure)
+    return path
+
+
+def _save(figure, path) -> Path:
+    """Write `figure` to `path` (its folder created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, bbox_inches="tight")
     return path
