@@ -111,6 +111,36 @@ def test_resume_mid_epoch_continues_the_same_sequence(synth):
     del iterator
     dali.set_epoch(2, 0, 6)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rest, dali))
+    # a newer iterator ends an older live one, which then says so instead of mixing batches
+    older = iter(dali)
+    next(older)
+    newer = iter(dali)
+    assert torch.equal(next(newer)[1], rest[0][1])
+    with pytest.raises(RuntimeError, match="ended by a newer iter"):
+        next(older)
+    assert torch.equal(next(newer)[1], rest[1][1])
+
+
+def test_images_of_another_size_are_resized_to_the_training_size(tmp_path):
+    rec = tmp_path / "sizes.rec"
+    ramp = np.linspace(0, 255, 150 * 130 * 3).reshape(150, 130, 3).astype(np.uint8)  # smooth
+    with RecordWriter(rec, tmp_path / "sizes.idx") as writer:
+        for key in range(4):
+            image = Image.fromarray(np.roll(ramp, 20 * key, axis=0)).resize((112, 112) if key % 2 else (130, 150))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+            writer.write(key, pack(IRHeader(0, float(key), key, 0), buffer.getvalue()))
+    dataset = RecordDataset(rec, flip=False)
+    dali = DaliTrainLoader(dataset, batch_size=4, num_threads=1,
+                           sampler=DistributedSampler(4, 0, 1, shuffle=False))
+    dali.set_epoch(0)
+    ((images, labels),) = list(dali)
+    assert images.shape == (4, 3, 112, 112) and labels.tolist() == [0, 1, 2, 3]
+    reference = RecordDataset(rec, flip=False)
+    reference.output = "float"
+    levels = torch.stack([(images[i] - reference[i][0]).abs() * 127.5 for i in range(4)])
+    assert float(levels[1::2].max()) <= MAX_ABS  # already 112 x 112: not resampled
+    assert float(levels[0::2].mean()) <= 1.0  # resized: DALI's and Pillow's resampling differ a little
 
 
 def test_pk_batches_are_the_torch_loaders(synth):
