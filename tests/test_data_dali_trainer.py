@@ -301,3 +301,23 @@ def test_torchrun_two_ranks_train_the_demo_with_dali(data, tmp_path):
     summary = json.loads((tmp_path / "dali" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert len(summary["losses"]) == 4 and all(np.isfinite(summary["losses"]))
+
+
+def test_bench_train_compares_the_loaders_per_cpu_second(data, tmp_path, capsys):
+    from fr_trainer.train.bench import main as bench_main
+
+    out = tmp_path / "bench.json"
+    argv = ["--data", str(data), "--loader", "torch,dali", "--backbone", "test_tinylinear", "--embedding-size", "16",
+            "--batch-size", "8", "--steps", "2", "--warmup", "1", "--num-workers", "1", "--data-batches", "3",
+            "--json", str(out)]
+    assert bench_main(argv) == 0
+    result = json.loads(out.read_text())
+    runs = {run["loader"]: run for run in result["runs"]}
+    assert set(runs) == {"torch", "dali"}
+    for run in runs.values():
+        assert run["data_only"]["images"] == 4 * 8 and run["data_only"]["cpu_s"] > 0
+        assert run["step_images_per_cpu_s"] > 0 and run["samples_per_s"] > 0
+    ratio = result["dali_over_torch"]["data_only_images_per_cpu_s"]
+    assert ratio == pytest.approx(runs["dali"]["data_only"]["images_per_cpu_s"]
+                                  / runs["torch"]["data_only"]["images_per_cpu_s"])
+    assert "dali / torch:" in capsys.readouterr().out
