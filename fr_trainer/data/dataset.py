@@ -186,6 +186,11 @@ class RecordDataset(Dataset):
         image = to_chw_uint8(pixels, flip)
         return (normalize(image) if self.output == "float" else image), label
 
+    def note_skipped(self, index: int, reason: str) -> None:
+        """Count a bad record replaced under `on_bad="skip"` (also by the DALI loader)."""
+        self.skipped += 1
+        self._notes.append((index, reason))
+
     def take_skipped(self) -> list[Skip]:
         """The `(index, reason)` of the bad records skipped in this process since the last call."""
         notes, self._notes = self._notes, []
@@ -201,8 +206,7 @@ class RecordDataset(Dataset):
             except RecordIOError as error:
                 if self.on_bad == "error":
                     raise BadRecordError(self.bad_message(current, error)) from None
-                self.skipped += 1
-                self._notes.append((current, str(error)))
+                self.note_skipped(current, str(error))
         raise BadRecordError(
             f"{self.reader.rec_path}: {self.max_consecutive_bad} consecutive bad records from "
             f"index {index}; the file is badly damaged: check it with "

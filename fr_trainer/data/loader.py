@@ -53,6 +53,11 @@ class PrefetchLoader:
         return self.loader.dataset
 
     @property
+    def batch_size(self) -> int | None:
+        """Samples per batch (None with a batch sampler: see its P x K)."""
+        return self.loader.batch_size
+
+    @property
     def sampler(self) -> Sampler:
         """The resumable sampler: the PK batch sampler, else the DistributedSampler."""
         batch_sampler = self.loader.batch_sampler

@@ -46,6 +46,10 @@ class DataConfig:
     pk_k: int = 4  # K of the P x K sampler
     on_bad: str = "error"  # error (stop, naming the record) | skip (replace by the next good one)
     max_bad_fraction: float = 0.001  # on_bad=skip: stop once a rank met more bad records than this x size
+    # torch: DataLoader workers decode (data.decode); dali: DALI decodes the same samples in
+    # the same order with the same flips (nvJPEG on CUDA, CPU otherwise; the `dali` extra)
+    loader: str = "torch"
+    dali_threads: int = 2  # DALI decode threads per rank
 
 
 @dataclass
@@ -192,6 +196,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.decode": ("auto", "pil", "gpu"),
     "data.sampler": ("random", "pk"),
     "data.on_bad": ("error", "skip"),
+    "data.loader": ("torch", "dali"),
     "regularizer.name": ("", "center", "triplet", "circle_pair"),
     "optim.name": ("sgd", "adamw"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -357,6 +362,7 @@ def validate(config: Config) -> None:
     check_config(config)
     _check(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _check(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    _check(d.dali_threads >= 1, f"data.dali_threads must be >= 1, got {d.dali_threads}")
     _check(
         d.num_classes is None or d.num_classes >= 1,
         f"data.num_classes must be >= 1 or left out, got {d.num_classes}",

@@ -16,11 +16,13 @@ from pathlib import Path
 import torch
 
 from fr_trainer.data.bad_records import BadRecordTally
+from fr_trainer.data.dali_train import DaliTrainLoader
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.loader import PrefetchLoader, build_loader
 from fr_trainer.data.recordio import RecordIOError
 from fr_trainer.data.samplers import PKBatchSampler
 from fr_trainer.train.config import Config, ConfigError
+from fr_trainer.train.dali_setup import build_dali_loader
 
 
 def check_data_root(config: Config) -> Path:
@@ -87,7 +89,7 @@ def bad_record_tally(config: Config, dataset: RecordDataset, rank: int) -> BadRe
 
 def build_train_data(
     config: Config, dataset: RecordDataset, rank: int, world_size: int, device: torch.device
-) -> PrefetchLoader:
+) -> PrefetchLoader | DaliTrainLoader:
     batch = config.data.batch_size
     if len(dataset) < batch * world_size:
         raise ConfigError(
@@ -106,6 +108,9 @@ def build_train_data(
                 f"data.sampler='pk' (P={batch // k} classes x K={k} per rank): {error}; lower "
                 "data.batch_size or use data.sampler='random'"
             ) from None
+    tally = bad_record_tally(config, dataset, rank)
+    if config.data.loader == "dali":
+        return build_dali_loader(config, dataset, batch_sampler, rank, world_size, device, tally)
     return build_loader(
         dataset,
         batch_sampler=batch_sampler,
@@ -117,7 +122,7 @@ def build_train_data(
         device=device,
         decode=config.data.decode,
         drop_last=True,
-        bad_records=bad_record_tally(config, dataset, rank),
+        bad_records=tally,
     )
 
 
@@ -131,13 +136,13 @@ class BatchStream:
     """
 
     def __init__(
-        self, loader: PrefetchLoader, world_size: int, epoch: int = 0, consumed: int = 0
+        self, loader: PrefetchLoader | DaliTrainLoader, world_size: int, epoch: int = 0, consumed: int = 0
     ) -> None:
         self.loader = loader
         sampler = loader.sampler
         # the P x K batch sampler deals out classes, the DistributedSampler samples
         self.pk = hasattr(sampler, "batches_per_epoch")
-        self.batch_size = sampler.p * sampler.k if self.pk else loader.loader.batch_size
+        self.batch_size = sampler.p * sampler.k if self.pk else loader.batch_size
         self.units_per_batch = (sampler.p if self.pk else self.batch_size) * world_size
         self.epoch, self.consumed = epoch, consumed
         self._iterator: Iterator | None = None
