@@ -91,22 +91,30 @@ def write_gallery(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 6553
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
 
 
-def _search_floor(gallery: np.ndarray, probes: np.ndarray, plan) -> float:
-    """The search's GEMMs alone: gallery in RAM, outputs allocated before the clock starts."""
-    in_ram = torch.from_numpy(np.array(gallery))
-    p = torch.from_numpy(probes)
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _search_floor(gallery: np.ndarray, probes: np.ndarray, plan, device: str = "cpu") -> float:
+    """The search's GEMMs alone: gallery in (device) memory, outputs allocated before the
+    clock starts."""
+    in_ram = torch.from_numpy(np.array(gallery)).to(device)
+    p = torch.from_numpy(probes).to(device)
     blocks = [
         (p0, g0) for p0 in range(0, len(probes), plan.probe_chunk) for g0 in range(0, len(in_ram), plan.gallery_chunk)
     ]
     shapes = {(min(plan.probe_chunk, len(probes) - p0), min(plan.gallery_chunk, len(in_ram) - g0)) for p0, g0 in blocks}
-    outs = {shape: torch.empty(shape) for shape in shapes}
+    outs = {shape: torch.empty(shape, device=device) for shape in shapes}
     for out in outs.values():
         out.zero_()  # touch the pages before the clock
+    _sync(device)
     t0 = time.perf_counter()
     for p0, g0 in blocks:
         pb = p[p0 : p0 + plan.probe_chunk]
         chunk = in_ram[g0 : g0 + plan.gallery_chunk]
         torch.mm(pb, chunk.T, out=outs[(pb.shape[0], chunk.shape[0])])
+    _sync(device)
     return time.perf_counter() - t0
 
 
@@ -124,12 +132,14 @@ def bench_search(args: argparse.Namespace) -> dict:
     result = {"plan": plan.__dict__, "write_seconds": write_s, "machine_before": _machine()}
     rounds = []
     for _ in range(args.rounds):
-        before = _search_floor(gallery, probes, plan)
+        before = _search_floor(gallery, probes, plan, args.device)
         with PeakAnon() as mem:
             t0 = time.perf_counter()
-            topk_search(probes, gallery, args.k, memory_budget=args.budget, progress=not args.quiet)
+            topk_search(probes, gallery, args.k, memory_budget=args.budget, progress=not args.quiet,
+                        device=args.device)
+            _sync(args.device)
             search = time.perf_counter() - t0
-        after = _search_floor(gallery, probes, plan)
+        after = _search_floor(gallery, probes, plan, args.device)
         floor = (before + after) / 2
         rounds.append(
             {
@@ -219,6 +229,7 @@ def _parser(kind: str) -> argparse.ArgumentParser:
         parser.add_argument("--budget", type=int, default=1 << 30, help="bytes (default 1 GiB)")
         parser.add_argument("--dir", default="/tmp", help="where the memmap is written")
         parser.add_argument("--keep", action="store_true", help="keep the memmap file")
+        parser.add_argument("--device", default="cpu", help="cpu or cuda (the gallery streams from the memmap)")
     else:
         parser.add_argument("--n", type=int, default=100_000)
         parser.add_argument("--per-class", type=int, default=10)
