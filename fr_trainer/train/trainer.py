@@ -124,7 +124,7 @@ class Trainer:
         self.reporter = Reporter(
             self.run_dir, self.rank, self.total_steps, config.log.progress, config.log.tensorboard
         )
-        for note in self._resume_notes:  # checkpoints skipped by the resume, and why
+        for note in self._skipped_checkpoints:  # checkpoints skipped by the resume, and why
             self.reporter.info(f"warning: {note}")
         self.verifier = self._build_verifier()
         self.watchdog = Watchdog(self.rank, self.world_size, self.run_dir / "heartbeats",
@@ -381,7 +381,7 @@ class Trainer:
 
     def _maybe_resume(self) -> Path | None:
         """The newest intact, finite checkpoint (every rank agrees; see checkpoint.resume)."""
-        self._resume_notes: list[str] = []
+        self._skipped_checkpoints: list[str] = []
         resume = self.config.checkpoint.resume
         if resume == "never":
             return None
@@ -390,7 +390,7 @@ class Trainer:
             if resume == "auto"
             else ckpt.resume_candidates(resume)
         )
-        folder, self._resume_notes = ckpt.resume(
+        folder, self._skipped_checkpoints = ckpt.resume(
             candidates, self.load, self.rank, self.world_size, self.group
         )
         return folder
