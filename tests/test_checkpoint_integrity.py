@@ -102,13 +102,18 @@ def test_manifest_records_each_file_and_stale_temporaries_never_block_a_rerun(da
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001", "step_00000003"]
 
 
-def test_a_save_that_would_not_fit_is_refused_before_writing(data, tmp_path, monkeypatch):
-    cfg = _cfg(data, tmp_path, checkpoint={"every_steps": 0, "keep_last": 1})
-    trainer = make_trainer(0, 1, cfg)
+def _one_step_past_a_checkpoint(data, tmp_path):
+    """A trainer one step past its only checkpoint (keep_last 1), and that checkpoint."""
+    trainer = make_trainer(0, 1, _cfg(data, tmp_path, checkpoint={"every_steps": 0, "keep_last": 1}))
     trainer.fit(stop_after=1)
     good = ckpt.latest_checkpoint(trainer.ckpt_root)
     trainer.train_step()
     trainer.step += 1
+    return trainer, good
+
+
+def test_a_save_that_would_not_fit_is_refused_before_writing(data, tmp_path, monkeypatch):
+    trainer, good = _one_step_past_a_checkpoint(data, tmp_path)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10 << 20, 9 << 20, 1 << 20))
     with pytest.raises(ckpt.CheckpointError) as error:
@@ -122,12 +127,7 @@ def test_a_save_that_would_not_fit_is_refused_before_writing(data, tmp_path, mon
 
 
 def test_older_checkpoints_are_pruned_only_after_the_new_one_is_verified(data, tmp_path, monkeypatch):
-    cfg = _cfg(data, tmp_path, checkpoint={"every_steps": 0, "keep_last": 1})
-    trainer = make_trainer(0, 1, cfg)
-    trainer.fit(stop_after=1)
-    good = ckpt.latest_checkpoint(trainer.ckpt_root)
-    trainer.train_step()
-    trainer.step += 1
+    trainer, good = _one_step_past_a_checkpoint(data, tmp_path)
 
     def unreadable(path):
         raise ckpt.CheckpointError(f"{path} is unreadable (simulated)")
