@@ -325,3 +325,39 @@ def test_bench_train_compares_the_loaders_per_cpu_second(data, tmp_path, capsys)
     assert ratio == pytest.approx(runs["dali"]["data_only"]["images_per_cpu_s"]
                                   / runs["torch"]["data_only"]["images_per_cpu_s"])
     assert "dali / torch:" in capsys.readouterr().out
+
+
+def _file_with_a_truncated_image(folder: Path, bad_key: int = 5) -> Path:
+    """Complete headers everywhere (the dataset's check passes), but record `bad_key`'s
+    entropy-coded data cut in half: only decoding finds it, so DALI's pipeline fails."""
+    rec = folder / "truncated.rec"
+    with RecordWriter(rec, folder / "truncated.idx") as writer:
+        for key in range(8):
+            noise = (np.random.default_rng(key).random((112, 112, 3)) * 255).astype("uint8")
+            buffer = io.BytesIO()
+            Image.fromarray(noise).save(buffer, format="JPEG", quality=90)
+            data = buffer.getvalue()
+            if key == bad_key:
+                data = data[: len(data) // 2] + b"\x00" * 64
+            writer.write(key, pack(IRHeader(0, float(key % 2), key, 0), data))
+    return rec
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_an_image_only_dali_fails_on_follows_the_policy(tmp_path, policy):
+    from fr_trainer.data.bad_records import BadRecordError, BadRecordTally
+
+    rec = _file_with_a_truncated_image(tmp_path)
+    dataset = RecordDataset(rec, num_classes=2, flip=False, on_bad=policy)
+    tally = BadRecordTally(len(dataset), 0.5, rec_path=rec)
+    sampler = DistributedSampler(len(dataset), 0, 1, shuffle=False)
+    dali = DaliTrainLoader(dataset, batch_size=2, sampler=sampler, num_threads=1, bad_records=tally)
+    dali.set_epoch(0)
+    if policy == "error":
+        with pytest.raises(BadRecordError, match=r"truncated.rec: key 5 at offset \d+: .* does not decode in DALI"):
+            list(dali)
+        return
+    batches = list(dali)  # the pipeline is rebuilt, the record replaced by the next good one
+    assert len(batches) == 4 and list(tally.reasons) == [5]
+    images = torch.cat([b[0] for b in batches])
+    assert torch.equal(images[5], images[6])
