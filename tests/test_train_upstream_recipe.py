@@ -91,16 +91,16 @@ def test_head_update_setting_reaches_the_trainer(data, tmp_path, update):
     assert bool(moved.all()) == (update == "dense")
 
 
-def _head_after_one_step(data, out, optim: dict) -> torch.Tensor:
+def _after_one_step(data, out, optim: dict) -> dict:
     trainer = make_trainer(0, 1, config_dict(data, out, optim=optim, train={"max_steps": 1}))
     trainer.fit()
     return trainer.state_snapshot()
 
 
 def test_clip_scope_backbone_leaves_the_head_unclipped(data, tmp_path):
-    free = _head_after_one_step(data, tmp_path / "free", {"clip_grad_norm": 0.0})
-    backbone_only = _head_after_one_step(data, tmp_path / "bb", {"clip_grad_norm": 1e-3, "clip_scope": "backbone"})
-    everything = _head_after_one_step(data, tmp_path / "all", {"clip_grad_norm": 1e-3, "clip_scope": "all"})
+    free = _after_one_step(data, tmp_path / "free", {"clip_grad_norm": 0.0})
+    backbone_only = _after_one_step(data, tmp_path / "bb", {"clip_grad_norm": 1e-3, "clip_scope": "backbone"})
+    everything = _after_one_step(data, tmp_path / "all", {"clip_grad_norm": 1e-3, "clip_scope": "all"})
     assert torch.equal(backbone_only["head"], free["head"])
     assert not torch.equal(everything["head"], free["head"])
     weight = "linear.weight"

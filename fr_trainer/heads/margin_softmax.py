@@ -366,8 +366,7 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
         _nonlinear_grad_(logits, cos, rows, cols, g_t, ctx, coef, margin, inv_norm,
                          None if radial is None else radial[start:end], deferred)
         if deferred:
-            deferred_factor = coef * (inv_norm if inv_norm is not None else torch.ones_like(ctx.log_sum_exp[:1]))
-            deferred_factor = deferred_factor.expand(end - start) if deferred_factor.numel() == 1 else deferred_factor
+            deferred_factor = coef * inv_norm if inv_norm is not None else coef.expand(end - start)
     values = g_t * inv_norm[cols] if inv_norm is not None else g_t
     if not deferred:  # (the deferred caller adds the targets exactly itself)
         logits[rows, cols] = values.to(logits.dtype)

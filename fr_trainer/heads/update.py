@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from torch import nn
 
-UPDATES = ("sparse", "dense")
-
 
 def densify(module: nn.Module) -> None:
     """Replace row-sparse gradients of `module`'s parameters by dense ones, in place."""

@@ -165,5 +165,5 @@ def wrap_ddp(network: torch.nn.Module, config, device: torch.device, find_unused
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
         hook = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
-        model.register_comm_hook(None, hook[d.comm_hook.lower()])
+        model.register_comm_hook(None, hook[d.comm_hook])
     return model
