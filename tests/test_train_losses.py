@@ -48,29 +48,51 @@ if "test_tiny_two_head" not in BACKBONES:
 
 
 # ------------------------------------------------------------------ each demo config trains
+# Held-out verification must rise by at least this much (accuracy points on 300 pairs of 20
+# unseen identities; the 10-fold accuracy's binomial spread there is about 3 points). Measured
+# with 48 steps of 16 on 40 identities: untrained 47.0%, trained 58.7% (triplet, the weakest)
+# to 73.3% (circle_pair).
+HELDOUT_GAIN = 0.08
+HELDOUT_STEPS = 48
+
+
+@pytest.fixture(scope="module")
+def heldout_data(tmp_path_factory) -> Path:
+    """40 training identities x 8 images, and one `.bin` of 300 pairs of 20 unseen ones."""
+    from fr_trainer.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("heldout_data")
+    generate(root, num_identities=40, images_per_identity=8, num_holdout_identities=20,
+             num_pairs=300, val_sets=(("synth_val", 1.0),), num_ijbc_subjects=0, workers=0)
+    return root
+
+
 def _demo_config(name: str, data: Path, out: Path, steps: int):
     overrides = [
         f'data.root="{data}"', f'run.output_dir="{out}"', "data.batch_size=16",
         "data.num_workers=0", f"train.max_steps={steps}", "train.device=\"cpu\"",
         "train.precision=\"fp32\"", "optim.warmup_epochs=0", "optim.lr=0.1",
         "model.embedding_size=32", "checkpoint.every_steps=0", "checkpoint.resume=\"never\"",
-        "log.tensorboard=false", "log.progress=\"off\"", "eval.at_end=false",
+        "log.tensorboard=false", "log.progress=\"off\"", 'eval.bins=["synth_val"]',
+        "eval.at_start=true", "eval.at_end=true", "eval.every_steps=0",
     ]
     return load_config(CONFIGS / f"{name}_demo.toml", overrides)
 
 
 @pytest.mark.parametrize("name", DEMO_LOSSES)
-def test_each_demo_loss_trains_demonet(name, data, tmp_path):
+def test_each_demo_loss_trains_demonet(name, heldout_data, tmp_path):
+    """Each demo config, shrunk, raises held-out verification by HELDOUT_GAIN."""
     from fr_trainer.distributed.env import DistributedEnv
     from fr_trainer.train.trainer import Trainer
 
-    config = _demo_config(name, data, tmp_path, steps=16)
+    config = _demo_config(name, heldout_data, tmp_path, steps=HELDOUT_STEPS)
     assert config.model.backbone == "demonet"
-    trainer = Trainer(config, DistributedEnv(0, 1, 0, None, torch.device("cpu")))
-    losses = trainer.fit()["losses"]
-    assert len(losses) == 16 and all(map(torch.isfinite, torch.tensor(losses)))
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < first, (name, losses)
+    summary = Trainer(config, DistributedEnv(0, 1, 0, None, torch.device("cpu"))).fit()
+    losses = summary["losses"]
+    assert len(losses) == HELDOUT_STEPS and all(map(torch.isfinite, torch.tensor(losses)))
+    before = summary["verification_initial"]["synth_val"]["accuracy"]
+    after = summary["verification"]["synth_val"]["accuracy"]
+    assert after >= before + HELDOUT_GAIN, (name, before, after)
 
 
 def test_every_loss_has_a_demo_config():
