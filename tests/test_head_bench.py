@@ -9,13 +9,31 @@ from fr_trainer.heads.bench import BenchConfig, format_table, parse_args, run_be
 
 
 def test_bench_head_reports_every_mode(tmp_path) -> None:
-    cfg = BenchConfig(world_size=2, batch=4, dim=8, classes=101, sample_rate=0.5, iters=2, warmup=1, rounds=2)
+    cfg = BenchConfig(world_size=2, batch=4, dim=8, classes=101, sample_rate=0.5, iters=2, warmup=1)
     results = run_benchmark(cfg, ["floor", "head", "reference"])
     assert [r.mode for r in results] == ["floor", "head", "reference"]
     for r in results:
         assert r.step_ms > 0 and r.peak_mb >= r.base_mb > 0
     table = format_table(cfg, results)
-    assert "sample_rate 0.5" in table and "reference" in table and "x 2 round(s)" in table
+    assert "sample_rate 0.5" in table and "reference" in table and "x 1 round(s)" in table
+
+
+def test_rounds_alternate_the_modes_and_report_the_median(monkeypatch) -> None:
+    from fr_trainer.heads import bench
+    from fr_trainer.heads.bench import ModeResult
+
+    order: list[str] = []
+    times = {"floor": iter([10.0, 30.0, 20.0]), "head": iter([50.0, 40.0, 60.0])}
+
+    def fake_measure(cfg, mode):
+        order.append(mode)
+        return ModeResult(mode, next(times[mode]), 100.0 + len(order), 50.0)
+
+    monkeypatch.setattr(bench, "_measure", fake_measure)
+    results = run_benchmark(BenchConfig(rounds=3), ["floor", "head"])
+    assert order == ["floor", "head"] * 3
+    assert [(r.mode, r.step_ms) for r in results] == [("floor", 20.0), ("head", 50.0)]
+    assert [r.peak_mb for r in results] == [105.0, 106.0]  # the largest peak of its rounds
 
 
 def test_bench_head_cli_writes_json(tmp_path, capsys) -> None:
