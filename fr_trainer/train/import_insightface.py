@@ -1,0 +1,307 @@
+"""`fr-trainer import-insightface RUN_DIR OUT --config CONFIG`: continue an arcface_torch run.
+
+Converts the files of an arcface_torch run (`insightface_files`: any world size W) into a
+complete fr_trainer checkpoint in `OUT/checkpoints/` that `fr-trainer train CONFIG --set
+checkpoint.resume=OUT` resumes at any world size:
+
+- backbone: renamed to ours where they differ (`backbones.pretrained.to_our_names`) and
+  checked against the config's backbone (every key, every shape);
+- centres: arcface_torch's rank r holds the classes our `ClassShard(C, W, r)` owns (same
+  formula), so their rank files become our W shards in class order; the trainer reshards
+  them on load;
+- optimizer state (checkpoint_gpu files): SGD momentum buffers or AdamW exp_avg /
+  exp_avg_sq / step, of the backbone (by parameter name: their index i is the i-th
+  parameter of their state_dict) and of the centres (rows as the centres);
+- progress: `global_step` -> our step, `samples_seen = global_step x global batch`,
+  `epoch` -> the data position (the epoch's first sample: they save at epoch ends), their
+  scheduler's `warmup_iters` / `total_iters` -> the plan in samples.
+
+The global batch is `data.batch_size x optim.accumulate x W` of the config (their
+`batch_size` is per GPU), or `--batch-size B` (theirs) x W. What is not imported (the AMP
+scaler, RNG states, the scheduler object itself) is listed in the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fr_trainer.backbones import create_backbone
+from fr_trainer.backbones.pretrained import PretrainedError, check_fits, to_our_names, unwrap_state_dict
+from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.init import init_centres
+from fr_trainer.margins import create_margin
+from fr_trainer.train import checkpoint as ckpt
+from fr_trainer.train.config import Config, ConfigError, load_config, to_dict
+from fr_trainer.train.finiteness import describe, nonfinite_entries
+from fr_trainer.train.insightface_files import (
+    InsightfaceFormatError,
+    RankHead,
+    SourceRun,
+    optimizer_groups,
+    optimizer_kind,
+    read_source,
+)
+from fr_trainer.train.optim import SGD, AdamW
+
+PROG = "fr-trainer import-insightface"
+REPORT = "import_insightface.log"
+OVERLAID = ("lr", "momentum", "weight_decay", "betas", "eps")
+
+
+class ImportFailure(ValueError):
+    """The run cannot be imported as asked (one line: what, where, and the fix)."""
+
+
+# --------------------------------------------------------------------------- checks
+def check_config(config: Config) -> None:
+    """What an imported run can be: a plain head and no sharded regularizer state."""
+    if config.regularizer.name:
+        raise ImportFailure(f"regularizer.name={config.regularizer.name!r}: arcface_torch runs have no "
+                            "regularizer state; import with regularizer.name=\"\" (add one after resuming "
+                            "with a new run)")
+    if config.engine.name != "ddp":
+        raise ImportFailure(f"engine.name={config.engine.name!r}: import into engine.name=\"ddp\"")
+    margin = create_margin(config.head.margin, num_classes=2, **config.head.margin_args)
+    if margin.has_bias or (isinstance(margin, nn.Module) and margin.state_dict()):
+        raise ImportFailure(f"head.margin={config.head.margin!r} keeps state arcface_torch has not "
+                            "(a bias or statistics); use arcface, cosface or combined")
+
+
+def build_backbone(config: Config) -> tuple[nn.Module, dict]:
+    """The config's backbone (as the trainer builds it) and its keyword arguments."""
+    kwargs: dict = {"embedding_size": config.model.embedding_size}
+    if config.model.dropout:
+        kwargs["dropout"] = config.model.dropout
+    try:
+        return create_backbone(config.model.backbone, **kwargs), kwargs
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"model.backbone={config.model.backbone!r} with {kwargs}: {error}") from None
+
+
+def map_backbone(model: nn.Module, source: SourceRun) -> tuple[dict, list[str]]:
+    """(our backbone state_dict, our names of their parameters in their order)."""
+    what = f"{source.backbone_file} (backbone)"
+    state = to_our_names(model, unwrap_state_dict(source.backbone, what))
+    try:
+        check_fits(model, state, what)
+    except PretrainedError as error:
+        raise ImportFailure(f"{error}; set model.backbone / model.embedding_size to the run's network") from None
+    params = {name for name, _ in model.named_parameters()}
+    return state, [name for name in state if name in params]
+
+
+# --------------------------------------------------------------------------- optimizer
+def _our_row_state(kind: str, state: dict, shape: torch.Size, where: str) -> dict:
+    """Their state of one parameter in our optimizer's form (AdamW: a step per row)."""
+    for key, value in state.items():
+        if key != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ImportFailure(f"{where}: {key} has shape {got}, the parameter {list(shape)}; the "
+                                "optimizer state does not belong to these weights")
+    out = {k: v for k, v in state.items() if k != "step"}
+    if kind == "adamw":
+        out["step"] = torch.full((shape[0] if len(shape) else 1,), int(state["step"]), dtype=torch.int64)
+    return out
+
+
+def backbone_optimizer(source: SourceRun, kind: str, model: nn.Module, names: list[str]) -> dict[int, dict]:
+    """Their backbone optimizer state, keyed by our parameter index."""
+    path = source.rank_files[0]
+    indices, _, state = optimizer_groups(path, source.optimizer)
+    if len(indices) != len(names):
+        raise ImportFailure(f"{path}: state_optimizer's group 0 has {len(indices)} parameters, the "
+                            f"backbone {len(names)}; the file's backbone and optimizer do not match")
+    ours = {name: (i, p) for i, (name, p) in enumerate(model.named_parameters())}
+    out = {}
+    for index, name in zip(indices, names):
+        if index in state:
+            position, param = ours[name]
+            out[position] = _our_row_state(kind, state[index], param.shape, f"{path} state {index} ({name})")
+    return out
+
+
+def param_groups(config: Config, model: nn.Module, source: SourceRun) -> list[dict]:
+    """Our optimizer's two groups (backbone, centres), with their run's hyper-parameters
+    where it saved them (the trainer then applies the config's and reports differences)."""
+    head = nn.Parameter(torch.zeros(1, config.model.embedding_size))
+    groups = [{"params": list(model.parameters())}, {"params": [head]}]
+    o = config.optim
+    optimizer = (SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+                 if o.name == "sgd" else
+                 AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay))
+    ours = optimizer.state_dict()["param_groups"]
+    theirs = (source.optimizer or {}).get("param_groups") or [{}, {}]
+    for group, saved in zip(ours, theirs):
+        group.update({k: (list(saved[k]) if k == "betas" else saved[k]) for k in OVERLAID if k in saved and k in group})
+    return ours
+
+
+# --------------------------------------------------------------------------- progress
+def global_batch(config: Config, source: SourceRun, batch_size: int | None) -> int:
+    per_rank = batch_size if batch_size else config.data.batch_size * config.optim.accumulate
+    return per_rank * source.world_size
+
+
+def plan_and_schedule(config: Config, source: SourceRun, batch: int) -> tuple[dict | None, dict, list[str]]:
+    """(the plan in samples or None, the schedule state, report lines)."""
+    seen = source.global_step * batch
+    schedule = {"samples_seen": seen, "base_lr": config.optim.lr, "step_samples": batch}
+    lines = [f"step {source.global_step}, epoch {source.epoch}: samples_seen = {source.global_step} x "
+             f"{batch} (global batch) = {seen}"]
+    sched = source.scheduler
+    if not sched or source.epoch < 1 or source.global_step < 1:
+        lines.append("not imported: the run's length and warmup (no scheduler state); they come from "
+                     "train.epochs and optim.warmup_* of the config")
+        return None, schedule, lines
+    total, warmup = int(sched.get("total_iters", 0)), int(sched.get("warmup_iters", 0))
+    per_epoch = source.global_step // source.epoch
+    plan = {"basis": {"steps_per_epoch": per_epoch, "step_samples": batch},
+            "total_samples": total * batch, "warmup_samples": min(warmup, total) * batch}
+    lines.append(f"plan: their scheduler's total_iters {total}, warmup_iters {warmup} steps of {batch} "
+                 f"samples ({per_epoch} steps per epoch = global_step / epoch); a config that differs "
+                 "changes it and the trainer says so on resume")
+    power = sched.get("power")
+    if power is not None and float(power) != config.optim.power:
+        lines.append(f"note: their LR decays with power {power}, the config's optim.power is "
+                     f"{config.optim.power} (--set optim.power={power} keeps their curve)")
+    return plan, schedule, lines
+
+
+def data_position(config: Config, epoch: int) -> dict:
+    """The first sample of `epoch` (arcface_torch saves at epoch ends)."""
+    pk = config.data.sampler == "pk"
+    return {"epoch": epoch, "consumed": 0, "unit": "classes" if pk else "samples",
+            "batch_size": config.data.batch_size, "sampler": "pk" if pk else "random"}
+
+
+# --------------------------------------------------------------------------- head
+def head_rows(source: SourceRun, config: Config) -> tuple[int, list[int]]:
+    """(num_classes, rows per rank), each rank's centres checked against arcface_torch's split."""
+    rows, width = [], config.model.embedding_size
+    for head in source.heads():
+        if head.weight.shape[1] != width:
+            raise ImportFailure(f"{head.path}: the centres are {head.weight.shape[1]}-d, model.embedding_size "
+                                f"is {width}; set model.embedding_size={head.weight.shape[1]}")
+        rows.append(int(head.weight.shape[0]))
+    num_classes = sum(rows)
+    for rank, (count, expected) in enumerate(zip(rows, ClassShard.sizes(num_classes, len(rows)))):
+        if count != expected:
+            raise ImportFailure(f"{source.rank_files[rank]}: holds {count} centres, but rank {rank} of "
+                                f"{len(rows)} owns {expected} of {num_classes} classes; the rank files come "
+                                "from different runs or world sizes")
+    return num_classes, rows
+
+
+def _shard(source: SourceRun, head: RankHead, rank: int, num_classes: int, kind: str) -> dict:
+    shard = ClassShard(num_classes, source.world_size, rank)
+    state = _our_row_state(kind, head.state, head.weight.shape, f"{head.path} (centres' state)") \
+        if head.state else {}
+    bad = nonfinite_entries({"centres": head.weight, "state": state})
+    if bad:
+        raise ImportFailure(f"{head.path} holds NaN/inf ({describe(bad)}); import an earlier save of the run")
+    return {"head": {"weight": head.weight, "_extra_state": {"sampling_rng": None,
+                                                             "reseed_step": source.global_step}},
+            "optim_head": {"weight": state} if state else {}, "shard": (shard.start, shard.num_local)}
+
+
+def shards(source: SourceRun, num_classes: int, kind: str, config: Config) -> Iterator[dict]:
+    if source.format == "backbone":  # fresh centres, as the trainer would draw them
+        shard = ClassShard(num_classes, 1, 0)
+        weight = init_centres(shard, config.model.embedding_size, config.run.seed)
+        yield _shard(source, RankHead(source.backbone_file, weight), 0, num_classes, kind)
+        return
+    for rank, head in enumerate(source.heads()):
+        yield _shard(source, head, rank, num_classes, kind)
+
+
+# --------------------------------------------------------------------------- the import
+def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size: int | None = None,
+               num_classes: int | None = None) -> tuple[Path, list[str]]:
+    """Write the checkpoint; returns its folder and the report (what was and was not imported)."""
+    check_config(config)
+    root = Path(out) / "checkpoints"
+    if ckpt.complete_checkpoints(root):
+        raise ImportFailure(f"{root} already holds checkpoints; import into a new OUT directory")
+    source = read_source(run_dir)
+    model, kwargs = build_backbone(config)
+    backbone, names = map_backbone(model, source)
+    report = [f"source: {source.root} ({source.format} format, {source.world_size} rank(s))",
+              f"imported: backbone {config.model.backbone} ({len(backbone)} tensors) from {source.backbone_file}"]
+    kind = ""
+    if source.format == "v2":
+        kind = optimizer_kind(source.rank_files[0], optimizer_groups(source.rank_files[0], source.optimizer)[2])
+        if kind and kind != config.optim.name:
+            raise ImportFailure(f"{source.rank_files[0]}: the run used {kind} (its state_optimizer), the config "
+                                f"optim.name={config.optim.name!r}; set optim.name={kind}")
+    optim_backbone = backbone_optimizer(source, kind, model, names) if kind else {}
+    if source.format == "backbone":
+        num_classes = num_classes or config.data.num_classes
+        if not num_classes:
+            raise ImportFailure(f"{source.backbone_file} holds the backbone only: give --num-classes N "
+                                "(the classes of the data this run will train on)")
+        report.append(f"not imported: centres (none in {source.root}); {num_classes} drawn as a fresh run would")
+    else:
+        num_classes, rows = head_rows(source, config)
+        report.append(f"imported: centres [{num_classes}, {config.model.embedding_size}] in class order from "
+                      f"{source.world_size} rank files (rows {rows})")
+    batch = global_batch(config, source, batch_size)
+    plan, schedule, lines = plan_and_schedule(config, source, batch)
+    report += lines
+    report.append(f"imported: {kind} state of {len(optim_backbone)} of {len(names)} backbone parameters "
+                  "and of the centres" if kind else "not imported: optimizer state (the format has none; "
+                  + ("the centres' momentum is imported" if source.format == "legacy" else "it starts at zero") + ")")
+    report.append("not imported: the AMP grad scaler and RNG states (arcface_torch does not save them); "
+                  "the head's sampling stream is drawn afresh")
+    common = {
+        "config": to_dict(config), "num_classes": num_classes, "embedding_size": config.model.embedding_size,
+        "backbone_name": config.model.backbone, "backbone_kwargs": kwargs, "backbone": backbone,
+        "optim_backbone": optim_backbone, "param_groups": param_groups(config, model, source),
+        "schedule": schedule, "scaler": None, "data": data_position(config, source.epoch),
+        "precision": config.train.precision, "regularizer_name": "", "second_head": None,
+        "imported_from": f"arcface_torch:{source.root}",
+    }
+    if plan is not None:
+        common["plan"] = plan
+    world = 1 if source.format == "backbone" else source.world_size
+    folder = ckpt.write_offline(root, source.global_step, common, shards(source, num_classes, kind, config), world)
+    report.append(f"wrote {folder} (world size {world}; resumes at any world size)")
+    (Path(out) / REPORT).write_text("\n".join(report) + "\n")
+    return folder, report
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Convert an arcface_torch run directory into an "
+                                "fr_trainer checkpoint that `fr-trainer train` resumes at any world size.")
+    p.add_argument("run_dir", help="the arcface_torch output folder (checkpoint_gpu_*.pt, model.pt, ...)")
+    p.add_argument("out", help="the fr_trainer run directory to write (OUT/checkpoints/step_*)")
+    p.add_argument("--config", required=True, help="the fr_trainer config the run continues with")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="their per-GPU batch_size (default: data.batch_size x optim.accumulate)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes, for a backbone-only import")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        _, report = import_run(args.run_dir, args.out, config, args.batch_size, args.num_classes)
+    except (ImportFailure, InsightfaceFormatError, ConfigError, ckpt.CheckpointError) as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    print("\n".join(report))
+    print(f"continue with: fr-trainer train {args.config} --set checkpoint.resume={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
