@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import NUM_CLASSES, PER_CLASS, config_dict, make_trainer
+from head_reference import reference_loss
+from test_train_support import NUM_CLASSES, PER_CLASS, TinyLinear, config_dict, make_trainer
 
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.train import checkpoint as ckpt
-from fr_trainer.train.data_setup import BatchStream
 from fr_trainer.train.import_insightface import main as import_main
 from fr_trainer.train.schedule import poly_lr_by_samples
 
@@ -92,23 +92,29 @@ def test_every_centre_and_its_momentum_land_at_their_global_class(imported):
     assert "samples_seen = 2 x 40" in (tmp / "out" / "import_insightface.log").read_text()
 
 
-def rank_resume_and_reference(rank: int, world: int, cfg: dict, ref_cfg: dict, expected: dict) -> dict:
-    """One step of the resumed run, and of a fresh trainer given the same weights directly."""
+def rank_resume_one_step(rank: int, world: int, cfg: dict, expected: dict) -> dict:
+    """One step of the resumed run: where it starts, its state, the batch it read, its loss."""
     resumed = make_trainer(rank, world, cfg)
     shard = resumed.head.shard
     state = resumed.optimizer.state[resumed.head.weight]
     out = {"step": resumed.step, "seen": resumed.schedule.samples_seen, "position": resumed.stream.position(),
            "momentum_ok": torch.equal(state["momentum_buffer"], expected["moments"][shard.start:shard.end]),
            "centres_ok": torch.equal(resumed.head.weight.detach(), expected["centres"][shard.start:shard.end])}
+    read = resumed.stream.next
+    batches = []
+    resumed.stream.next = lambda: batches.append(read()) or batches[-1]
     result = resumed.train_step()
-    out.update(loss=result.loss, lr=result.lr, step_samples=resumed.samples_per_step)
-    reference = make_trainer(rank, world, ref_cfg)
-    reference.backbone.load_state_dict(expected["backbone"])
+    return dict(out, loss=result.loss, lr=result.lr, step_samples=resumed.samples_per_step, batch=batches[0])
+
+
+def reference_loss_of(run: dict, batches: list) -> float:
+    """The loss of the run's weights on the global batch, computed directly (one process)."""
+    model = TinyLinear(DIM)
+    model.load_state_dict(run["backbone"])
+    images = torch.cat([b[0] for b in batches])
+    labels = torch.cat([b[1] for b in batches])
     with torch.no_grad():
-        reference.head.weight.copy_(expected["centres"][shard.start:shard.end])
-    reference.stream = BatchStream(reference.loader, world, EPOCH, 0)
-    out["reference_loss"] = reference.train_step().loss
-    return out
+        return float(reference_loss("arcface", model(images), run["centres"], labels, {"s": 16.0, "m": 0.3}))
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -116,16 +122,16 @@ def test_resume_at_any_world_size_starts_at_the_imported_step_with_the_reference
     tmp, run = imported
     cfg = config_dict(data, tmp, **_sections(tmp, f"resumed{world}"),
                       checkpoint={"every_steps": 0, "resume": str(tmp / "out")})
-    ref = config_dict(data, tmp, **_sections(tmp, f"reference{world}"), checkpoint={"resume": "never"})
-    results = run_ranks(rank_resume_and_reference, world, cfg, ref, run)
+    results = [rank_resume_one_step(0, 1, cfg, run)] if world == 1 else run_ranks(rank_resume_one_step, world, cfg, run)
     for r in results:
         assert r["step"] == STEP and r["seen"] == STEP * GLOBAL
         assert r["position"]["epoch"] == EPOCH and r["position"]["consumed"] == 0
         assert r["momentum_ok"] and r["centres_ok"]
-        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-6)
         # the plan of their scheduler: 6 steps of 40, warmup 2; the lr continues from 80 samples
         assert r["lr"] == pytest.approx(poly_lr_by_samples(STEP * GLOBAL, r["step_samples"], 0.2, 6 * GLOBAL,
                                                            2 * GLOBAL, 1.0))
+    assert len({r["loss"] for r in results}) == 1  # the global batch's mean, on every rank
+    assert results[0]["loss"] == pytest.approx(reference_loss_of(run, [r["batch"] for r in results]), rel=1e-5)
     assert NUM_CLASSES * PER_CLASS // GLOBAL == STEP // EPOCH  # the synthetic run's steps per epoch
 
 
@@ -136,6 +142,32 @@ def test_adamw_state_is_imported_with_a_step_per_row(data, tmp_path):
     rows = ckpt.load_shard_rows(ckpt.resolve_checkpoint(tmp_path / "out"), 0, NUM_CLASSES)
     state = rows["optim_head"]["weight"]
     assert torch.equal(state["exp_avg"], run["moments"]) and torch.equal(state["step"], torch.full((12,), STEP))
+
+
+def test_the_2021_format_brings_centres_and_momentum_and_model_pt_alone_the_backbone(data, tmp_path):
+    """rank_{r}_softmax_weight.pt / _mom.pt (bare tensors) with backbone.pth; then model.pt only."""
+    run = make_run(tmp_path / "v2", world=3)
+    old = tmp_path / "arcface_run"
+    old.mkdir()
+    torch.save(run["backbone"], old / "backbone.pth")
+    for rank, (start, size) in enumerate(zip(ClassShard.starts(12, 3), ClassShard.sizes(12, 3))):
+        torch.save(run["centres"][start:start + size].clone(), old / f"rank_{rank}_softmax_weight.pt")
+        torch.save(run["moments"][start:start + size].clone(), old / f"rank_{rank}_softmax_weight_mom.pt")
+    config = write_config(data, tmp_path)
+    assert import_main([str(old), str(tmp_path / "out"), "--config", str(config)]) == 0
+    folder = ckpt.resolve_checkpoint(tmp_path / "out")
+    rows = ckpt.load_shard_rows(folder, 0, NUM_CLASSES)
+    assert torch.equal(rows["head"]["weight"], run["centres"])
+    assert torch.equal(rows["optim_head"]["weight"]["momentum_buffer"], run["moments"])
+    assert ckpt.load_common(folder)["step"] == 0
+
+    alone = tmp_path / "model_only"
+    alone.mkdir()
+    torch.save(run["backbone"], alone / "model.pt")
+    assert import_main([str(alone), str(tmp_path / "out2"), "--config", str(config), "--num-classes", "12"]) == 0
+    common = ckpt.load_common(ckpt.resolve_checkpoint(tmp_path / "out2"))
+    assert all(torch.equal(common["backbone"][k], v) for k, v in run["backbone"].items())
+    assert common["num_classes"] == 12 and common["world_size"] == 1
 
 
 # --------------------------------------------------------------------------- errors
@@ -192,3 +224,9 @@ def test_a_file_needing_full_unpickling_is_refused(data, tmp_path, capsys):
     torch.save(dict(torch.load(path, weights_only=True), epoch=Opaque()), path)
     err = _error(capsys, data, tmp_path)
     assert "checkpoint_gpu_1.pt needs full unpickling" in err and "it is not loaded" in err
+
+
+def test_a_backbone_alone_needs_the_number_of_classes(data, tmp_path, capsys):
+    (tmp_path / "arcface_run").mkdir()
+    torch.save(make_run(tmp_path / "v2", world=2)["backbone"], tmp_path / "arcface_run" / "model.pt")
+    assert "holds the backbone only: give --num-classes N" in _error(capsys, data, tmp_path)
