@@ -170,6 +170,23 @@ def test_the_2021_format_brings_centres_and_momentum_and_model_pt_alone_the_back
     assert common["num_classes"] == 12 and common["world_size"] == 1
 
 
+def test_the_2022_format_takes_the_centres_and_the_newest_epochs_backbone(data, tmp_path):
+    """softmax_fc_gpu_{r}.pt ({"weight": rows}) beside model_epoch_{E}.pt files."""
+    run = make_run(tmp_path / "v2", world=2)
+    old = tmp_path / "arcface_run"
+    old.mkdir()
+    for rank in range(2):
+        torch.save({"weight": run["centres"][6 * rank:6 * rank + 6].clone()}, old / f"softmax_fc_gpu_{rank}.pt")
+    torch.save({k: v * 0 for k, v in run["backbone"].items()}, old / "model_epoch_1.pt")
+    torch.save(run["backbone"], old / "model_epoch_2.pt")
+    assert import_main([str(old), str(tmp_path / "out"), "--config", str(write_config(data, tmp_path))]) == 0
+    folder = ckpt.resolve_checkpoint(tmp_path / "out")
+    assert torch.equal(ckpt.load_shard_rows(folder, 0, NUM_CLASSES)["head"]["weight"], run["centres"])
+    common = ckpt.load_common(folder)
+    assert torch.equal(common["backbone"]["linear.weight"], run["backbone"]["linear.weight"])
+    assert common["optim_backbone"] == {} and "model_epoch_2.pt" in (tmp_path / "out" / "import_insightface.log").read_text()
+
+
 # --------------------------------------------------------------------------- errors
 class Opaque:
     """A class a weights-only load must refuse."""

@@ -142,6 +142,19 @@ def param_groups(config: Config, model: nn.Module, source: SourceRun) -> list[di
     return ours
 
 
+def run_optimizer(source: SourceRun, config: Config) -> str:
+    """'sgd' / 'adamw' when the run saved optimizer state ('' otherwise); it must be the config's."""
+    kind, where = "", source.rank_files[0] if source.rank_files else source.root
+    if source.format == "v2":
+        kind = optimizer_kind(where, optimizer_groups(where, source.optimizer)[2])
+    elif source.format == "legacy" and where.with_name("rank_0_softmax_weight_mom.pt").is_file():
+        kind, where = "sgd", where.with_name("rank_0_softmax_weight_mom.pt")
+    if kind and kind != config.optim.name:
+        raise ImportFailure(f"{where}: the run used {kind} (its optimizer state), the config "
+                            f"optim.name={config.optim.name!r}; set optim.name={kind}")
+    return kind
+
+
 # --------------------------------------------------------------------------- progress
 def global_batch(config: Config, source: SourceRun, batch_size: int | None) -> int:
     per_rank = batch_size if batch_size else config.data.batch_size * config.optim.accumulate
@@ -233,13 +246,8 @@ def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size:
     backbone, names = map_backbone(model, source)
     report = [f"source: {source.root} ({source.format} format, {source.world_size} rank(s))",
               f"imported: backbone {config.model.backbone} ({len(backbone)} tensors) from {source.backbone_file}"]
-    kind = ""
-    if source.format == "v2":
-        kind = optimizer_kind(source.rank_files[0], optimizer_groups(source.rank_files[0], source.optimizer)[2])
-        if kind and kind != config.optim.name:
-            raise ImportFailure(f"{source.rank_files[0]}: the run used {kind} (its state_optimizer), the config "
-                                f"optim.name={config.optim.name!r}; set optim.name={kind}")
-    optim_backbone = backbone_optimizer(source, kind, model, names) if kind else {}
+    kind = run_optimizer(source, config)
+    optim_backbone = backbone_optimizer(source, kind, model, names) if source.optimizer and kind else {}
     if source.format == "backbone":
         num_classes = num_classes or config.data.num_classes
         if not num_classes:
@@ -253,9 +261,15 @@ def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size:
     batch = global_batch(config, source, batch_size)
     plan, schedule, lines = plan_and_schedule(config, source, batch)
     report += lines
-    report.append(f"imported: {kind} state of {len(optim_backbone)} of {len(names)} backbone parameters "
-                  "and of the centres" if kind else "not imported: optimizer state (the format has none; "
-                  + ("the centres' momentum is imported" if source.format == "legacy" else "it starts at zero") + ")")
+    if source.format == "v2" and kind:
+        report.append(f"imported: {kind} state of {len(optim_backbone)} of {len(names)} backbone parameters "
+                      "and of the centres")
+    else:
+        report.append("not imported: the backbone's optimizer state (none in this format; it starts at zero)"
+                      + ("; the centres' SGD momentum is imported" if kind else ""))
+    if source.format in ("pfc", "legacy", "backbone"):
+        report.append(f"not imported: step and epoch ({source.format} files save none): the run continues "
+                      f"from step 0 with {source.backbone_file.name}; set train.epochs to the epochs left")
     report.append("not imported: the AMP grad scaler and RNG states (arcface_torch does not save them); "
                   "the head's sampling stream is drawn afresh")
     common = {

@@ -11,7 +11,8 @@ The formats (docs/formats.md, "arcface_torch runs"):
 - `softmax_fc_gpu_{rank}.pt` (2022 train.py): the centres only, `{"weight": ...}`;
 - `rank_{rank}_softmax_weight.pt` and `rank_{rank}_softmax_weight_mom.pt` (2021
   partial_fc.py): the centres and their SGD momentum as bare tensors;
-- the backbone alone: `model.pt` (also `backbone.pth`, 2021).
+- the backbone: `model.pt` (also `backbone.pth`, 2021; `model_epoch_{E}.pt` after each
+  epoch, 2022). The older formats save no step, epoch or optimizer state of the backbone.
 
 Rank r holds classes [C//W*r + min(r, C%W), +C//W + (r < C%W)): our `ClassShard`.
 Every file is read with `torch.load(weights_only=True)`; one that needs full unpickling is
@@ -39,6 +40,7 @@ _PATTERNS = {
     "pfc": re.compile(r"softmax_fc_gpu_(\d+)\.pt"),
     "legacy": re.compile(r"rank_(\d+)_softmax_weight\.pt"),
 }
+_EPOCH_MODEL = re.compile(r"model_epoch_(\d+)\.pt")
 
 
 class InsightfaceFormatError(ValueError):
@@ -113,7 +115,10 @@ def _rank_files(root: Path) -> tuple[str, list[Path]]:
 
 
 def _backbone_file(root: Path) -> Path | None:
-    return next((root / n for n in BACKBONE_FILES if (root / n).is_file()), None)
+    """model.pt / backbone.pth, else the newest model_epoch_{E}.pt (2022 train.py, per epoch)."""
+    found = next((root / n for n in BACKBONE_FILES if (root / n).is_file()), None)
+    epochs = {int(m.group(1)): p for p in root.iterdir() if (m := _EPOCH_MODEL.fullmatch(p.name))}
+    return found or (epochs[max(epochs)] if epochs else None)
 
 
 def _need_dict(path: Path, obj: Any, what: str) -> dict:
