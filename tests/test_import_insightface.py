@@ -184,7 +184,8 @@ def test_the_2022_format_takes_the_centres_and_the_newest_epochs_backbone(data, 
     assert torch.equal(ckpt.load_shard_rows(folder, 0, NUM_CLASSES)["head"]["weight"], run["centres"])
     common = ckpt.load_common(folder)
     assert torch.equal(common["backbone"]["linear.weight"], run["backbone"]["linear.weight"])
-    assert common["optim_backbone"] == {} and "model_epoch_2.pt" in (tmp_path / "out" / "import_insightface.log").read_text()
+    assert common["optim_backbone"] == {}
+    assert "model_epoch_2.pt" in (tmp_path / "out" / "import_insightface.log").read_text()
 
 
 # --------------------------------------------------------------------------- errors
