@@ -42,8 +42,9 @@ def make_run(root: Path, world: int = SOURCE_WORLD, adamw: bool = False) -> dict
     """arcface_torch's checkpoint_gpu_{rank}.pt files of a run of `world` ranks; returns the
     global centres, their state and the backbone."""
     gen = torch.Generator().manual_seed(0)
-    backbone = {"linear.weight": torch.randn(DIM, 3 * 64, generator=gen) * 0.05,
-                "linear.bias": torch.randn(DIM, generator=gen) * 0.05}
+    weight, bias = torch.randn(DIM, 3 * 64, generator=gen) * 0.05, torch.randn(DIM, generator=gen) * 0.05
+    # the file's order is not ours (weight, bias): their optimizer's index i is the file's i-th parameter
+    backbone = {"linear.bias": bias, "linear.weight": weight}
     centres = torch.randn(NUM_CLASSES, DIM, generator=gen)
     moments = torch.randn(NUM_CLASSES, DIM, generator=gen)
     root.mkdir(parents=True, exist_ok=True)
