@@ -90,7 +90,8 @@ def test_every_centre_and_its_momentum_land_at_their_global_class(imported):
     assert common["data"]["epoch"] == EPOCH and common["data"]["consumed"] == 0
     assert torch.equal(common["optim_backbone"][0]["momentum_buffer"], run["backbone"]["linear.weight"] * 0.1)
     assert torch.equal(common["optim_backbone"][1]["momentum_buffer"], run["backbone"]["linear.bias"] * 0.1)
-    assert "samples_seen = 2 x 40" in (tmp / "out" / "import_insightface.log").read_text()
+    log = (tmp / "out" / "import_insightface.log").read_text()
+    assert "samples_seen = global_step 2 x 40 (batch x 5 ranks) = 80" in log
 
 
 def rank_resume_one_step(rank: int, world: int, cfg: dict, expected: dict) -> dict:
@@ -249,3 +250,13 @@ def test_a_backbone_alone_needs_the_number_of_classes(data, tmp_path, capsys):
     (tmp_path / "arcface_run").mkdir()
     torch.save(make_run(tmp_path / "v2", world=2)["backbone"], tmp_path / "arcface_run" / "model.pt")
     assert "holds the backbone only: give --num-classes N" in _error(capsys, data, tmp_path)
+
+
+def test_gradient_accumulation_counts_their_iterations_as_micro_batches(data, tmp_path):
+    make_run(tmp_path / "arcface_run", world=2)
+    config = write_config(data, tmp_path, optim={"accumulate": 2})
+    assert import_main([str(tmp_path / "arcface_run"), str(tmp_path / "out"), "--config", str(config)]) == 0
+    common = ckpt.load_common(ckpt.resolve_checkpoint(tmp_path / "out"))
+    assert common["step"] == STEP // 2 and common["schedule"]["samples_seen"] == STEP * BATCH * 2
+    assert common["plan"]["basis"] == {"steps_per_epoch": 1, "step_samples": BATCH * 2 * 2}
+    assert common["plan"]["total_samples"] == 6 * BATCH * 2

@@ -12,12 +12,13 @@ checkpoint.resume=OUT` resumes at any world size:
 - optimizer state (checkpoint_gpu files): SGD momentum buffers or AdamW exp_avg /
   exp_avg_sq / step, of the backbone (by parameter name: their index i is the i-th
   parameter of their state_dict) and of the centres (rows as the centres);
-- progress: `global_step` -> our step, `samples_seen = global_step x global batch`,
+- progress: `global_step` (iterations) / `optim.accumulate` (their `gradient_acc`) -> our
+  step, `samples_seen = global_step x per-GPU batch x W`,
   `epoch` -> the data position (the epoch's first sample: they save at epoch ends), their
   scheduler's `warmup_iters` / `total_iters` -> the plan in samples.
 
-The global batch is `data.batch_size x optim.accumulate x W` of the config (their
-`batch_size` is per GPU), or `--batch-size B` (theirs) x W. What is not imported (the AMP
+Their per-GPU batch is the config's `data.batch_size` unless `--batch-size B` says
+otherwise; their `gradient_acc` is the config's `optim.accumulate`. What is not imported (the AMP
 scaler, RNG states, the scheduler object itself) is listed in the report.
 """
 
@@ -156,27 +157,36 @@ def run_optimizer(source: SourceRun, config: Config) -> str:
 
 
 # --------------------------------------------------------------------------- progress
-def global_batch(config: Config, source: SourceRun, batch_size: int | None) -> int:
-    per_rank = batch_size if batch_size else config.data.batch_size * config.optim.accumulate
-    return per_rank * source.world_size
+def iteration_samples(config: Config, source: SourceRun, batch_size: int | None) -> int:
+    """Samples of one arcface_torch iteration (its `global_step` counts them): per-GPU
+    batch x world size."""
+    return (batch_size or config.data.batch_size) * source.world_size
 
 
-def plan_and_schedule(config: Config, source: SourceRun, batch: int) -> tuple[dict | None, dict, list[str]]:
-    """(the plan in samples or None, the schedule state, report lines)."""
-    seen = source.global_step * batch
+def our_step(config: Config, source: SourceRun) -> int:
+    """Optimizer steps done: their iterations / gradient_acc (= optim.accumulate)."""
+    return source.global_step // config.optim.accumulate
+
+
+def plan_and_schedule(config: Config, source: SourceRun, micro: int) -> tuple[dict | None, dict, list[str]]:
+    """(the plan in samples or None, the schedule state, report lines); `micro`: the
+    samples of one of their iterations."""
+    acc = config.optim.accumulate
+    batch, seen = micro * acc, source.global_step * micro
     schedule = {"samples_seen": seen, "base_lr": config.optim.lr, "step_samples": batch}
-    lines = [f"step {source.global_step}, epoch {source.epoch}: samples_seen = {source.global_step} x "
-             f"{batch} (global batch) = {seen}"]
+    lines = [f"step {our_step(config, source)}, epoch {source.epoch}: samples_seen = global_step "
+             f"{source.global_step} x {micro} (batch x {source.world_size} ranks) = {seen}"
+             + (f"; {acc} iterations per optimizer step (optim.accumulate)" if acc > 1 else "")]
     sched = source.scheduler
     if not sched or source.epoch < 1 or source.global_step < 1:
         lines.append("not imported: the run's length and warmup (no scheduler state); they come from "
                      "train.epochs and optim.warmup_* of the config")
         return None, schedule, lines
     total, warmup = int(sched.get("total_iters", 0)), int(sched.get("warmup_iters", 0))
-    per_epoch = source.global_step // source.epoch
+    per_epoch = max(1, source.global_step // source.epoch // acc)
     plan = {"basis": {"steps_per_epoch": per_epoch, "step_samples": batch},
-            "total_samples": total * batch, "warmup_samples": min(warmup, total) * batch}
-    lines.append(f"plan: their scheduler's total_iters {total}, warmup_iters {warmup} steps of {batch} "
+            "total_samples": total * micro, "warmup_samples": min(warmup, total) * micro}
+    lines.append(f"plan: their scheduler's total_iters {total}, warmup_iters {warmup} iterations of {micro} "
                  f"samples ({per_epoch} steps per epoch = global_step / epoch); a config that differs "
                  "changes it and the trainer says so on resume")
     power = sched.get("power")
@@ -211,7 +221,7 @@ def head_rows(source: SourceRun, config: Config) -> tuple[int, list[int]]:
     return num_classes, rows
 
 
-def _shard(source: SourceRun, head: RankHead, rank: int, num_classes: int, kind: str) -> dict:
+def _shard(source: SourceRun, head: RankHead, rank: int, num_classes: int, kind: str, step: int) -> dict:
     shard = ClassShard(num_classes, source.world_size, rank)
     state = _our_row_state(kind, head.state, head.weight.shape, f"{head.path} (centres' state)") \
         if head.state else {}
@@ -219,7 +229,7 @@ def _shard(source: SourceRun, head: RankHead, rank: int, num_classes: int, kind:
     if bad:
         raise ImportFailure(f"{head.path} holds NaN/inf ({describe(bad)}); import an earlier save of the run")
     return {"head": {"weight": head.weight, "_extra_state": {"sampling_rng": None,
-                                                             "reseed_step": source.global_step}},
+                                                             "reseed_step": step}},
             "optim_head": {"weight": state} if state else {}, "shard": (shard.start, shard.num_local)}
 
 
@@ -227,10 +237,10 @@ def shards(source: SourceRun, num_classes: int, kind: str, config: Config) -> It
     if source.format == "backbone":  # fresh centres, as the trainer would draw them
         shard = ClassShard(num_classes, 1, 0)
         weight = init_centres(shard, config.model.embedding_size, config.run.seed)
-        yield _shard(source, RankHead(source.backbone_file, weight), 0, num_classes, kind)
+        yield _shard(source, RankHead(source.backbone_file, weight), 0, num_classes, kind, 0)
         return
     for rank, head in enumerate(source.heads()):
-        yield _shard(source, head, rank, num_classes, kind)
+        yield _shard(source, head, rank, num_classes, kind, our_step(config, source))
 
 
 # --------------------------------------------------------------------------- the import
@@ -258,8 +268,7 @@ def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size:
         num_classes, rows = head_rows(source, config)
         report.append(f"imported: centres [{num_classes}, {config.model.embedding_size}] in class order from "
                       f"{source.world_size} rank files (rows {rows})")
-    batch = global_batch(config, source, batch_size)
-    plan, schedule, lines = plan_and_schedule(config, source, batch)
+    plan, schedule, lines = plan_and_schedule(config, source, iteration_samples(config, source, batch_size))
     report += lines
     if source.format == "v2" and kind:
         report.append(f"imported: {kind} state of {len(optim_backbone)} of {len(names)} backbone parameters "
@@ -283,7 +292,8 @@ def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size:
     if plan is not None:
         common["plan"] = plan
     world = 1 if source.format == "backbone" else source.world_size
-    folder = ckpt.write_offline(root, source.global_step, common, shards(source, num_classes, kind, config), world)
+    rank_shards = shards(source, num_classes, kind, config)
+    folder = ckpt.write_offline(root, our_step(config, source), common, rank_shards, world)
     report.append(f"wrote {folder} (world size {world}; resumes at any world size)")
     (Path(out) / REPORT).write_text("\n".join(report) + "\n")
     return folder, report
@@ -299,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="their per-GPU batch_size (default: data.batch_size x optim.accumulate)")
+                   help="their per-GPU batch_size (default: the config's data.batch_size)")
     p.add_argument("--num-classes", type=int, default=None, help="classes, for a backbone-only import")
     return p
 
@@ -313,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print("\n".join(report))
-    print(f"continue with: fr-trainer train {args.config} --set checkpoint.resume={args.out}")
+    sets = "".join(f" --set {o}" for o in args.overrides)
+    print(f"continue with: fr-trainer train {args.config}{sets} --set checkpoint.resume={args.out}")
     return 0
 
 
