@@ -32,9 +32,9 @@ def _sections(tmp: Path, name: str, **more) -> dict:
             "optim": {"lr": 0.2, "warmup_epochs": 1.0, "power": 1.0}, **more}
 
 
-def write_config(data: Path, tmp: Path, **more) -> Path:
+def write_config(data_root: Path, tmp: Path, **more) -> Path:
     path = tmp / "config.json"
-    path.write_text(json.dumps(config_dict(data, tmp, **_sections(tmp, "resumed", **more))))
+    path.write_text(json.dumps(config_dict(data_root, tmp, **_sections(tmp, "resumed", **more))))
     return path
 
 
@@ -195,8 +195,8 @@ class Opaque:
     """A class a weights-only load must refuse."""
 
 
-def _error(capsys, data, tmp: Path, *extra: str, **config) -> str:
-    path = write_config(data, tmp, **config)
+def _error(capsys, data_root: Path, tmp: Path, *extra: str, **config) -> str:
+    path = write_config(data_root, tmp, **config)
     code = import_main([str(tmp / "arcface_run"), str(tmp / "out"), "--config", str(path), *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
@@ -246,10 +246,17 @@ def test_a_file_needing_full_unpickling_is_refused(data, tmp_path, capsys):
     assert "checkpoint_gpu_1.pt needs full unpickling" in err and "it is not loaded" in err
 
 
+def test_a_missing_last_rank_is_caught_by_the_datas_classes(data, tmp_path, capsys):
+    make_run(tmp_path / "arcface_run", world=3)
+    (tmp_path / "arcface_run" / "checkpoint_gpu_2.pt").unlink()  # 8 classes left, split 4 + 4
+    assert "the 2 rank files hold 8 classes, the data 12; copy every rank's file" in _error(capsys, data, tmp_path)
+
+
 def test_a_backbone_alone_needs_the_number_of_classes(data, tmp_path, capsys):
     (tmp_path / "arcface_run").mkdir()
     torch.save(make_run(tmp_path / "v2", world=2)["backbone"], tmp_path / "arcface_run" / "model.pt")
-    assert "holds the backbone only: give --num-classes N" in _error(capsys, data, tmp_path)
+    err = _error(capsys, data, tmp_path, data={"root": str(tmp_path / "nowhere")})
+    assert "holds the backbone only: give --num-classes N" in err
 
 
 def test_gradient_accumulation_counts_their_iterations_as_micro_batches(data, tmp_path):

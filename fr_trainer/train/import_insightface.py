@@ -243,6 +243,27 @@ def shards(source: SourceRun, num_classes: int, kind: str, config: Config) -> It
         yield _shard(source, head, rank, num_classes, kind, our_step(config, source))
 
 
+def data_classes(config: Config) -> int | None:
+    """The classes of the config's data (data.num_classes, else its .rec when data.root has
+    one), None when neither says."""
+    if config.data.num_classes:
+        return config.data.num_classes
+    if not config.data.root or not (Path(config.data.root) / config.data.rec).is_file():
+        return None
+    from fr_trainer.train.data_setup import open_dataset
+
+    return open_dataset(config).num_classes
+
+
+def check_classes(source: SourceRun, num_classes: int, config: Config) -> None:
+    """The rank files' classes are the data's: a last rank's file missing leaves no gap."""
+    known = data_classes(config)
+    if known is not None and known != num_classes:
+        raise ImportFailure(f"{source.root}: the {source.world_size} rank files hold {num_classes} classes, the "
+                            f"data {known}; copy every rank's file (the run may have had more ranks) or point "
+                            "data.root at the run's training set")
+
+
 # --------------------------------------------------------------------------- the import
 def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size: int | None = None,
                num_classes: int | None = None) -> tuple[Path, list[str]]:
@@ -259,13 +280,14 @@ def import_run(run_dir: str | Path, out: str | Path, config: Config, batch_size:
     kind = run_optimizer(source, config)
     optim_backbone = backbone_optimizer(source, kind, model, names) if source.optimizer and kind else {}
     if source.format == "backbone":
-        num_classes = num_classes or config.data.num_classes
+        num_classes = num_classes or data_classes(config)
         if not num_classes:
             raise ImportFailure(f"{source.backbone_file} holds the backbone only: give --num-classes N "
-                                "(the classes of the data this run will train on)")
+                                "(the classes of the data this run will train on) or set data.root")
         report.append(f"not imported: centres (none in {source.root}); {num_classes} drawn as a fresh run would")
     else:
         num_classes, rows = head_rows(source, config)
+        check_classes(source, num_classes, config)
         report.append(f"imported: centres [{num_classes}, {config.model.embedding_size}] in class order from "
                       f"{source.world_size} rank files (rows {rows})")
     plan, schedule, lines = plan_and_schedule(config, source, iteration_samples(config, source, batch_size))
