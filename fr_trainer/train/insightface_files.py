@@ -47,6 +47,10 @@ class InsightfaceFormatError(ValueError):
     """An arcface_torch file that is missing, unsafe, or not in the format it should be."""
 
 
+class ImportFailure(ValueError):
+    """The run cannot be imported as asked (one line: what, where, and the fix)."""
+
+
 def load_weights_only(path: Path) -> Any:
     """`torch.load(path, weights_only=True)` on CPU; a one-line error otherwise."""
     try:
