@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "allpairs": "fr_trainer.eval.scale_cli:allpairs_main",
     "eval": "fr_trainer.eval.report:main",
     "plan": "fr_trainer.plan.cli:main",
+    "import-insightface": "fr_trainer.train.import_insightface:main",
 }
 BENCHMARKS: dict[str, str] = {
     "head": "fr_trainer.heads.bench:main",
@@ -48,6 +49,8 @@ commands:
   allpairs MODEL --root IMAGE_DIR      exact TAR@FAR over every pair of a labelled set
   eval MODEL ROOT [--out DIR]          every set under ROOT, one markdown + JSON report
   plan --classes N [...]               head memory and collective volume per GPU
+  import-insightface RUN_DIR OUT --config CONFIG
+                                       an arcface_torch run -> a checkpoint to resume here
   bench head|data|train|export|eval|search|allpairs
                                        benchmarks
 

@@ -53,12 +53,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (unpickling fails in many ways; all mean "not weights")
         raise PretrainedError(f"{path} is not a torch.save'd state_dict of tensors ({error})") from None
+    return unwrap_state_dict(obj, str(path))
+
+
+def unwrap_state_dict(obj: object, what: str) -> dict[str, torch.Tensor]:
+    """name -> tensor from a loaded object (a state_dict or a dict wrapping one under
+    WRAPPER_KEYS), `module.` / `_orig_mod.` prefixes dropped, the file's order kept."""
     for key in WRAPPER_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PretrainedError(f"{path} does not hold a state_dict (name -> tensor); got {type(obj).__name__}")
+        raise PretrainedError(f"{what} does not hold a state_dict (name -> tensor); got {type(obj).__name__}")
     out = {}
     for name, tensor in obj.items():
         for prefix in STRIPPED_PREFIXES:

@@ -47,7 +47,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -584,6 +584,31 @@ def split_shards(
     _save_file(dict(common, world_size=world_size), tmp / COMMON)
     final = root / step_name(step)
     _publish(root, tmp, final, world_size, step, not nonfinite_entries(merged))
+    return final
+
+
+def write_offline(
+    out_root: str | os.PathLike, step: int, common: dict, shards: Iterable[dict], world_size: int
+) -> Path:
+    """Write a complete checkpoint for `world_size` ranks from one process (converters such
+    as `import_insightface`): `shards` yields each rank's shard dict in rank order (one in
+    memory at a time). `latest` is set. Returns the checkpoint folder."""
+    root = Path(out_root)
+    root.mkdir(parents=True, exist_ok=True)
+    integrity.clean_stale(root)
+    tmp = root / f".tmp_{step_name(step)}"
+    tmp.mkdir()
+    count = 0
+    for rank, shard in enumerate(shards):
+        part = dict(shard, rank=rank, world_size=world_size, format=FORMAT)
+        _save_file(part, tmp / shard_name(rank, world_size))
+        count += 1
+    if count != world_size:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"write_offline: {count} shards for world size {world_size}")
+    _save_file(dict(common, world_size=world_size, format=FORMAT, step=step), tmp / COMMON)
+    final = root / step_name(step)
+    _publish(root, tmp, final, world_size, step)
     return final
 
 
