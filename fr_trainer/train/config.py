@@ -66,6 +66,8 @@ class ModelConfig:
     # "" or a backbone state_dict file (arcface_torch's published iresnet/mbf/ViT weights load
     # as they are; fr_trainer/backbones/pretrained.py) loaded right after the backbone is built
     pretrained: str = ""
+    # (a run directory / checkpoint of ours also works: its backbone, not its head)
+    pretrained_ema: bool = False  # model.pretrained is our run: take its EMA of the weights
     # EMA of the backbone weights after each taken optimizer step (train/ema.py); 0: off.
     # The average is checkpointed, verified beside the weights and exported with --ema
     ema_decay: float = 0.0

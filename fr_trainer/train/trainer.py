@@ -172,7 +172,7 @@ class Trainer:
             raise ConfigError(f"model.backbone={c.model.backbone!r} with {kwargs}: {error}") from None
         if c.model.init == "upstream":
             init_weights_upstream(backbone)
-        load_configured_pretrained(backbone, c.model.pretrained)
+        load_configured_pretrained(backbone, c.model.pretrained, c.model.pretrained_ema)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
