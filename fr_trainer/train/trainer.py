@@ -822,4 +822,7 @@ class Trainer:
             }
             if self.two_head is not None
             else {},
+            "ema": {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
+            if self.ema is not None
+            else {},
         }
