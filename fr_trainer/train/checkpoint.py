@@ -4,8 +4,9 @@ Layout of a run's checkpoint folder::
 
     checkpoints/
       step_00000100/
-        common.pt                  rank 0: backbone, its optimizer state, param groups, scaler,
-                                   schedule, step, data position, config, backbone recipe
+        common.pt                  rank 0: backbone (and its EMA), its optimizer state, param
+                                   groups, scaler, schedule, step, data position, config,
+                                   backbone recipe
         shard_00000_of_00002.pt    one per rank: its class centres ([start, end) of ClassShard),
                                    their optimizer state, its RNG states
         COMPLETE                   written last: the manifest (JSON: each file's size and
