@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_support import make_trainer
+from test_train_support import config_dict, make_trainer
 
 from fr_trainer.backbones import create_backbone
 from fr_trainer.data.synthetic import generate
@@ -110,3 +110,11 @@ def test_pretrained_takes_our_checkpoint_files_and_names_a_missing_ema(pretraine
 def test_negative_freeze_steps_or_backbone_lr_scale_is_a_config_error(key, value):
     with pytest.raises(ConfigError, match=rf"{key} must be >= 0.*got {value}"):
         load_config(None, [f"{key}={value}"])
+
+
+def test_backbone_lr_scale_scales_the_backbone_groups_lr_only(data, tmp_path):
+    cfg = config_dict(data, tmp_path, optim={"backbone_lr_scale": 0.25, "warmup_steps": 0})
+    trainer = make_trainer(0, 1, cfg)
+    result = trainer.train_step()
+    backbone, head = trainer.optimizer.param_groups[:2]
+    assert head["lr"] == result.lr > 0 and backbone["lr"] == pytest.approx(0.25 * result.lr, rel=1e-12)
