@@ -24,7 +24,8 @@ def rank_runs(rank: int, world_size: int, runs: list[tuple[dict, int | None]]) -
 # 4 optimizer steps of 2 micro-batches, lr warming up over 2 steps then decaying: the
 # schedule must reach the backbone's optimizer inside the engine, and the engine must
 # reduce only at the accumulation boundary.
-SECTIONS = {"train": {"max_steps": 4}, "optim": {"accumulate": 2, "warmup_steps": 2}}
+# With an EMA of the backbone (model.ema_decay): it must follow the engine's steps and resume.
+SECTIONS = {"train": {"max_steps": 4}, "optim": {"accumulate": 2, "warmup_steps": 2}, "model": {"ema_decay": 0.5}}
 
 
 def _config(data, out, engine: dict | None = None, **extra) -> dict:
@@ -48,6 +49,10 @@ def _assert_same_run(got: list[dict], want: list[dict], what: str) -> None:
                 msg=f"{what} rank {rank}: backbone {name} differs",
             )
         torch.testing.assert_close(g["snapshot"]["head"], w["snapshot"]["head"], rtol=1e-6, atol=1e-7)
+        assert set(g["snapshot"]["ema"]) == set(w["snapshot"]["ema"]) == set(w["snapshot"]["backbone"])
+        for name, tensor in w["snapshot"]["ema"].items():
+            torch.testing.assert_close(g["snapshot"]["ema"][name], tensor, rtol=1e-6, atol=1e-7,
+                                       msg=f"{what} rank {rank}: EMA {name} differs")
         torch.testing.assert_close(g["head"]["momentum"], w["head"]["momentum"], rtol=1e-6, atol=1e-7)
 
 

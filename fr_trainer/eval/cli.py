@@ -64,6 +64,7 @@ def _embedder(args: argparse.Namespace, command: str):
         batch_size=args.batch_size * 2,
         num_threads=args.threads,
         device=args.device,
+        ema=getattr(args, "ema", False),  # `verify --ema`
     )
     size = embedding_size(embedder, str(args.model))
     if size < MIN_EMBEDDING_SIZE:
@@ -113,6 +114,8 @@ def verify_main(argv: list[str]) -> int:
     )
     _add_model_args(parser)
     parser.add_argument("--bin", nargs="+", required=True, type=Path, help=".bin verification sets")
+    parser.add_argument("--ema", action="store_true", help="a training checkpoint's moving average "
+                        "of the weights (model.ema_decay > 0) instead of its weights")
     parser.add_argument("--nfolds", type=int, default=10, help="folds of the protocol (default 10)")
     parser.add_argument(
         "--fars",

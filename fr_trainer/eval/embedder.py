@@ -239,8 +239,10 @@ def load_embedder(
     batch_size: int = 256,
     num_threads: int = 0,
     device: str | None = None,
+    ema: bool = False,
 ) -> Callable[[np.ndarray], np.ndarray]:
-    """An Embedder for a model file: `.onnx` -> OnnxEmbedder, otherwise a checkpoint.
+    """An Embedder for a model file: `.onnx` -> OnnxEmbedder, otherwise a checkpoint
+    (`ema=True`: the moving average of its weights).
 
     Checkpoints go through `fr_trainer.train.checkpoint.load_backbone(path)`, which
     must return the backbone `nn.Module`; it lives with the trainer.
@@ -251,6 +253,8 @@ def load_embedder(
             f"model {path} does not exist (expected an .onnx file or a checkpoint)"
         )
     if path.suffix.lower() == ".onnx":
+        if ema:
+            raise ValueError(f"--ema needs a training checkpoint, not the ONNX file {path}")
         return OnnxEmbedder(
             path, providers=providers, batch_size=batch_size, num_threads=num_threads
         )
@@ -267,7 +271,7 @@ def load_embedder(
     from fr_trainer.train.load_errors import UNREADABLE, unreadable_message
 
     try:
-        module = load_backbone(path)
+        module = load_backbone(path, ema=True) if ema else load_backbone(path)
     except UNREADABLE as error:
         raise ValueError(unreadable_message(path, error)) from None
     return TorchEmbedder(module, device=device, batch_size=batch_size)

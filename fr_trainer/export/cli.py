@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(torch.save) for --backbone; default: random initialisation")
     p.add_argument("--embedding-size", type=int, help="embedding size D for --backbone "
                    "(default: from --weights, else 512)")
+    p.add_argument("--ema", action="store_true", help="export the moving average of the "
+                   "weights (a run trained with model.ema_decay > 0) instead of the weights")
     p.add_argument("--opset", type=_at_least(7), default=17, help="ONNX opset (default 17)")
     p.add_argument("--fp16", action="store_true", help="fp16 weights (input/output stay fp32)")
     p.add_argument("--tolerance", type=_tolerance, help="relative parity tolerance "
@@ -159,18 +161,20 @@ def load_model(args: argparse.Namespace, source: Path | None) -> nn.Module:
         if source is None or not source.exists():
             raise CliError(f"checkpoint {source} does not exist; pass a run directory, a "
                            "checkpoints/step_N folder, its common.pt or a merged checkpoint file")
-        return load_training_checkpoint(source)
+        return load_training_checkpoint(source, ema=args.ema)
+    if args.ema:
+        raise UsageError("--ema reads a training checkpoint; it does not go with --backbone")
     if source is not None and not source.is_file():
         raise CliError(f"weights file {source} does not exist (or is not a file)")
     return load_registry_backbone(args.backbone, source, args.embedding_size)
 
 
-def load_training_checkpoint(path: Path) -> nn.Module:
+def load_training_checkpoint(path: Path, ema: bool = False) -> nn.Module:
     from fr_trainer.train.checkpoint import load_backbone
     from fr_trainer.train.load_errors import UNREADABLE, unreadable_message
 
     try:
-        loaded = load_backbone(path)
+        loaded = load_backbone(path, ema=True) if ema else load_backbone(path)
     except UNREADABLE as error:
         raise CliError(unreadable_message(path, error)) from None
     model = loaded[0] if isinstance(loaded, tuple) else loaded

@@ -4,8 +4,9 @@ Layout of a run's checkpoint folder::
 
     checkpoints/
       step_00000100/
-        common.pt                  rank 0: backbone, its optimizer state, param groups, scaler,
-                                   schedule, step, data position, config, backbone recipe
+        common.pt                  rank 0: backbone (and its EMA), its optimizer state, param
+                                   groups, scaler, schedule, step, data position, config,
+                                   backbone recipe
         shard_00000_of_00002.pt    one per rank: its class centres ([start, end) of ClassShard),
                                    their optimizer state, its RNG states
         COMPLETE                   written last: the manifest (JSON: each file's size and
@@ -626,9 +627,10 @@ def convert_data_position(common: dict, world_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------- backbone only
-def load_backbone(path: str | os.PathLike) -> nn.Module:
+def load_backbone(path: str | os.PathLike, ema: bool = False) -> nn.Module:
     """The trained backbone (eval mode, fp32, CPU) from a checkpoint folder, a run dir,
-    a checkpoints root or a merged file."""
+    a checkpoints root or a merged file; `ema=True`: the moving average of its weights
+    (`model.ema_decay`; CheckpointError when the run kept none)."""
     from fr_trainer.backbones import create_backbone
 
     path = Path(path)
@@ -640,7 +642,13 @@ def load_backbone(path: str | os.PathLike) -> nn.Module:
     if not isinstance(common, dict) or "backbone" not in common or "backbone_name" not in common:
         raise CheckpointError(f"{path} holds no backbone recipe; is it an fr_trainer checkpoint?")
     model = create_backbone(common["backbone_name"], **common.get("backbone_kwargs", {}))
-    state = {k.removeprefix("module."): v for k, v in common["backbone"].items()}
+    weights = common["backbone"]
+    if ema:
+        if not common.get("ema"):
+            raise CheckpointError(f"{path} has no EMA of the backbone (the run was trained with "
+                                  "model.ema_decay = 0); drop --ema to use its weights")
+        weights = common["ema"]["backbone"]
+    state = {k.removeprefix("module."): v for k, v in weights.items()}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:

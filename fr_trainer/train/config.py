@@ -66,6 +66,15 @@ class ModelConfig:
     # "" or a backbone state_dict file (arcface_torch's published iresnet/mbf/ViT weights load
     # as they are; fr_trainer/backbones/pretrained.py) loaded right after the backbone is built
     pretrained: str = ""
+    # (a run directory / checkpoint of ours also works: its backbone, not its head)
+    pretrained_ema: bool = False  # model.pretrained is our run: take its EMA of the weights
+    # EMA of the backbone weights after each taken optimizer step (train/ema.py); 0: off.
+    # The average is checkpointed, verified beside the weights and exported with --ema
+    ema_decay: float = 0.0
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n
+    # fine-tuning (train/freeze.py): the backbone frozen (BN in eval mode, weights unchanged)
+    # for the first freeze_steps optimizer steps; the head trains from the start
+    freeze_steps: int = 0
 
 
 @dataclass
@@ -112,6 +121,7 @@ class OptimConfig:
     clip_grad_norm: float = 0.0  # 0: no clipping
     clip_scope: str = "all"  # all (backbone + head + regularizer) | backbone (arcface_torch)
     accumulate: int = 1  # micro-steps per optimizer step
+    backbone_lr_scale: float = 1.0  # the backbone's LR = this x the scheduled LR (fine-tuning)
 
 
 @dataclass
@@ -375,6 +385,16 @@ def validate(config: Config) -> None:
     _check(
         config.model.pretrained == config.model.pretrained.strip(),
         f"model.pretrained={config.model.pretrained!r} has leading/trailing spaces; give the bare path",
+    )
+    m = config.model
+    _check(
+        0.0 <= m.ema_decay < 1.0,
+        f"model.ema_decay must be in [0, 1) (0 = off; e.g. 0.999), got {m.ema_decay}",
+    )
+    _check(m.freeze_steps >= 0, f"model.freeze_steps must be >= 0 (0 = never frozen), got {m.freeze_steps}")
+    _check(
+        config.optim.backbone_lr_scale >= 0,
+        f"optim.backbone_lr_scale must be >= 0 (1 = the scheduled LR), got {config.optim.backbone_lr_scale}",
     )
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
     _check(

@@ -98,6 +98,11 @@ def check_config(config: Config) -> None:
         raise ConfigError(
             "[regularizer] is not supported with engine.name='deepspeed' yet; use engine.name='ddp'"
         )
+    if config.model.freeze_steps or o.backbone_lr_scale != 1.0:
+        raise ConfigError(
+            "model.freeze_steps and optim.backbone_lr_scale are not supported with "
+            "engine.name='deepspeed' (ZeRO steps the backbone on its own); use engine.name='ddp'"
+        )
     if t.precision == "fp16":
         raise ConfigError(
             "train.precision='fp16' is not supported with engine.name='deepspeed' "

@@ -42,7 +42,9 @@ from fr_trainer.train.data_setup import (
     consumed_from_position,
     open_dataset,
 )
+from fr_trainer.train.ema import build_ema, resume_ema, scaler_step_taken
 from fr_trainer.train.finiteness import BufferSnapshot, NonFiniteState
+from fr_trainer.train.freeze import BackboneFreeze
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
@@ -132,6 +134,7 @@ class Trainer:
                                  on_tick=self._refresh_run_lock, before_exit=self._release_run_lock)
         self._saved_step: int | None = None
         self._lock_released = False
+        self.ema_verification: dict[str, dict] = {}  # the latest verification of the EMA
 
     # ------------------------------------------------------------------ set-up steps
     def _build_data(self) -> None:
@@ -169,11 +172,14 @@ class Trainer:
             raise ConfigError(f"model.backbone={c.model.backbone!r} with {kwargs}: {error}") from None
         if c.model.init == "upstream":
             init_weights_upstream(backbone)
-        load_configured_pretrained(backbone, c.model.pretrained)
+        load_configured_pretrained(backbone, c.model.pretrained, c.model.pretrained_ema)
         if c.model.grad_checkpointing and hasattr(backbone, "set_grad_checkpointing"):
             backbone.set_grad_checkpointing(True)
         self.backbone = backbone.to(self.device, self.precision.param_dtype)
         self.channels_last = prepare_backbone(self.backbone, c, self.device)
+        self.ema = build_ema(c.model.ema_decay, c.model.ema_warmup, self.backbone,
+                             lambda: create_backbone(c.model.backbone, **kwargs))
+        self.freeze = BackboneFreeze(self.backbone, c.model.freeze_steps)
         # triplet regularizer (Taha et al. 2020): a second, ranking head on the last feature map
         self.two_head = None
         network = self.backbone
@@ -251,7 +257,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         o = self.config.optim
         groups = [
-            {"params": self._replicated_params()},
+            {"params": self._replicated_params(), "lr_scale": o.backbone_lr_scale},
             {"params": list(self.head.parameters())},
         ]
         if self._regularizer_params():
@@ -350,6 +356,7 @@ class Trainer:
                 "precision": self.precision.name,
                 "regularizer_name": self.config.regularizer.name,
                 "second_head": self.two_head.second_head.state_dict() if self.two_head else None,
+                "ema": self.ema.state_dict() if self.ema is not None else None,
             }
         shard = {
             "head": self.head.state_dict(),
@@ -415,6 +422,7 @@ class Trainer:
         ckpt.refuse_nonfinite(folder, {"common": common, "shard": exact}, self.group)
         resume_checks.check_head_state(folder, common, exact["head"], self.head.state_dict(), self.config.head.margin)
         self.backbone.load_state_dict(common["backbone"])
+        self.resume_notes += resume_ema(self.ema, common.get("ema"), self.backbone, folder)
         # a resharded sampling stream is None: the head reseeds it for its rank and the step
         self.head.load_state_dict(exact["head"], strict="_extra_state" in exact["head"])
         optim_reg = self._load_regularizer(folder, common, exact, saved_world)
@@ -557,6 +565,7 @@ class Trainer:
             if self.config.train.nonfinite == "skip"
             else None
         )
+        frozen = self.freeze.begin_step(self.step)
         for i in range(accumulate):
             images, labels = self.stream.next()
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
@@ -571,6 +580,8 @@ class Trainer:
             self.schedule.advance()
             return StepResult(loss, lr, True, None)
         self._nonfinite_run = 0
+        if frozen:
+            self.freeze.drop_grads()
         if self.config.head.update == "dense":
             densify(self.head)
         if self.scaler is not None:
@@ -584,12 +595,17 @@ class Trainer:
                 self.config.optim.clip_grad_norm,
                 self.group,
             )
+        taken = True
         if self.scaler is not None:
+            scale = self.scaler.get_scale() if self.ema is not None else 0.0
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            taken = self.ema is None or scaler_step_taken(scale, self.scaler.get_scale())
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None and taken:
+            self.ema.update(self.backbone)
         self.schedule.advance()
         return StepResult(loss, lr, False, norm)
 
@@ -633,7 +649,7 @@ class Trainer:
         holds statistics updated by its own batch; verification and checkpoints use rank 0's.
         """
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
-            for buffer in self.backbone.buffers():
+            for buffer in [*self.backbone.buffers(), *(self.ema.buffers() if self.ema else [])]:
                 dist.broadcast(buffer, 0, group=self.group)
 
     def verify(self) -> dict[str, dict]:
@@ -647,6 +663,12 @@ class Trainer:
         self.reporter.scalars(
             self.step, {f"val/{n}/accuracy": r["accuracy"] for n, r in results.items()}
         )
+        if self.ema is not None:  # the average too, logged beside the weights
+            ema = self.verifier.run(self.ema.module, self.device, self.precision.param_dtype)
+            line = ", ".join(f"{name} {r['accuracy'] * 100:.2f}%" for name, r in ema.items())
+            self.reporter.info(f"verification of the EMA at step {self.step}: {line}")
+            self.reporter.scalars(self.step, {f"val/{n}/accuracy_ema": r["accuracy"] for n, r in ema.items()})
+            self.ema_verification = ema
         return results
 
     @property
@@ -775,6 +797,8 @@ class Trainer:
             "checkpoint": str(folder),
             "verification": _accuracies(verification),
         }
+        if self.ema is not None:
+            summary["verification_ema"] = _accuracies(self.ema_verification)
         return summary
 
     def _barrier(self) -> None:
@@ -797,5 +821,8 @@ class Trainer:
                 k: v.detach().cpu().clone() for k, v in self.two_head.second_head.state_dict().items()
             }
             if self.two_head is not None
+            else {},
+            "ema": {k: v.detach().cpu().clone() for k, v in self.ema.module.state_dict().items()}
+            if self.ema is not None
             else {},
         }
