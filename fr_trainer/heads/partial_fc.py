@@ -20,6 +20,7 @@ from torch.distributed import ProcessGroup
 
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad, rank_and_world_size
 from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.filtering import InterclassFiltered, check_threshold
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
@@ -50,6 +51,9 @@ class PartialFC(nn.Module):
             (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
         device: where the centres are created (drawn on the host one block at a time, so
             a 10M-class shard is never held in host memory); None: the CPU.
+        interclass_filtering_threshold: non-target cosines above it count as 0 (no logit
+            mass, no gradient: likely the same identity under another label); 0 = off.
+            See `fr_trainer.heads.filtering`.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
 
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
@@ -60,7 +64,8 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
                  compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, **margin_kwargs) -> None:
+                 device: torch.device | str | None = None, interclass_filtering_threshold: float = 0.0,
+                 **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -77,6 +82,7 @@ class PartialFC(nn.Module):
             self.margin = margin
         else:
             self.margin = create_margin(margin, num_classes=num_classes, **margin_kwargs)
+        self.interclass_filtering_threshold = check_threshold(interclass_filtering_threshold, self.margin)
         self.sample_rate = float(sample_rate)
         self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
         self.chunk_size = chunk_size
@@ -126,7 +132,13 @@ class PartialFC(nn.Module):
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self.margin, group, self.chunk_size, compute, logits)
+                                               self._call_margin(), group, self.chunk_size, compute, logits)
+
+    def _call_margin(self) -> Margin:
+        """The margin the fused head applies: the head's, filtered when the inter-class
+        filtering threshold is on."""
+        threshold = self.interclass_filtering_threshold
+        return self.margin if threshold <= 0 else InterclassFiltered(self.margin, threshold)
 
     def get_extra_state(self) -> dict:
         generator = self._generator
