@@ -92,6 +92,10 @@ def _reference(margin, kw, head_kw, step, world_size, columns, state):
     return loss.detach(), x.grad, w.grad, state
 
 
+def _say(label: str):
+    return lambda message: f"{label}: {message}"
+
+
 def _check_case(results, case: int, state_check=None) -> None:
     world_size, per_rank_all = results
     margin, kw, head_kw, steps = CASES[case]
@@ -106,10 +110,10 @@ def _check_case(results, case: int, state_check=None) -> None:
             label = f"{margin} {kw} {head_kw} step={step} world={world_size} {dtype}"
             tol = TOLERANCE[dtype]
             for rank, r in enumerate(per_rank):
-                torch.testing.assert_close(r["loss"].double(), loss, **tol, msg=lambda m, lb=label: f"{lb}: {m}")
+                torch.testing.assert_close(r["loss"].double(), loss, **tol, msg=_say(label))
                 rows = slice(rank * BATCH, (rank + 1) * BATCH)
-                torch.testing.assert_close(r["grad_x"].double(), gx[rows], **tol, msg=lambda m, lb=label: f"{lb}: {m}")
-                torch.testing.assert_close(r["grad_w"].double(), gw[r["start"]:r["end"]], **tol, msg=lambda m, lb=label: f"{lb}: {m}")
+                torch.testing.assert_close(r["grad_x"].double(), gx[rows], **tol, msg=_say(label))
+                torch.testing.assert_close(r["grad_w"].double(), gw[r["start"]:r["end"]], **tol, msg=_say(label))
                 if state_check is not None:
                     state_check(r["state"], state, per_rank[0]["state"], dtype, label)
 
