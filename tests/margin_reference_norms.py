@@ -36,8 +36,8 @@ def adaface_step(norms: torch.Tensor, state: dict, kw: dict) -> tuple[torch.Tens
     """(norm_hat [G], the new running mean / std) from the batch norms."""
     kw = {**ADAFACE, **kw}
     safe = norms.detach().clamp(0.001, 100.0)
-    mean = kw["t_alpha"] * safe.mean() + (1 - kw["t_alpha"]) * state["mean"]
-    std = kw["t_alpha"] * safe.std() + (1 - kw["t_alpha"]) * state["std"]
+    mean = kw["t_alpha"] * safe.mean() + (1 - kw["t_alpha"]) * state.get("mean", 20.0)
+    std = kw["t_alpha"] * safe.std() + (1 - kw["t_alpha"]) * state.get("std", 100.0)
     norm_hat = ((safe - mean) / (std + ADAFACE_EPS) * kw["h"]).clamp(-1.0, 1.0)
     return norm_hat, {"mean": mean, "std": std}
 
@@ -55,7 +55,10 @@ def norm_target(name: str, cos_t: torch.Tensor, norms: torch.Tensor, kw: dict, s
     a = norms.clamp(kw["l_a"], kw["u_a"])
     m = (kw["u_m"] - kw["l_m"]) / (kw["u_a"] - kw["l_a"]) * (a - kw["l_a"]) + kw["l_m"]
     g = 1.0 / a + a / kw["u_a"] ** 2
-    return kw["s"] * _arc(cos_t, m), kw["lambda_g"] * g.mean(), state
+    target = kw["s"] * _arc(cos_t, m)
+    if kw.get("gradient") == "straight_through":  # the margin's value, the gradient of s cos_y
+        target = target.detach() + kw["s"] * (cos_t - cos_t.detach())
+    return target, kw["lambda_g"] * g.mean(), state
 
 
 def reference_loss(name: str, x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, kw: dict,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from head_reference import reference_loss
 from margin_reference_extra import DEFAULTS, extra_reference_loss
+from margin_reference_norms import reference_loss as new_reference_loss
 
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
@@ -26,7 +27,9 @@ CASES = [(name, {}, None, 1.0) for name in list_margins()] + [  # (margin, kw, c
     ("sv_arcface", {}, 300, 1.0),
     ("cosface", {}, None, 0.5),
     ("curricularface", {}, None, 0.5),
+    ("arcface", {"interclass_filtering_threshold": 0.2}, None, 1.0),
 ]
+NEW = ("adaface", "magface", "subcenter_arcface")  # issue 11: tests/margin_reference_norms.py
 
 
 def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +63,10 @@ def _rank(rank: int, world_size: int, dtype_name: str) -> list[dict]:
 
 
 def _reference(margin: str, kw: dict, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    threshold = kw.get("interclass_filtering_threshold", 0.0)
+    if margin in NEW or threshold:
+        kw = {k: v for k, v in kw.items() if k != "interclass_filtering_threshold"}
+        return new_reference_loss(margin, x, w, y, kw, threshold)[0]
     if margin in DEFAULTS:
         return extra_reference_loss(margin, x, w, y, kw)[0]
     return reference_loss(margin, x, w, y, kw, bias=torch.zeros(w.shape[0], dtype=w.dtype))

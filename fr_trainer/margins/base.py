@@ -122,6 +122,19 @@ class Margin(nn.Module):
         None (the default) for none. Differentiable when `norm_gradient`."""
         return None
 
+    def norm_penalty_terms(self, norms: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(`norm_penalty(norms)` [N] detached, its derivative [N] by autograd when
+        `norm_gradient`), or (None, None) without a penalty."""
+        with torch.enable_grad():
+            a = norms.detach().clone().requires_grad_(self.norm_gradient)
+            penalty = self.norm_penalty(a)
+            if penalty is None:
+                return None, None
+            derivative = None
+            if self.norm_gradient and penalty.requires_grad:
+                (derivative,) = torch.autograd.grad(penalty.sum(), (a,))
+        return penalty.detach(), derivative
+
     def update_norm_state(self, norms: torch.Tensor) -> None:
         """Called once per forward with the norms of the global batch when `needs_norms`
         (AdaFace's running statistics); no-op by default."""
