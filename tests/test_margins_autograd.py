@@ -134,3 +134,22 @@ def test_a_new_margin_needs_only_its_formula() -> None:
         logit, derivative = Quadratic(scale=10.0).target(cos)
     torch.testing.assert_close(derivative, 10.0 * (1 - 0.2 * cos), rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(logit, 10.0 * (cos - 0.1 * cos * cos), rtol=0, atol=0)
+
+
+def test_magface_norm_derivative_is_the_closed_form() -> None:
+    margin = create_margin("magface").double()
+    cos = torch.linspace(-0.5, 0.99, 9, dtype=torch.float64)
+    norms = torch.tensor([5.0, 10.5, 30.0, 60.0, 80.0, 100.0, 109.0, 120.0, 55.0], dtype=torch.float64)
+    logit, d_cos, d_norm = margin.target_terms(cos, norms)
+    slope = (0.8 - 0.45) / 100.0
+    m = slope * (norms.clamp(10, 110) - 10) + 0.45
+    theta = torch.acos(cos)
+    inside = (norms > 10) & (norms < 110)
+    want = torch.where(inside, -64.0 * torch.sin(theta + m) * slope, torch.zeros_like(cos))
+    torch.testing.assert_close(logit, 64.0 * torch.cos(theta + m), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(d_norm, want, rtol=1e-10, atol=1e-12)
+    penalty, d_penalty = margin.norm_penalty_terms(norms)
+    a = norms.clamp(10, 110)
+    torch.testing.assert_close(penalty, 35.0 * (1 / a + a / 110.0**2), rtol=1e-14, atol=0)
+    torch.testing.assert_close(d_penalty, torch.where(inside, 35.0 * (-1 / a**2 + 1 / 110.0**2), 0 * a),
+                               rtol=1e-12, atol=1e-15)
