@@ -68,7 +68,7 @@ def closed_form(name: str, margin, cos: torch.Tensor) -> tuple[torch.Tensor, tor
         return s * cos, torch.full_like(cos, s)
     if name == "cosface":
         return s * (cos - margin.m), torch.full_like(cos, s)
-    if name in ("arcface", "curricularface"):
+    if name in ("arcface", "curricularface", "subcenter_arcface"):
         value, d = arcface(cos, margin.m, getattr(margin, "easy_margin", False), getattr(margin, "fallback", True))
         return s * value, s * d
     if name == "combined":

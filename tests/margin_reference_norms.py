@@ -85,6 +85,8 @@ def reference_loss(name: str, x: torch.Tensor, weight: torch.Tensor, labels: tor
     elif name == "subcenter_arcface":
         scale = kw.get("s", 64.0)
         target = scale * _arc(cos_t, kw.get("m", 0.5))
+        if kw.get("gradient") == "straight_through":
+            target = target.detach() + scale * (cos_t - cos_t.detach())
     else:
         scale = reference_scale(name, kw, cos.shape[1])
         target = reference_target_logit(name, cos_t, kw, cos.shape[1])

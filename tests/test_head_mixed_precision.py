@@ -18,7 +18,7 @@ from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.precision import resolve_head_dtype
-from fr_trainer.margins import list_margins
+from fr_trainer.margins import create_margin, list_margins
 
 NUM_CLASSES, DIM, BATCH, SEED = 1003, 64, 8, 5
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,6 +85,13 @@ def _bound(margin: str, dtype_name: str, target: float, known_miss: float) -> fl
     return known_miss if (margin, dtype_name) in KNOWN_MISSES else target
 
 
+def _full_centres(margin: str) -> torch.Tensor:
+    """The whole centre matrix [K, D] ([K, k, D] for a sub-centre margin) in fp64."""
+    k = create_margin(margin, num_classes=NUM_CLASSES).subcenters
+    full = init_centres(ClassShard(NUM_CLASSES, 1, 0), DIM * k, SEED).double()
+    return full if k == 1 else full.view(NUM_CLASSES, k, DIM)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -94,8 +101,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_mixed_precision_head_is_close_to_the_fp64_reference(world_size: int, dtype_name: str) -> None:
     results = run_ranks(_rank, world_size, dtype_name, timeout_s=300)
     x_all, y_all = global_batch(world_size)
-    full = init_centres(ClassShard(NUM_CLASSES, 1, 0), DIM, SEED).double()
     for case_index, (margin, kw, chunk, rate) in enumerate(CASES):
+        full = _full_centres(margin)
         label = f"{margin} chunk={chunk} rate={rate} {dtype_name} world={world_size}"
         per_rank = [r[case_index] for r in results]
         columns = None

@@ -32,6 +32,9 @@ CASES = [  # (margin, margin keywords, head keywords, steps)
     ("magface", {}, {}, 2),
     ("magface", {"l_m": 0.3, "u_m": 2.9, "lambda_g": 10.0}, {"chunk_size": 300}, 1),  # the fall-back
     ("magface", {"gradient": "straight_through"}, {"sample_rate": 0.5}, 1),
+    ("subcenter_arcface", {}, {}, 1),
+    ("subcenter_arcface", {"k": 2, "m": 2.8}, {THRESHOLD: 0.3}, 1),  # the fall-back, filtered
+    ("subcenter_arcface", {"gradient": "straight_through"}, {}, 1),
 ]
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 FP32_GRAD_ERROR = 1e-3  # relative Frobenius error of an fp32 gradient (a row with 1 - p_y ~ 1e-5 loses digits)
@@ -98,7 +101,7 @@ def results(request) -> tuple[int, list[dict]]:
 def _reference(margin, kw, head_kw, step, world_size, columns, state):
     x_all, y_all = global_batch(world_size, step)
     x = x_all.clone().requires_grad_()
-    w = full_weight().requires_grad_()
+    w = full_weight(kw.get("k", 3) if margin == "subcenter_arcface" else 0).requires_grad_()
     labels, used = y_all, w
     if columns is not None:
         labels, used = torch.searchsorted(columns, y_all), w[columns]
@@ -156,6 +159,11 @@ def test_adaface_is_exact_and_its_running_statistics_match_the_reference(results
 
 def test_magface_is_exact_with_its_norm_gradient_and_regulariser(results) -> None:
     for case in [i for i, c in enumerate(CASES) if c[0] == "magface"]:
+        _check_case(results, case)
+
+
+def test_subcenter_arcface_is_exact_with_the_max_over_sub_centres(results) -> None:
+    for case in [i for i, c in enumerate(CASES) if c[0] == "subcenter_arcface"]:
         _check_case(results, case)
 
 

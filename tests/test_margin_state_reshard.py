@@ -64,3 +64,22 @@ def test_adaface_statistics_survive_a_two_to_three_reshard(monkeypatch, tmp_path
     x, y = _batch(3)
     torch.testing.assert_close(resumed(x, y), trained(x, y), rtol=0, atol=0)
     assert torch.equal(resumed.margin.batch_mean, trained.margin.batch_mean)
+
+
+def test_subcentres_stay_with_their_class_through_a_two_to_three_reshard(monkeypatch, tmp_path) -> None:
+    old = [_head(monkeypatch, rank, 2, "subcenter_arcface", k=3) for rank in range(2)]
+    full = _head(monkeypatch, 0, 1, "subcenter_arcface", k=3).weight.detach()
+    assert full.shape == (NUM_CLASSES, 3, DIM)
+    assert torch.equal(torch.cat([h.weight.detach() for h in old]), full)  # init independent of the world size
+    with torch.no_grad():  # as if trained: make every sub-centre distinct and recognisable
+        for head in old:
+            head.weight.add_(torch.arange(head.shard.start, head.shard.end, dtype=torch.float64)[:, None, None])
+    trained = torch.cat([h.weight.detach() for h in old])
+    _save(tmp_path / "step", old)
+    new = _load(monkeypatch, tmp_path / "step", 3, "subcenter_arcface", k=3)
+    for head in new:
+        assert head.weight.shape == (head.shard.num_local, 3, DIM)
+        assert torch.equal(head.weight.detach(), trained[head.shard.start:head.shard.end])
+    # an arcface run cannot take sub-centre weights by mistake (the shapes differ)
+    plain = _head(monkeypatch, 0, 1, "arcface")
+    assert plain.weight.shape != new[0].weight.shape

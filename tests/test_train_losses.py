@@ -20,6 +20,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "losses"
 DEMO_LOSSES = [
     "arcface", "cosface", "coco", "sv_arcface", "mv_softmax", "circle", "curricularface",
     "sphereface", "center", "center_cosface", "triplet", "circle_pair", "adaface", "magface",
+    "subcenter_arcface",
 ]
 
 

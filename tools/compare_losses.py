@@ -25,6 +25,7 @@ CONFIGS = ROOT / "configs" / "losses"
 LOSSES = [
     "arcface", "cosface", "coco", "sv_arcface", "mv_softmax", "circle", "curricularface",
     "sphereface", "center", "center_cosface", "triplet", "circle_pair", "adaface", "magface",
+    "subcenter_arcface",
 ]
 
 

@@ -25,6 +25,7 @@ from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
 from fr_trainer.heads.sampling import num_sampled, sample_centres, sampling_seed
+from fr_trainer.heads.subcenter import subcenter_loss
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
@@ -89,12 +90,25 @@ class PartialFC(nn.Module):
         self.compute_dtype = compute_dtype
         self.logits_dtype = logits_dtype
         self.seed = int(torch.initial_seed() if seed is None else seed)
-        self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std, device=device))
+        self.weight = nn.Parameter(self._initial_centres(init_std, device))
         self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
                      if self.margin.has_bias else None)
         self._generator: torch.Generator | None = None
         self._reseed_step: int | None = None  # set when a resharded checkpoint had no stream for this rank
         self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
+
+    def _initial_centres(self, init_std: float, device) -> torch.Tensor:
+        """[C_local, D], or [C_local, k, D] for a sub-centre margin (a class's k sub-centres
+        drawn as one row of k D numbers: the same at any world size, kept together by
+        checkpoints and resharding)."""
+        k = self.margin.subcenters
+        if k == 1:
+            return init_centres(self.shard, self.embedding_size, self.seed, init_std, device=device)
+        if self.sampling:
+            raise ValueError(f"sample_rate={self.sample_rate} is not supported with {k} sub-centres per class; "
+                             "use sample_rate=1.0")
+        centres = init_centres(self.shard, self.embedding_size * k, self.seed, init_std, device=device)
+        return centres.view(self.shard.num_local, k, self.embedding_size)
 
     @property
     def sampling(self) -> bool:
@@ -129,6 +143,9 @@ class PartialFC(nn.Module):
                                    self._sampling_generator())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
+        if self.margin.subcenters > 1:
+            return subcenter_loss(all_embeddings, self.weight, local, self.margin, group,
+                                  self.interclass_filtering_threshold)
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,

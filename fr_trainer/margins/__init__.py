@@ -12,6 +12,7 @@ from fr_trainer.margins.family import (
     CosFace,
     NormFace,
     Softmax,
+    SubcenterArcFace,
     coco_alpha_lower_bound,
 )
 from fr_trainer.margins.norm_aware import AdaFace, MagFace
@@ -37,6 +38,7 @@ __all__ = [
     "SVSoftmax",
     "Softmax",
     "SphereFace",
+    "SubcenterArcFace",
     "SupportVectorMargin",
     "coco_alpha_lower_bound",
     "create_margin",

@@ -49,6 +49,8 @@ class Margin(nn.Module):
             CurricularFace): the head all-reduces it (G floats) before the non-targets.
         needs_norms: the target depends on the embedding norms [G] (AdaFace, MagFace).
         norm_gradient: the target and `norm_penalty` carry a gradient to the norms (MagFace).
+        subcenters: centres per class (Sub-center ArcFace's k); the class cosine is the max
+            over them. 1 for every other margin.
     """
 
     normalized: bool = True
@@ -57,6 +59,7 @@ class Margin(nn.Module):
     needs_global_target: bool = False
     needs_norms: bool = False
     norm_gradient: bool = False
+    subcenters: int = 1
 
     def __init__(self, scale: float, gradient: str = "exact") -> None:
         super().__init__()

@@ -110,6 +110,27 @@ class ArcFace(Margin):
         )
 
 
+@register_margin("subcenter_arcface")
+class SubcenterArcFace(ArcFace):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): k centres per class, all on the shard
+    that owns the class; the class cosine is the max over its k sub-centres
+    (cos_ij = max_l cos(x_i, w_jl)), then ArcFace on those cosines (target
+    `s cos(theta_y + m)` with the th/mm fall-back, others `s cos_j`). Defaults s = 64,
+    m = 0.5, k = 3. The gradient of a class cosine goes to its maximising sub-centre.
+    The head holds the centres as [C_local, k, D] (`fr_trainer/heads/subcenter.py`);
+    `tools/subcenter_clean.py` lists the samples far from their class's dominant sub-centre
+    and writes the k = 1 (plain ArcFace) centres."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, k: int = 3, gradient: str = "exact") -> None:
+        super().__init__(s=s, m=m, gradient=gradient)
+        if int(k) != k or k < 1:
+            raise ValueError(f"subcenter_arcface needs a whole number of sub-centres k >= 1, got k={k}")
+        self.subcenters = int(k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.subcenters}"
+
+
 @register_margin("combined")
 class Combined(Margin):
     """Combined margin: target `s (cos(m1 theta_y + m2) - m3)`, others `s cos_j`.
