@@ -57,6 +57,11 @@ class PartialFC(nn.Module):
             See `fr_trainer.heads.filtering`.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
 
+    The centres `weight` are [C_local, D], or [C_local, k, D] for a sub-centre margin
+    (`subcenter_arcface`; `fr_trainer.heads.subcenter`), k sub-centres per class on its shard.
+    Norm-aware margins (adaface, magface) get the norms of the gathered embeddings from the
+    fused head (`Margin.needs_norms`).
+
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
     mean over the global batch, identical on every rank).
     """
