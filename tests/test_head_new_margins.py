@@ -199,8 +199,16 @@ def test_the_multirank_batch_has_targets_above_the_threshold() -> None:
     assert int((cos_t > 0.3).sum()) >= 3
 
 
-def test_threshold_errors() -> None:
+def test_option_errors_name_the_value() -> None:
     with pytest.raises(ValueError, match="interclass_filtering_threshold=1.5"):
         PartialFC(10, 4, interclass_filtering_threshold=1.5)
     with pytest.raises(ValueError, match="softmax"):
         PartialFC(10, 4, margin="softmax", interclass_filtering_threshold=0.5)
+    with pytest.raises(ValueError, match="sample_rate=0.5 is not supported with 3 sub-centres"):
+        PartialFC(10, 4, margin="subcenter_arcface", sample_rate=0.5)
+    with pytest.raises(ValueError, match="k=0"):
+        PartialFC(10, 4, margin="subcenter_arcface", k=0)
+    with pytest.raises(ValueError, match="t_alpha=0"):
+        PartialFC(10, 4, margin="adaface", t_alpha=0)
+    with pytest.raises(ValueError, match="l_a=20"):
+        PartialFC(10, 4, margin="magface", l_a=20.0, u_a=10.0)
