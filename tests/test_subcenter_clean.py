@@ -128,3 +128,13 @@ def test_the_tool_script_runs(run, tmp_path, monkeypatch) -> None:
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(TOOL), run_name="__main__")
     assert done.value.code == 0 and (tmp_path / "o.pt").is_file()
+
+
+def test_a_sampled_subcenter_config_is_a_one_line_config_error(run, tmp_path) -> None:
+    from fr_trainer.train.config import ConfigError
+
+    data = run[0]
+    cfg = config_dict(data, tmp_path / "o", head={"margin": "subcenter_arcface", "margin_args": {"k": 2},
+                                                  "sample_rate": 0.5})
+    with pytest.raises(ConfigError, match=r"^\[head\]: sample_rate=0.5 is not supported with 2 sub-centres"):
+        make_trainer(0, 1, cfg)
