@@ -2,8 +2,9 @@
 reference of tests/margin_reference_norms.py: inter-class filtering (every margin kind:
 linear, ArcFace, non-linear non-targets, global target; chunked, sampled), adaface and
 magface (stateful ones over several steps, the running buffers checked against the
-reference's) and subcenter_arcface. 1003 classes (uneven shards); float64 to 1e-9 and
-float32 (loss to 1e-5, gradients to 1e-3 relative norm); one spawn per world size runs every case in both dtypes."""
+reference's) and subcenter_arcface. 1003 classes (uneven shards); float64 to 1e-9 and,
+for one case of each kind, float32 (loss to 1e-5, gradients to 1e-3 relative norm); one
+spawn per world size runs every case."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ CASES = [  # (margin, margin keywords, head keywords, steps)
     ("subcenter_arcface", {"k": 2, "m": 2.8}, {THRESHOLD: 0.3}, 1),  # the fall-back, filtered
     ("subcenter_arcface", {"gradient": "straight_through"}, {}, 1),
 ]
+# float32 runs one case of each kind (filtering, adaface over 3 steps, magface, sub-centres)
+FP32_CASES = {0, 6, 9, 12}
 TOLERANCE = {torch.float64: dict(rtol=1e-9, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
 FP32_GRAD_ERROR = 1e-3  # relative Frobenius error of an fp32 gradient (a row with 1 - p_y ~ 1e-5 loses digits)
 
@@ -75,6 +78,8 @@ def _rank_results(rank: int, world_size: int) -> dict:
     out = {}
     for dtype in (torch.float64, torch.float32):
         for case, (margin, kw, head_kw, steps) in enumerate(CASES):
+            if dtype == torch.float32 and case not in FP32_CASES:
+                continue
             head = PartialFC(NUM_CLASSES, DIM, margin=margin, seed=SEED, **head_kw, **kw).to(dtype)
             for step in range(steps):
                 x_all, y_all = global_batch(world_size, step)
@@ -117,7 +122,7 @@ def _say(label: str):
 def _check_case(results, case: int, state_check=None) -> None:
     world_size, per_rank_all = results
     margin, kw, head_kw, steps = CASES[case]
-    for dtype in (torch.float64, torch.float32):
+    for dtype in (torch.float64, torch.float32) if case in FP32_CASES else (torch.float64,):
         state = {}
         for step in range(steps):
             per_rank = [r[(str(dtype), case, step)] for r in per_rank_all]
