@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from head_reference import reference_loss
 from margin_reference_extra import DEFAULTS, extra_reference_loss
+from margin_reference_norms import reference_loss as new_reference_loss
 
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.precision import resolve_head_dtype
-from fr_trainer.margins import list_margins
+from fr_trainer.margins import create_margin, list_margins
 
 NUM_CLASSES, DIM, BATCH, SEED = 1003, 64, 8, 5
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -26,7 +27,9 @@ CASES = [(name, {}, None, 1.0) for name in list_margins()] + [  # (margin, kw, c
     ("sv_arcface", {}, 300, 1.0),
     ("cosface", {}, None, 0.5),
     ("curricularface", {}, None, 0.5),
+    ("arcface", {"interclass_filtering_threshold": 0.2}, None, 1.0),
 ]
+NEW = ("adaface", "magface", "subcenter_arcface")  # issue 11: tests/margin_reference_norms.py
 
 
 def global_batch(world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +63,10 @@ def _rank(rank: int, world_size: int, dtype_name: str) -> list[dict]:
 
 
 def _reference(margin: str, kw: dict, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    threshold = kw.get("interclass_filtering_threshold", 0.0)
+    if margin in NEW or threshold:
+        kw = {k: v for k, v in kw.items() if k != "interclass_filtering_threshold"}
+        return new_reference_loss(margin, x, w, y, kw, threshold)[0]
     if margin in DEFAULTS:
         return extra_reference_loss(margin, x, w, y, kw)[0]
     return reference_loss(margin, x, w, y, kw, bias=torch.zeros(w.shape[0], dtype=w.dtype))
@@ -78,6 +85,13 @@ def _bound(margin: str, dtype_name: str, target: float, known_miss: float) -> fl
     return known_miss if (margin, dtype_name) in KNOWN_MISSES else target
 
 
+def _full_centres(margin: str) -> torch.Tensor:
+    """The whole centre matrix [K, D] ([K, k, D] for a sub-centre margin) in fp64."""
+    k = create_margin(margin, num_classes=NUM_CLASSES).subcenters
+    full = init_centres(ClassShard(NUM_CLASSES, 1, 0), DIM * k, SEED).double()
+    return full if k == 1 else full.view(NUM_CLASSES, k, DIM)
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
@@ -87,8 +101,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_mixed_precision_head_is_close_to_the_fp64_reference(world_size: int, dtype_name: str) -> None:
     results = run_ranks(_rank, world_size, dtype_name, timeout_s=300)
     x_all, y_all = global_batch(world_size)
-    full = init_centres(ClassShard(NUM_CLASSES, 1, 0), DIM, SEED).double()
     for case_index, (margin, kw, chunk, rate) in enumerate(CASES):
+        full = _full_centres(margin)
         label = f"{margin} chunk={chunk} rate={rate} {dtype_name} world={world_size}"
         per_rank = [r[case_index] for r in results]
         columns = None

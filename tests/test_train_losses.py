@@ -19,7 +19,8 @@ from fr_trainer.train.config import ConfigError, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "losses"
 DEMO_LOSSES = [
     "arcface", "cosface", "coco", "sv_arcface", "mv_softmax", "circle", "curricularface",
-    "sphereface", "center", "center_cosface", "triplet", "circle_pair",
+    "sphereface", "center", "center_cosface", "triplet", "circle_pair", "adaface", "magface",
+    "subcenter_arcface",
 ]
 
 

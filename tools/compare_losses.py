@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "losses"
 LOSSES = [
     "arcface", "cosface", "coco", "sv_arcface", "mv_softmax", "circle", "curricularface",
-    "sphereface", "center", "center_cosface", "triplet", "circle_pair",
+    "sphereface", "center", "center_cosface", "triplet", "circle_pair", "adaface", "magface",
+    "subcenter_arcface",
 ]
 
 

@@ -260,7 +260,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         if margin.needs_global_target:
             target_cos = all_reduce_(cos_t.clone(), dist.ReduceOp.SUM, group)
             margin.update_state(target_cos)
-        z_t, dz_t = margin.target(cos_t if target_cos is None else target_cos)
+        norm_terms = _NormTerms(margin, ops.x_norm) if margin.needs_norms else None
+        z_t, dz_t, dz_dnorm = margin.target_terms(cos_t if target_cos is None else target_cos,
+                                                  None if norm_terms is None else norm_terms.norms)
 
         blocks = _column_blocks(num_cols, chunk_size)
         keep_logits = len(blocks) == 1 and margin.linear_nontarget
@@ -280,11 +282,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         joined = all_reduce_(torch.stack([sum_exp, z_owned]), dist.ReduceOp.SUM, group)
         log_sum_exp = row_max + torch.log(joined[0])
         loss = (log_sum_exp - joined[1]).mean()
+        if norm_terms is not None:
+            loss = loss + norm_terms.penalty_mean
+            norm_terms.dz_dnorm = dz_dnorm
 
         ctx.ops, ctx.tgt, ctx.blocks, ctx.kept = ops, tgt, blocks, kept
         ctx.index, ctx.weight_shape, ctx.has_bias = index, weight.shape, bias is not None
         ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos = cos_t, z_t, dz_t, target_cos
         ctx.log_sum_exp = log_sum_exp
+        ctx.norm_terms = norm_terms
         return loss
 
     @staticmethod
@@ -321,6 +327,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         if normalized:
             xh = ops.xh
             grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / ops.x_norm[:, None]
+            if ctx.norm_terms is not None and margin.norm_gradient:  # dL/d||x|| along x / ||x||
+                grad_x.addcmul_(xh, ctx.norm_terms.grad_norms(ctx, coef)[:, None])
             # grad_w holds sum_i H_ij x^_i; remove the radial part w_j * radial_j / ||w_j||^2.
             grad_w.addcmul_(ops.w, (radial * ops.inv_w_norm.square())[:, None], value=-1.0)
         grad_weight, grad_bias = grad_w, grad_b
@@ -403,6 +411,31 @@ def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, rows: torch.Tensor
                 probs.mul_(inv_norm)
         if probs is not block:  # 16-bit logits: store the fp32 result
             block.copy_(probs)
+
+
+class _NormTerms:
+    """The per-row embedding norms [G] a norm-aware margin (`needs_norms`) sees, its state
+    update, its norm penalty (mean over the global batch: every rank holds the gathered
+    embeddings, so it is the same on every rank) and, with `norm_gradient`, dL/d||x_i||."""
+
+    def __init__(self, margin: Margin, x_norm: torch.Tensor) -> None:
+        self.norms = x_norm
+        margin.update_norm_state(x_norm)
+        penalty, self.d_penalty = margin.norm_penalty_terms(x_norm)
+        self.penalty_mean = penalty.mean() if penalty is not None else 0.0
+        self.dz_dnorm: torch.Tensor | None = None
+
+    def grad_norms(self, ctx, coef: torch.Tensor) -> torch.Tensor:
+        """dL/d||x_i|| [G], on the rows whose label this rank owns (zero elsewhere): the
+        all-gather's backward sums the ranks, and each row's label has one owner."""
+        rows = ctx.tgt.rows
+        out = torch.zeros_like(self.norms)
+        if self.dz_dnorm is not None:
+            p_t = torch.exp(ctx.z_t[rows] - ctx.log_sum_exp[rows])
+            out.index_add_(0, rows, (p_t - 1.0) * self.dz_dnorm[rows])
+        if self.d_penalty is not None:
+            out.index_add_(0, rows, self.d_penalty[rows])
+        return out.mul_(coef)
 
 
 def _sparse_rows(index: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:

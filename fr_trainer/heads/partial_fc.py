@@ -20,10 +20,12 @@ from torch.distributed import ProcessGroup
 
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad, rank_and_world_size
 from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.filtering import InterclassFiltered, check_threshold
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
 from fr_trainer.heads.sampling import num_sampled, sample_centres, sampling_seed
+from fr_trainer.heads.subcenter import subcenter_loss
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
@@ -50,7 +52,15 @@ class PartialFC(nn.Module):
             (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
         device: where the centres are created (drawn on the host one block at a time, so
             a 10M-class shard is never held in host memory); None: the CPU.
+        interclass_filtering_threshold: non-target cosines above it count as 0 (no logit
+            mass, no gradient: likely the same identity under another label); 0 = off.
+            See `fr_trainer.heads.filtering`.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
+
+    The centres `weight` are [C_local, D], or [C_local, k, D] for a sub-centre margin
+    (`subcenter_arcface`; `fr_trainer.heads.subcenter`), k sub-centres per class on its shard.
+    Norm-aware margins (adaface, magface) get the norms of the gathered embeddings from the
+    fused head (`Margin.needs_norms`).
 
     Call: `head(local_embeddings [B, D] float, local_labels [B] int64) -> loss` (scalar,
     mean over the global batch, identical on every rank).
@@ -60,7 +70,8 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
                  compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, **margin_kwargs) -> None:
+                 device: torch.device | str | None = None, interclass_filtering_threshold: float = 0.0,
+                 **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -77,18 +88,32 @@ class PartialFC(nn.Module):
             self.margin = margin
         else:
             self.margin = create_margin(margin, num_classes=num_classes, **margin_kwargs)
+        self.interclass_filtering_threshold = check_threshold(interclass_filtering_threshold, self.margin)
         self.sample_rate = float(sample_rate)
         self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.logits_dtype = logits_dtype
         self.seed = int(torch.initial_seed() if seed is None else seed)
-        self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std, device=device))
+        self.weight = nn.Parameter(self._initial_centres(init_std, device))
         self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
                      if self.margin.has_bias else None)
         self._generator: torch.Generator | None = None
         self._reseed_step: int | None = None  # set when a resharded checkpoint had no stream for this rank
         self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
+
+    def _initial_centres(self, init_std: float, device) -> torch.Tensor:
+        """[C_local, D], or [C_local, k, D] for a sub-centre margin (a class's k sub-centres
+        drawn as one row of k D numbers: the same at any world size, kept together by
+        checkpoints and resharding)."""
+        k = self.margin.subcenters
+        if k == 1:
+            return init_centres(self.shard, self.embedding_size, self.seed, init_std, device=device)
+        if self.sampling:
+            raise ValueError(f"sample_rate={self.sample_rate} is not supported with {k} sub-centres per class; "
+                             "use sample_rate=1.0")
+        centres = init_centres(self.shard, self.embedding_size * k, self.seed, init_std, device=device)
+        return centres.view(self.shard.num_local, k, self.embedding_size)
 
     @property
     def sampling(self) -> bool:
@@ -123,10 +148,19 @@ class PartialFC(nn.Module):
                                    self._sampling_generator())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
+        if self.margin.subcenters > 1:
+            return subcenter_loss(all_embeddings, self.weight, local, self.margin, group,
+                                  self.interclass_filtering_threshold)
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self.margin, group, self.chunk_size, compute, logits)
+                                               self._call_margin(), group, self.chunk_size, compute, logits)
+
+    def _call_margin(self) -> Margin:
+        """The margin the fused head applies: the head's, filtered when the inter-class
+        filtering threshold is on."""
+        threshold = self.interclass_filtering_threshold
+        return self.margin if threshold <= 0 else InterclassFiltered(self.margin, threshold)
 
     def get_extra_state(self) -> dict:
         generator = self._generator

@@ -9,15 +9,9 @@ import math
 
 import torch
 
+from fr_trainer.margins._angular import arcface_value, safe_acos
 from fr_trainer.margins.base import Margin
 from fr_trainer.margins.registry import register_margin
-
-# |cos| is clamped this far inside [-1, 1] where a derivative has 1/sin(theta).
-_SIN_FLOOR = 1e-12
-
-
-def _sin_from_cos(cos: torch.Tensor) -> torch.Tensor:
-    return torch.sqrt((1.0 - cos * cos).clamp_min(0.0))
 
 
 @register_margin("softmax")
@@ -77,8 +71,8 @@ class CosFace(Margin):
         super().__init__(scale=s, gradient=gradient)
         self.m = float(m)
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scale * (cos_t - self.m), torch.full_like(cos_t, self.scale)
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * (cos_t - self.m)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}"
@@ -88,7 +82,8 @@ class CosFace(Margin):
 class ArcFace(Margin):
     """ArcFace: target `s cos(theta_y + m)`, others `s cos_j`.
 
-    Exact gradient (default): d/dcos cos(theta + m) = cos m + sin m * cos / sin(theta).
+    Exact gradient (default, autograd of `arcface_value`): d/dcos cos(theta + m) =
+    cos m + sin m * cos / sin(theta) (sin floored at 1e-12).
     Where theta + m > pi the target stops being monotone; there (cos_y <= cos(pi - m)) the
     target is `cos_y - m sin(pi - m)` (the th/mm fall-back, derivative 1).
     `easy_margin=True` applies the margin only where cos_y > 0 (and never falls back).
@@ -104,24 +99,9 @@ class ArcFace(Margin):
         self.m = float(m)
         self.easy_margin = bool(easy_margin)
         self.fallback = bool(fallback)
-        self.cos_m, self.sin_m = math.cos(m), math.sin(m)
-        self.th = math.cos(math.pi - m)
-        self.mm = math.sin(math.pi - m) * m
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sin_t = _sin_from_cos(cos_t)
-        shifted = cos_t * self.cos_m - sin_t * self.sin_m
-        d_shifted = self.cos_m + self.sin_m * cos_t / sin_t.clamp_min(_SIN_FLOOR)
-        if self.easy_margin:
-            keep = cos_t > 0
-        elif not self.fallback:
-            keep = torch.ones_like(cos_t, dtype=torch.bool)
-        else:
-            keep = cos_t > self.th
-            cos_t = cos_t - self.mm  # the fall-back branch's value
-        logit = torch.where(keep, shifted, cos_t)
-        derivative = torch.where(keep, d_shifted, torch.ones_like(d_shifted))
-        return self.scale * logit, self.scale * derivative
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * arcface_value(cos_t, self.m, self.easy_margin, self.fallback)
 
     def extra_repr(self) -> str:
         return (
@@ -130,11 +110,32 @@ class ArcFace(Margin):
         )
 
 
+@register_margin("subcenter_arcface")
+class SubcenterArcFace(ArcFace):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): k centres per class, all on the shard
+    that owns the class; the class cosine is the max over its k sub-centres
+    (cos_ij = max_l cos(x_i, w_jl)), then ArcFace on those cosines (target
+    `s cos(theta_y + m)` with the th/mm fall-back, others `s cos_j`). Defaults s = 64,
+    m = 0.5, k = 3. The gradient of a class cosine goes to its maximising sub-centre.
+    The head holds the centres as [C_local, k, D] (`fr_trainer/heads/subcenter.py`);
+    `tools/subcenter_clean.py` lists the samples far from their class's dominant sub-centre
+    and writes the k = 1 (plain ArcFace) centres."""
+
+    def __init__(self, s: float = 64.0, m: float = 0.5, k: int = 3, gradient: str = "exact") -> None:
+        super().__init__(s=s, m=m, gradient=gradient)
+        if int(k) != k or k < 1:
+            raise ValueError(f"subcenter_arcface needs a whole number of sub-centres k >= 1, got k={k}")
+        self.subcenters = int(k)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.subcenters}"
+
+
 @register_margin("combined")
 class Combined(Margin):
     """Combined margin: target `s (cos(m1 theta_y + m2) - m3)`, others `s cos_j`.
 
-    Exact derivative: m1 sin(m1 theta + m2) / sin(theta) (sin floored at 1e-12).
+    Exact derivative (autograd): m1 sin(m1 theta + m2) / sin(theta) (sin floored at 1e-12).
     """
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.3, m3: float = 0.2,
@@ -142,12 +143,8 @@ class Combined(Margin):
         super().__init__(scale=s, gradient=gradient)
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        theta = torch.acos(cos_t.clamp(-1.0, 1.0))
-        angle = self.m1 * theta + self.m2
-        logit = torch.cos(angle) - self.m3
-        derivative = self.m1 * torch.sin(angle) / _sin_from_cos(cos_t).clamp_min(_SIN_FLOOR)
-        return self.scale * logit, self.scale * derivative
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * (torch.cos(self.m1 * safe_acos(cos_t) + self.m2) - self.m3)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m1={self.m1}, m2={self.m2}, m3={self.m3}"

@@ -9,20 +9,19 @@ import math
 
 import torch
 
-from fr_trainer.margins._angular import SIN_FLOOR, arcface_target, cos_plus_m, sin_from_cos
+from fr_trainer.margins._angular import arcface_value, cos_plus_m, safe_acos
 from fr_trainer.margins.base import Margin
 from fr_trainer.margins.registry import register_margin
 
 
-def _chebyshev(cos: torch.Tensor, order: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T_order(cos) = cos(order theta) and U_{order-1}(cos) = sin(order theta)/sin(theta),
-    for an integer order >= 1, by the three-term recurrences."""
+def _chebyshev(cos: torch.Tensor, order: int) -> torch.Tensor:
+    """T_order(cos) = cos(order theta) for an integer order >= 1, by the three-term
+    recurrence (a polynomial of cos: its autograd derivative, order U_{order-1}(cos), is
+    exact at theta = 0 and pi)."""
     t_prev, t_cur = torch.ones_like(cos), cos
-    u_prev, u_cur = torch.zeros_like(cos), torch.ones_like(cos)  # U_{-1}, U_0
     for _ in range(order - 1):
         t_prev, t_cur = t_cur, 2.0 * cos * t_cur - t_prev
-        u_prev, u_cur = u_cur, 2.0 * cos * u_cur - u_prev
-    return t_cur, u_cur
+    return t_cur
 
 
 @register_margin("sphereface")
@@ -30,10 +29,10 @@ class SphereFace(Margin):
     """SphereFace (A-Softmax) on normalised features: target `s psi(theta_y)`,
     `psi(theta) = (-1)^k cos(m theta) - 2k` for theta in [k pi/m, (k+1) pi/m]; others `s cos_j`.
 
-    psi is continuous and decreasing on [0, pi]. Exact gradient (default):
-    d psi / d cos = (-1)^k m sin(m theta) / sin(theta); for an integer m both cos(m theta)
-    and sin(m theta)/sin(theta) are Chebyshev polynomials of cos (T_m and U_{m-1}), exact
-    at theta = 0 and pi; for a non-integer m they go through acos (sin floored at 1e-12).
+    psi is continuous and decreasing on [0, pi]. Exact gradient (default, autograd):
+    d psi / d cos = (-1)^k m sin(m theta) / sin(theta); for an integer m, cos(m theta) is
+    the Chebyshev polynomial T_m(cos), whose derivative m U_{m-1}(cos) is exact at theta = 0
+    and pi; for a non-integer m it goes through acos (sin floored at 1e-12).
     `gradient="straight_through"`: d z / d cos = s. The scale s defaults to 64 (as the other
     normalised margins of the table); the original's lambda annealing is not included.
     """
@@ -44,19 +43,17 @@ class SphereFace(Margin):
             raise ValueError(f"sphereface needs m >= 1 (m = 1 is NormFace), got m={m}")
         self.m = float(m)
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         cos_t = cos_t.clamp(-1.0, 1.0)
-        theta = torch.acos(cos_t)
+        theta = torch.acos(cos_t.detach())  # the interval index k carries no gradient
         # the last interval [k pi/m, pi] is closed: theta = pi belongs to k = ceil(m) - 1
         k = torch.floor(self.m * theta / math.pi).clamp_max_(math.ceil(self.m) - 1)
         sign = 1.0 - 2.0 * torch.remainder(k, 2.0)  # (-1)^k
         if self.m.is_integer():
-            cos_m_theta, ratio = _chebyshev(cos_t, int(self.m))
+            cos_m_theta = _chebyshev(cos_t, int(self.m))
         else:
-            cos_m_theta = torch.cos(self.m * theta)
-            ratio = torch.sin(self.m * theta) / sin_from_cos(cos_t).clamp_min(SIN_FLOOR)
-        psi = sign * cos_m_theta - 2.0 * k
-        return self.scale * psi, self.scale * sign * self.m * ratio
+            cos_m_theta = torch.cos(self.m * safe_acos(cos_t))
+        return self.scale * (sign * cos_m_theta - 2.0 * k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}"
@@ -88,9 +85,9 @@ class CircleClassLevel(Margin):
             raise ValueError(f"circle's relaxation m must lie in [0, 1), got m={m}")
         self.gamma, self.m = float(gamma), float(m)
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a_p = (1.0 + self.m - cos_t).clamp_min(0.0)
-        return self.gamma * a_p * (cos_t - (1.0 - self.m)), self.gamma * a_p
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        a_p = (1.0 + self.m - cos_t.detach()).clamp_min(0.0)  # self-paced weight, detached
+        return self.gamma * a_p * (cos_t - (1.0 - self.m))
 
     def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
         a_n = (cos + self.m).clamp_min_(0.0)
@@ -141,9 +138,8 @@ class CurricularFace(Margin):
                 mean = target_cos.detach().mean().to(self.t.dtype)
                 self.t.mul_(1.0 - self.momentum).add_(self.momentum * mean)
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value, derivative = arcface_target(cos_t, self.m)
-        return self.scale * value, self.scale * derivative
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * arcface_value(cos_t, self.m)
 
     def hard_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
         """Boolean [N, c]: cos_ij > cos(theta_{y_i} + m), from [N, c] cosines and [N] targets."""

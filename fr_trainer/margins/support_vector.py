@@ -21,14 +21,14 @@ Gradient semantics. The support-vector mask is a comparison and carries no gradi
 is piecewise constant, as in the papers); there is no path from a non-target logit back
 to the target cosine. Otherwise the gradient is exact: d z_j / d cos_j = s t on support
 vectors and s elsewhere; the target derivative is CosFace's (s) or ArcFace's exact one
-(`gradient="straight_through"` makes it s, as for `arcface`).
+(autograd of `boundary`; `gradient="straight_through"` makes it s, as for `arcface`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fr_trainer.margins._angular import arcface_target
+from fr_trainer.margins._angular import arcface_value
 from fr_trainer.margins.base import Margin
 from fr_trainer.margins.registry import register_margin
 
@@ -47,13 +47,12 @@ class SupportVectorMargin(Margin):
             raise ValueError(f"t must be >= 1 (t = 1 switches the support-vector term off), got t={t}")
         self.t = float(t)
 
-    def boundary(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f(m, theta_y) [N] and its derivative d f / d cos_y [N] (unscaled)."""
-        return cos_t, torch.ones_like(cos_t)
+    def boundary(self, cos_t: torch.Tensor) -> torch.Tensor:
+        """f(m, theta_y) [N] (unscaled, differentiable)."""
+        return cos_t
 
-    def target_exact(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        value, derivative = self.boundary(cos_t)
-        return self.scale * value, self.scale * derivative
+    def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale * self.boundary(cos_t)
 
     def support_vector_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
         """Boolean [N, c]: cos_ij > f(m, theta_{y_i}), from cosines [N, c] and target cosines [N].
@@ -64,7 +63,7 @@ class SupportVectorMargin(Margin):
         if target_cos is None:
             raise ValueError(f"{type(self).__name__} needs the target cosine of every row "
                              "(needs_global_target); call it through the head")
-        return cos > self.boundary(target_cos)[0][:, None]
+        return cos > self.boundary(target_cos)[:, None]
 
     def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
         mask = self.support_vector_mask(cos, target_cos)
@@ -95,8 +94,8 @@ class SVCosFace(SupportVectorMargin):
         super().__init__(s=s, t=t, gradient=gradient)
         self.m = float(m)
 
-    def boundary(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return cos_t - self.m, torch.ones_like(cos_t)
+    def boundary(self, cos_t: torch.Tensor) -> torch.Tensor:
+        return cos_t - self.m
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}"
@@ -112,8 +111,8 @@ class SVArcFace(SupportVectorMargin):
         super().__init__(s=s, t=t, gradient=gradient)
         self.m, self.easy_margin = float(m), bool(easy_margin)
 
-    def boundary(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return arcface_target(cos_t, self.m, self.easy_margin)
+    def boundary(self, cos_t: torch.Tensor) -> torch.Tensor:
+        return arcface_value(cos_t, self.m, self.easy_margin)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}, easy_margin={self.easy_margin}"
@@ -134,10 +133,10 @@ class MVSoftmax(SupportVectorMargin):
             raise ValueError("easy_margin=True only applies to target='arcface'; drop it or set target='arcface'")
         self.m, self.kind, self.easy_margin = float(m), target, bool(easy_margin)
 
-    def boundary(self, cos_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def boundary(self, cos_t: torch.Tensor) -> torch.Tensor:
         if self.kind == "arcface":
-            return arcface_target(cos_t, self.m, self.easy_margin)
-        return cos_t - self.m, torch.ones_like(cos_t)
+            return arcface_value(cos_t, self.m, self.easy_margin)
+        return cos_t - self.m
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, m={self.m}, target={self.kind!r}, easy_margin={self.easy_margin}"

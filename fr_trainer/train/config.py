@@ -91,6 +91,9 @@ class HeadConfig:
     # | fp32 | bf16 | fp16; the centres stay fp32 (fr_trainer/heads/precision.py)
     dtype: str = "auto"
     logits_dtype: str = "auto"  # auto (fp16 head: fp16, bf16 head: fp32) | fp32 | bf16 | fp16
+    # non-target cosines above it count as 0 (likely the same identity under another label);
+    # 0 = off (arcface_torch's interclass_filtering_threshold)
+    interclass_filtering_threshold: float = 0.0
 
 
 @dataclass
@@ -397,6 +400,10 @@ def validate(config: Config) -> None:
         f"optim.backbone_lr_scale must be >= 0 (1 = the scheduled LR), got {config.optim.backbone_lr_scale}",
     )
     _check(0.0 < h.sample_rate <= 1.0, f"head.sample_rate must be in (0, 1], got {h.sample_rate}")
+    _check(
+        0.0 <= h.interclass_filtering_threshold <= 1.0,
+        f"head.interclass_filtering_threshold must be in [0, 1] (0 = off), got {h.interclass_filtering_threshold}",
+    )
     _check(
         h.chunk_size is None or h.chunk_size >= 1,
         f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",

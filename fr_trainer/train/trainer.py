@@ -199,18 +199,22 @@ class Trainer:
             raise ConfigError(
                 f"head.margin={c.head.margin!r}, head.margin_args={c.head.margin_args!r}: {error}"
             ) from None
-        self.head = PartialFC(
-            self.num_classes,
-            c.model.embedding_size,
-            margin=margin,
-            sample_rate=c.head.sample_rate,
-            process_group=self.group,
-            chunk_size=c.head.chunk_size,
-            seed=c.run.seed,
-            compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
-            logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
-            device=self.device,  # drawn block by block into device memory, not via the host
-        )
+        try:
+            self.head = PartialFC(
+                self.num_classes,
+                c.model.embedding_size,
+                margin=margin,
+                sample_rate=c.head.sample_rate,
+                process_group=self.group,
+                chunk_size=c.head.chunk_size,
+                seed=c.run.seed,
+                compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
+                logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
+                device=self.device,  # drawn block by block into device memory, not via the host
+                interclass_filtering_threshold=c.head.interclass_filtering_threshold,
+            )
+        except ValueError as error:  # an option the margin cannot take (e.g. sampling with sub-centres)
+            raise ConfigError(f"[head]: {error}") from None
         self.head = self.head.to(self.device, self.precision.param_dtype)
         self.regularizer = self._build_regularizer()
         if c.engine.name == "deepspeed":

@@ -1,0 +1,82 @@
+"""The Sub-center ArcFace head path (`margin.subcenters = k > 1`).
+
+Centres are [C_local, k, D]: the k sub-centres of a class are one row of every
+class-sharded tensor, so initialisation (`init_centres` with k D columns), checkpoints and
+resharding keep them together on the shard that owns the class with no special case.
+The class cosine is the max over its sub-centres; the margin (ArcFace) is then applied as
+in the fused head: target `margin.target` (its value, and its derivative as a straight
+line through the cosine, so `gradient="straight_through"` works), non-targets `s cos`,
+non-target cosines above the inter-class filtering threshold counted as 0.
+
+This is the plain, modest path: the [G, C_local k] cosines are built by autograd (no row
+blocking, no 16-bit buffer; a `compute_dtype` is not used here) and joined across shards
+by `ShardedCrossEntropy`, the same log-space join as the fused head (all-reduce MAX of the
+row maxima, all-reduce SUM of [sum-exp, target logit]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.margins import Margin
+
+NORM_EPS = 1e-12
+
+
+class ShardedCrossEntropy(torch.autograd.Function):
+    """Mean over the G rows of `logsumexp_j z_ij - z_{i y_i}` of logits sharded by columns.
+
+    Inputs: logits [G, C_local] (this rank's classes), targets [G] (the column of the row's
+    class, -1 where another rank owns it), process group. Returns the same scalar on every
+    rank; the gradient is (softmax - onehot) / G on this rank's columns."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+        rows = torch.nonzero(targets >= 0).squeeze(1)
+        cols = targets.index_select(0, rows)
+        row_max = all_reduce_(logits.amax(dim=1), dist.ReduceOp.MAX, group)
+        sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
+        z_owned = torch.zeros_like(sum_exp).index_copy_(0, rows, logits[rows, cols])
+        joined = all_reduce_(torch.stack([sum_exp, z_owned]), dist.ReduceOp.SUM, group)
+        log_sum_exp = row_max + torch.log(joined[0])
+        ctx.save_for_backward(logits, log_sum_exp, rows, cols)
+        return (log_sum_exp - joined[1]).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, log_sum_exp, rows, cols = ctx.saved_tensors
+        grad = torch.exp(logits - log_sum_exp[:, None])
+        grad[rows, cols] -= 1.0
+        return grad.mul_(grad_loss / logits.shape[0]), None, None
+
+
+def class_cosines(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """cos_ij = max over the k sub-centres of class j [G, C_local], from x [G, D] and
+    weight [C_local, k, D] (differentiable: the gradient goes to the maximising sub-centre)."""
+    num_classes, k, dim = weight.shape
+    xh = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(NORM_EPS)
+    wh = weight / torch.linalg.vector_norm(weight, dim=2, keepdim=True).clamp_min(NORM_EPS)
+    return (xh @ wh.reshape(num_classes * k, dim).t()).view(x.shape[0], num_classes, k).amax(dim=2)
+
+
+def subcenter_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, margin: Margin,
+                   group: ProcessGroup | None, threshold: float = 0.0) -> torch.Tensor:
+    """The sharded loss of a sub-centre margin: x [G, D] gathered embeddings, weight
+    [C_local, k, D], targets [G] (local column or -1), the filtering threshold (0: off)."""
+    if not (margin.linear_nontarget and not margin.needs_global_target and not margin.needs_norms):
+        raise ValueError(f"the sub-centre head supports margins with s cos non-targets only, not {margin!r}")
+    cos = class_cosines(x, weight)
+    rows = torch.nonzero(targets >= 0).squeeze(1)
+    cols = targets.index_select(0, rows)
+    if threshold > 0:
+        dirty = cos.detach() > threshold
+        dirty[rows, cols] = False
+        cos = cos.masked_fill(dirty, 0.0)
+    cos_t = cos[rows, cols]
+    value, slope = margin.target(cos_t.detach())
+    z_t = value + slope * (cos_t - cos_t.detach())
+    logits = (margin.scale * cos).index_put((rows, cols), z_t)
+    return ShardedCrossEntropy.apply(logits, targets, group)
