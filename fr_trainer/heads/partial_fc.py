@@ -20,10 +20,11 @@ from torch.distributed import ProcessGroup
 
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad, rank_and_world_size
 from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.device_policy import BlockPolicy, policy_for, resolve_policy
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
-from fr_trainer.heads.sampling import num_sampled, sample_centres, sampling_seed
+from fr_trainer.heads.sampling import num_sampled, present_classes, sample_present, sampling_seed
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
@@ -48,6 +49,11 @@ class PartialFC(nn.Module):
             See `fr_trainer.heads.precision`.
         logits_dtype: dtype of the [G, C_local] logit buffer under a 16-bit compute_dtype
             (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
+        block_policy: how the elementwise passes are cut ("cpu": cache-sized row blocks;
+            "cuda": one op per pass; a `BlockPolicy`); None: the centres' device's, see
+            `fr_trainer.heads.device_policy` (which also reads $FR_HEAD_BLOCK_POLICY).
+        compiled: run the elementwise passes (margin, softmax, softmax gradient) through
+            `torch.compile` (`fr_trainer.heads.fused`); False keeps them eager.
         device: where the centres are created (drawn on the host one block at a time, so
             a 10M-class shard is never held in host memory); None: the CPU.
         **margin_kwargs: the margin's keywords (s, m, m1, m2, m3, alpha, easy_margin, ...).
@@ -60,7 +66,8 @@ class PartialFC(nn.Module):
                  sample_rate: float = 1.0, process_group: ProcessGroup | None = None,
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
                  compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None, **margin_kwargs) -> None:
+                 device: torch.device | str | None = None, block_policy: str | BlockPolicy | None = None,
+                 compiled: bool = False, **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
             raise ValueError(f"embedding_size must be positive, got {embedding_size}")
@@ -82,6 +89,8 @@ class PartialFC(nn.Module):
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.logits_dtype = logits_dtype
+        self.block_policy = None if block_policy is None else resolve_policy(block_policy)
+        self.compiled = bool(compiled)
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.weight = nn.Parameter(init_centres(self.shard, embedding_size, self.seed, init_std, device=device))
         self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
@@ -118,15 +127,15 @@ class PartialFC(nn.Module):
         local = torch.where(owned, all_labels - self.shard.start, torch.full_like(all_labels, -1))
         index = None
         if self.sampling:
-            positives = torch.unique(local[owned])
-            index = sample_centres(positives, self.shard.num_local, self.num_sample,
-                                   self._sampling_generator())
+            present = present_classes(local, owned, self.shard.num_local)
+            index = sample_present(present, self.num_sample, self._sampling_generator(), local.numel())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self.margin, group, self.chunk_size, compute, logits)
+                                               self.margin, group, self.chunk_size, compute, logits,
+                                               policy_for(self.weight.device, self.block_policy), self.compiled)
 
     def get_extra_state(self) -> dict:
         generator = self._generator
