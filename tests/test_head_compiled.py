@@ -1,7 +1,7 @@
 """PartialFC(compiled=True) (elementwise passes fused by torch.compile, fr_trainer/heads/fused.py)
 gives the eager head's loss and gradients, on 1 and 2 real gloo ranks, in fp32 and bf16, for
 a margin with linear non-target logits (arcface) and one without (sv_arcface), whole and
-chunked: equal to 1e-6 (fp32) / 1e-5 (bf16) of each tensor's largest entry. Slow: the
+chunked: equal to 1e-5 of each tensor's largest entry. Slow: the
 compile (a minute on 2 busy cores, less with inductor's cache warm)."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_compiled_head_equals_eager_head(world_size: int) -> None:
     for rank, (eager, compiled) in enumerate(per_rank):
         for (margin, dtype, chunk), a, b in zip(CASES, eager, compiled):
             label = f"{margin} {dtype} chunk={chunk} world={world_size} rank={rank}"
-            # bf16: an fp32 probability one ulp apart may round to the other bf16 neighbour
-            tolerance = 1e-6 if dtype == "fp32" else 1e-5
+            # fused loops sum in another order; in bf16 an fp32 probability one ulp apart may
+            # round to the other bf16 neighbour: a few 1e-6 of the largest entry either way
             for u, v in zip(a, b):
-                assert float((v - u).abs().max()) <= tolerance * float(u.abs().max()), label
+                assert float((v - u).abs().max()) <= 1e-5 * float(u.abs().max()), label

@@ -16,10 +16,10 @@ import functools
 
 import pytest
 import torch
-from sync_counting import counting
 
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.device_policy import CPU, CUDA, forced_policy, policy_for
+from fr_trainer.heads.step_count import counting
 
 DIM, BATCH, SEED = 16, 4, 3
 SMALL, LARGE = 2_000, 100_000
