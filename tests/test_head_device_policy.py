@@ -6,7 +6,8 @@
   cache-sized row blocks and 16-bit GEMM column chunks), so the count can tell.
 - Both policies give the same loss and gradients.
 - One step syncs with the host at most once (the input check's one read) unsampled, and
-  sampled when the sample is at least the batch; a sample smaller than the batch adds one.
+  sampled when the sample is at least the batch (a sample smaller than the batch adds one),
+  for every registered margin.
 - The forcing knobs: PartialFC(block_policy=...), forced_policy(...), $FR_HEAD_BLOCK_POLICY.
 """
 
@@ -20,6 +21,7 @@ import torch
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.device_policy import CPU, CUDA, forced_policy, policy_for
 from fr_trainer.heads.step_count import counting
+from fr_trainer.margins import list_margins
 
 DIM, BATCH, SEED = 16, 4, 3
 SMALL, LARGE = 2_000, 100_000
@@ -117,3 +119,9 @@ def test_out_of_range_label_single_process_names_the_value():
     with pytest.raises(ValueError, match=rf"2 label\(s\) outside \[0, {SMALL}\): \[{SMALL + 7}, -2\]; "
                                          "check the dataset's labels or num_classes"):
         head(torch.randn(4, DIM), labels)
+
+
+@pytest.mark.parametrize("margin", list_margins())
+def test_every_margin_step_syncs_at_most_once(margin):
+    syncs = _step(SMALL, "fp32", False, 1.0, "cuda", margin)[1]
+    assert sum(syncs.values()) <= 1, dict(syncs)

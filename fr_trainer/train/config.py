@@ -82,6 +82,9 @@ class HeadConfig:
     # | fp32 | bf16 | fp16; the centres stay fp32 (fr_trainer/heads/precision.py)
     dtype: str = "auto"
     logits_dtype: str = "auto"  # auto (fp16 head: fp16, bf16 head: fp32) | fp32 | bf16 | fp16
+    # torch.compile the head's elementwise passes (margin, softmax, softmax gradient;
+    # fr_trainer/heads/fused.py); off: eager. Off by default: no measurement shows it pays yet
+    compile: bool = False
 
 
 @dataclass

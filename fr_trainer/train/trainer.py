@@ -204,6 +204,7 @@ class Trainer:
             compute_dtype=resolve_head_dtype(c.head.dtype, self.precision.autocast_dtype),
             logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
             device=self.device,  # drawn block by block into device memory, not via the host
+            compiled=c.head.compile,
         )
         self.head = self.head.to(self.device, self.precision.param_dtype)
         self.regularizer = self._build_regularizer()
