@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check, one script, at most 9 minutes on one H100/H200 (per-step limits add up to 540 s) (scripts/README: run it
+# The device check, one script, at most 10 minutes on one H100/H200 (per-step limits add up to 570 s) (scripts/README: run it
 # whenever a GPU is lent; record the figures in docs/benchmarks.md with the GPU named):
 #   1. the CUDA tests (tests/test_cuda.py, marker `cuda`): the head on CUDA in fp32/bf16/fp16
 #      against the fp64 CPU reference, the sparse update, NCCL on one rank, resumed
@@ -41,7 +41,7 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step head_ops 60 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
+step head_ops 90 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
   --json "$out/step_ops.json"
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --batch 1024 --dim 512)
 step head_1m_bf16 60 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"

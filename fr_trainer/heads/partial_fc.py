@@ -159,4 +159,6 @@ class PartialFC(nn.Module):
         s = self.shard
         return (f"num_classes={s.num_classes}, shard=[{s.start}, {s.end}) of world {s.world_size}, "
                 f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, "
-                f"chunk_size={self.chunk_size}, compute_dtype={self.compute_dtype}")
+                f"chunk_size={self.chunk_size}, compute_dtype={self.compute_dtype}"
+                + (f", block_policy={self.block_policy.name}" if self.block_policy else "")
+                + (", compiled=True" if self.compiled else ""))
