@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# The device check, one script, at most 8 minutes on one H100/H200 (per-step limits add up to 480 s) (scripts/README: run it
+# The device check, one script, at most 10 minutes on one H100/H200 (per-step limits add up to 570 s) (scripts/README: run it
 # whenever a GPU is lent; record the figures in docs/benchmarks.md with the GPU named):
 #   1. the CUDA tests (tests/test_cuda.py, marker `cuda`): the head on CUDA in fp32/bf16/fp16
 #      against the fp64 CPU reference, the sparse update, NCCL on one rank, resumed
-#      optimizer state;
+#      optimizer state; the head's op count per step flat in the number of classes and at
+#      most one host sync per step;
+#   1b. `python -m fr_trainer.heads.step_count`: aten ops and host syncs (ours and those CUDA
+#      reports, set_sync_debug_mode) of one head step at 1M and 10M classes (G 64, D 128),
+#      fp32 and bf16; fails if the op count differs between the two or a step syncs twice;
 #   2. `fr-trainer bench head --device cuda` at 1M classes per GPU (G 1024, D 512) in bf16
 #      and fp32 against the GEMM floor of the same dtype, and 10M classes per GPU chunked
 #      in bf16 (peak memory: target within 80 GB);
@@ -37,6 +41,8 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step head_ops 90 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
+  --json "$out/step_ops.json"
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --batch 1024 --dim 512)
 step head_1m_bf16 60 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"
 step head_1m_fp32 60 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
@@ -63,9 +69,16 @@ if search.is_file():
     report["search_1m"] = rounds
     rows.append(f"| search 1M x 512, 3,530 probes | {rounds[0]['floor_before_s'] * 1000:.0f} | "
                 f"{rounds[0]['search_s'] * 1000:.0f} | {rounds[0]['ratio']:.2f} | – | – |")
+ops = out / "step_ops.json"  # (not head_*.json: those are bench results)
+ops_rows = []
+if ops.is_file():
+    report["head_ops"] = json.loads(ops.read_text())
+    ops_rows = ["", "| head step | classes | aten ops | host syncs | CUDA-reported syncs |", "|---|---:|---:|---:|---:|",
+                *[f"| {r['dtype']} | {r['classes']:,} | {r['ops']} | {r['syncs']} | {r['cuda_reported_syncs']} |"
+                  for r in report["head_ops"]["steps"]]]
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 table = [f"GPU: {gpu}", "", "| case | floor ms | head ms | head / floor | head peak GiB | floor peak GiB |",
-         "|---|---:|---:|---:|---:|---:|", *rows, "",
+         "|---|---:|---:|---:|---:|---:|", *rows, *ops_rows, "",
          "| step | exit | seconds |", "|---|---:|---:|",
          *[f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in report["steps"]]]
 (out / "gpu_check.md").write_text("\n".join(table) + "\n")

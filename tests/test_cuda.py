@@ -97,3 +97,14 @@ def test_optimizer_state_from_a_cpu_checkpoint_steps_on_cuda(kind):
     weight.grad = torch.randn_like(weight)
     resumed.step()  # a CPU `step` tensor would make this fail
     assert all(t.device.type == "cuda" for s in resumed.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(("chunk", "rate"), [(None, 1.0), (None, 0.1)])
+def test_cuda_op_count_does_not_grow_with_classes_and_a_step_syncs_at_most_once(dtype, chunk, rate):
+    from fr_trainer.heads.step_count import count_step
+
+    small, large = (count_step(classes, 128, 64, dtype, "cuda", chunk, rate) for classes in (100_000, 1_000_000))
+    assert small["ops"] == large["ops"], (small, large)
+    for row in (small, large):
+        assert row["syncs"] <= 1 and row["cuda_reported_syncs"] <= 1, row

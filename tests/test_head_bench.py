@@ -49,6 +49,7 @@ def test_bench_head_cli_writes_json(tmp_path, capsys) -> None:
 def test_bench_head_parses_options() -> None:
     cfg, reference, path = parse_args(["--classes", "7", "--margin", "cosface", "--reference"])
     assert (cfg.classes, cfg.margin, reference, path) == (7, "cosface", True, None)
+    assert not cfg.compiled and parse_args(["--compiled"])[0].compiled
 
 
 def test_cli_usage_and_unknown_command(capsys) -> None:

@@ -10,6 +10,8 @@ memory is its own):
 - head: `PartialFC` forward + backward; with `--dtype bf16|fp16` the centres stay fp32 and
   the head runs its GEMMs and logits in that dtype (`compute_dtype`, mixed precision), fed
   16-bit embeddings as a bf16/fp16 autocast backbone would;
+- compiled (with --compiled): the head with `compiled=True` (its elementwise passes fused
+  by torch.compile; the compile itself happens in the warm-up steps);
 - reference (with --reference): the same head written plainly with autograd (normalised
   weight copy, full-matrix margin, distributed softmax through autograd all-reduces), the
   way the usual implementations do it.
@@ -58,6 +60,7 @@ class BenchConfig:
     dtype: str = "fp32"
     rounds: int = 1  # the modes run in turn this many times; medians across rounds
     logits_dtype: str | None = None  # mixed precision: the head's logit buffer (None: its default)
+    compiled: bool = False  # also time the head with compiled elementwise passes (mode "compiled")
 
 
 @dataclass
@@ -119,13 +122,13 @@ def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
     return step
 
 
-def _head_step(cfg: BenchConfig, rank: int, device: torch.device):
+def _head_step(cfg: BenchConfig, rank: int, device: torch.device, compiled: bool = False):
     dtype = DTYPES[cfg.dtype]
     mixed = dtype in (torch.bfloat16, torch.float16)
     head = PartialFC(cfg.classes, cfg.dim, margin=cfg.margin, sample_rate=cfg.sample_rate,
                      chunk_size=cfg.chunk_size, seed=0, device=device,
                      compute_dtype=dtype if mixed else None,
-                     logits_dtype=DTYPES[cfg.logits_dtype] if cfg.logits_dtype else None)
+                     logits_dtype=DTYPES[cfg.logits_dtype] if cfg.logits_dtype else None, compiled=compiled)
     if not mixed:
         head = head.to(dtype=dtype)
     x, y = _inputs(cfg, rank, device)
@@ -187,7 +190,11 @@ def _reference_step(cfg: BenchConfig, rank: int, device: torch.device):
     return step
 
 
-_BUILDERS = {"floor": _floor_step, "head": _head_step, "reference": _reference_step}
+def _compiled_step(cfg: BenchConfig, rank: int, device: torch.device):
+    return _head_step(cfg, rank, device, compiled=True)
+
+
+_BUILDERS = {"floor": _floor_step, "head": _head_step, "compiled": _compiled_step, "reference": _reference_step}
 
 
 def _run_mode(rank: int, world_size: int, mode: str, cfg: BenchConfig) -> dict:
@@ -258,11 +265,13 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     parser.add_argument("--rounds", type=int, default=defaults.rounds,
                         help="run the modes in turn this many times (median across rounds)")
     parser.add_argument("--reference", action="store_true", help="also time a plain autograd head")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time the head with torch.compile'd elementwise passes")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
     cfg = BenchConfig(args.world_size, args.batch, args.dim, args.classes, args.sample_rate,
                       args.margin, args.chunk_size, args.device, args.threads, args.iters,
-                      args.warmup, args.dtype, args.rounds, args.logits_dtype)
+                      args.warmup, args.dtype, args.rounds, args.logits_dtype, args.compiled)
     return cfg, args.reference, args.json
 
 
@@ -270,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, reference, json_path = parse_args(list(sys.argv[1:] if argv is None else argv))
     if cfg.device == "cuda" and torch.cuda.device_count() < cfg.world_size:
         raise SystemExit(f"--device cuda needs {cfg.world_size} GPUs, found {torch.cuda.device_count()}")
-    modes = ["floor", "head"] + (["reference"] if reference else [])
+    modes = ["floor", "head"] + (["compiled"] if cfg.compiled else []) + (["reference"] if reference else [])
     results = run_benchmark(cfg, modes)
     print(format_table(cfg, results))
     if json_path:

@@ -9,8 +9,10 @@ scalar on every rank. No probability is ever clamped and then logged.
 Backward: dL/dz = (softmax - onehot) / G, chained by hand through the margin (its exact
 or straight-through derivative), the column scaling by 1/||w_j|| and the normalisation of
 x and w. Only the three GEMMs of a linear layer run over the big shapes: `x^ @ W^T`,
-`H @ W` and `H^T @ x^`. The rest is a few cache-blocked passes over the one [G, C_local]
-logit buffer, which is overwritten in place by the gradient H. The normalisation of the
+`H @ W` and `H^T @ x^`. The rest is a few elementwise passes over the one [G, C_local]
+logit buffer (cache-sized row blocks on a CPU, one op per pass on CUDA: the device's
+`BlockPolicy`, `fr_trainer.heads.device_policy`; or fused by torch.compile with
+`compiled`, `fr_trainer.heads.fused`), which is overwritten in place by the gradient H. The normalisation of the
 centres needs, per centre j, the radial coefficient sum_i dL/dcos_ij * cos_ij; for margins
 whose non-target logits are `s cos` it comes out of the same pass (cos = z / s), so no
 O(C D) row-dot is ever computed.
@@ -35,6 +37,10 @@ that decides the loss's accuracy stays fp32:
 the norms, the target cosines (row dots of the fp32 operands) and target logits, the row
 maxima, the sums of exponentials (exponentials are taken on fp32 scratch blocks), the
 log-sum-exp, the radial coefficients, and the gradients handed back to x and w.
+
+Host syncs: none. The targets this rank owns are a mask over the G rows (never a list of
+row numbers, which `nonzero` would have to size on the host), and every target-only step
+is a gather / scatter / index_add over all G rows with the other rows masked out.
 """
 
 from __future__ import annotations
@@ -45,21 +51,18 @@ import torch
 import torch.distributed as dist
 
 from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, BlockPolicy, policy_for
+from fr_trainer.heads.fused import compiled_passes
 from fr_trainer.margins.base import Margin
 
 NORM_EPS = 1e-12  # floor of ||x|| and ||w|| (an all-zero vector has no direction)
-BLOCK_ELEMENTS = 1 << 18  # elements per row block of the elementwise passes (~1 MB fp32)
-MM_COLUMNS = 1 << 15  # classes per 16-bit GEMM whose result is converted (bounds the temporary)
+BLOCK_ELEMENTS = CPU_BLOCK_ELEMENTS  # the CPU policy's row block (see device_policy)
+MM_COLUMNS = CPU_MM_COLUMNS  # the CPU policy's 16-bit GEMM column chunk
 
 
 def exp_floor(dtype: torch.dtype) -> float:
     """Smallest argument passed to exp: log of the smallest normal number, plus 0.5."""
     return math.log(torch.finfo(dtype).tiny) + 0.5
-
-
-def _row_blocks(num_rows: int, num_cols: int) -> list[tuple[int, int]]:
-    step = max(1, BLOCK_ELEMENTS // max(1, num_cols))
-    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
 
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -72,13 +75,14 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
     """sum_j exp(z_ij - m_i) [G] without modifying `logits` [G, c] (fp32 for 16-bit logits)."""
     dtype = _accumulation_dtype(logits.dtype)
     floor = exp_floor(dtype)
     out = row_max.new_empty(logits.shape[0])
-    scratch = logits.new_empty(_row_blocks(*logits.shape)[0][1], logits.shape[1], dtype=dtype)
-    for start, end in _row_blocks(*logits.shape):
+    blocks = policy.row_blocks(*logits.shape)
+    scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
+    for start, end in blocks:
         block = scratch[: end - start]
         torch.sub(logits[start:end], row_max[start:end, None], out=block)
         block.clamp_min_(floor).exp_()
@@ -86,8 +90,8 @@ def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
-                          column_factor: torch.Tensor, want_radial: bool) -> torch.Tensor | None:
+def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, column_factor: torch.Tensor,
+                          want_radial: bool, policy: BlockPolicy) -> torch.Tensor | None:
     """In place: logits z [G, c] -> softmax(z) * column_factor [c].
 
     Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None). For 16-bit logits
@@ -97,7 +101,7 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor,
     mixed = dtype != logits.dtype
     floor = exp_floor(dtype)
     radial = log_sum_exp.new_zeros(logits.shape[1]) if want_radial else None
-    blocks = _row_blocks(*logits.shape)
+    blocks = policy.row_blocks(*logits.shape)
     scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
     products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if mixed and want_radial else None
     ones = log_sum_exp.new_ones(blocks[0][1])
@@ -124,7 +128,7 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor, start: 
     16-bit copy of h (a [G, c] pass); fp16 would overflow there at large loss scales, so it
     scales the centres' copy and the fp32 results instead (two [c, D] passes)."""
     dtype = ops.compute_dtype
-    for a, b in _column_blocks(end - start, MM_COLUMNS):
+    for a, b in ops.policy.mm_blocks(end - start):
         f, rows = factor[a:b], slice(start + a, start + b)
         if dtype == torch.bfloat16:
             h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device)
@@ -138,26 +142,43 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor, start: 
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
-                         z_t: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+                         z_t: torch.Tensor, inside: torch.Tensor, cols: torch.Tensor) -> None:
     """Replace, in `sum_exp`, the target terms taken from the 16-bit logit buffer by the
     exact ones (a well-classified row's loss is mostly its target term: rounding its
-    logit to 16 bits would dominate the loss's error)."""
-    stored = logits[rows, cols].to(z_t.dtype)
-    shift = row_max[rows]
-    sum_exp.index_add_(0, rows, torch.exp(z_t[rows] - shift) - torch.exp(stored - shift))
+    logit to 16 bits would dominate the loss's error). `inside` [G]: the rows whose
+    target is in this block, at column `cols` [G]."""
+    stored = logits.gather(1, cols[:, None]).squeeze(1).to(z_t.dtype)
+    change = torch.exp(z_t - row_max) - torch.exp(stored - row_max)
+    sum_exp.add_(torch.where(inside, change, torch.zeros_like(change)))
+
+
+def _put_targets_(buffer: torch.Tensor, inside: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+    """buffer[i, cols[i]] = values[i] for the rows `inside` [G] (bool); the other rows keep
+    what they hold at cols[i]. A gather, a where and a scatter over G elements: no sync."""
+    index = cols[:, None]
+    kept = buffer.gather(1, index).squeeze(1)
+    buffer.scatter_(1, index, torch.where(inside, values.to(buffer.dtype), kept)[:, None])
+
+
+def _masked(inside: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` [G] where `inside`, 0 elsewhere (a where, so inf/nan outside cannot leak)."""
+    return torch.where(inside, values, torch.zeros_like(values))
 
 
 class _Targets:
-    """The targets this rank owns: `rows` of the batch and `cols` among the centres used."""
+    """The targets this rank owns, as a mask over the G rows of the batch (`owned`) and
+    each row's column among the centres in use (`cols`, 0 where not owned). Sync-free:
+    no list of owned rows is ever sized on the host."""
 
     def __init__(self, targets: torch.Tensor) -> None:
-        self.rows = torch.nonzero(targets >= 0).squeeze(1)
-        self.cols = targets.index_select(0, self.rows)
+        self.owned = targets >= 0
+        self.cols = targets.clamp_min(0)
 
-    def in_block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rows, columns relative to `start`, positions in rows/cols) inside [start, end)."""
-        keep = torch.nonzero((self.cols >= start) & (self.cols < end)).squeeze(1)
-        return self.rows[keep], self.cols[keep] - start, keep
+    def in_block(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows whose target lies in [start, end) [G] bool, its column relative to `start`
+        [G], 0 for the other rows)."""
+        inside = self.owned & (self.cols >= start) & (self.cols < end)
+        return inside, torch.where(inside, self.cols - start, torch.zeros_like(self.cols))
 
 
 class _Operands:
@@ -167,8 +188,11 @@ class _Operands:
 
     def __init__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  margin: Margin, compute_dtype: torch.dtype | None = None,
-                 logits_dtype: torch.dtype | None = None) -> None:
+                 logits_dtype: torch.dtype | None = None, policy: BlockPolicy | None = None,
+                 compiled: bool = False) -> None:
         self.margin, self.w, self.b = margin, w, b
+        self.policy = policy or policy_for(w.device)
+        self.passes = compiled_passes() if compiled else None
         if margin.normalized:
             self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
             self.xh = x / self.x_norm[:, None]
@@ -185,12 +209,12 @@ class _Operands:
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
-        values = (self.xh.index_select(0, tgt.rows) * self.w.index_select(0, tgt.cols)).sum(1)
+        values = (self.xh * self.w.index_select(0, tgt.cols)).sum(1)
         if self.margin.normalized:
             values = values * self.inv_w_norm.index_select(0, tgt.cols)
         else:
             values = values + self.b.index_select(0, tgt.cols)
-        return self.xh.new_zeros(num_rows).index_copy_(0, tgt.rows, values)
+        return _masked(tgt.owned, values)
 
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
         """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
@@ -198,7 +222,7 @@ class _Operands:
             block = torch.mm(self.xh_c, self.w_c[start:end].t())
         else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
             block = self.xh_c.new_empty(self.xh_c.shape[0], end - start, dtype=self.logits_dtype)
-            for a, b in _column_blocks(end - start, MM_COLUMNS):
+            for a, b in self.policy.mm_blocks(end - start):
                 block[:, a:b] = torch.mm(self.xh_c, self.w_c[start + a:start + b].t())
         if self.margin.normalized:
             block.mul_(self.inv_w_norm_c[start:end] * scale)
@@ -215,20 +239,28 @@ class _Operands:
             logits, cos = self.block_cosines(start, end, margin.scale), None
         else:
             cos = self.block_cosines(start, end)
-            logits = _nontarget_logits(margin, cos, target_cos)
-        rows, cols, _ = tgt.in_block(start, end)
-        logits[rows, cols] = z_t[rows].to(logits.dtype)
+            if self.passes is not None:
+                logits = self.passes.nontarget_logits(margin, cos, target_cos)
+            else:
+                logits = _nontarget_logits(margin, cos, target_cos, self.policy)
+        _put_targets_(logits, *tgt.in_block(start, end), z_t)
         return logits, cos
 
+    def sum_exp_rows(self, logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
+        if self.passes is not None:
+            return self.passes.sum_exp_rows(logits, row_max, exp_floor(_accumulation_dtype(logits.dtype)))
+        return _sum_exp_rows(logits, row_max, self.policy)
 
-def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+
+def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None,
+                      policy: BlockPolicy) -> torch.Tensor:
     """The margin's non-target logits of a block of cosines, in a new tensor of cos's
     dtype; for 16-bit cosines computed in fp32, one row block at a time."""
     dtype = _accumulation_dtype(cos.dtype)
     if dtype == cos.dtype:
         return margin.nontarget_logits(cos.clone(), target_cos)
     logits = torch.empty_like(cos)
-    for start, end in _row_blocks(*cos.shape):
+    for start, end in policy.row_blocks(*cos.shape):
         rows = None if target_cos is None else target_cos[start:end]
         logits[start:end] = margin.nontarget_logits(cos[start:end].to(dtype), rows)
     return logits
@@ -241,17 +273,19 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     index [S] sorted rows of `weight` in use (sampling) or None; targets [G] long, the
     column of each row's class among the rows in use, -1 where another rank owns it;
     margin; process group; chunk_size (None: one block, logits kept for backward);
-    compute_dtype of the GEMMs and the logit buffer (None: the centres' dtype).
+    compute_dtype of the GEMMs and the logit buffer (None: the centres' dtype);
+    logits_dtype; policy (a `BlockPolicy`; None: the centres' device's); compiled (run
+    the elementwise passes compiled, `fr_trainer.heads.fused`).
     Returns the scalar loss.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size, compute_dtype=None,
-                logits_dtype=None):
+                logits_dtype=None, policy=None, compiled=False):
         w = weight if index is None else weight.index_select(0, index)
         b = None if bias is None else (bias if index is None else bias.index_select(0, index))
         ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype,
-                        logits_dtype)
+                        logits_dtype, policy, compiled)
         num_rows, num_cols = x.shape[0], w.shape[0]
         tgt = _Targets(targets)
 
@@ -270,15 +304,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         for start, end in blocks:
             logits, _ = ops.block_logits(start, end, tgt, z_t, target_cos)
             maxima.append(logits.amax(dim=1).to(z_t.dtype))
-            sums.append(_sum_exp_rows(logits, maxima[-1]))
+            sums.append(ops.sum_exp_rows(logits, maxima[-1]))
             if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
-                _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end)[:2])
+                _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = logits if keep_logits else None
         block_max = torch.stack(maxima)
         local_max = block_max.amax(dim=0)
         row_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
         sum_exp = (torch.stack(sums) * torch.exp(block_max - row_max)).sum(0)
-        z_owned = torch.zeros_like(z_t).index_copy_(0, tgt.rows, z_t.index_select(0, tgt.rows))
+        z_owned = _masked(tgt.owned, z_t)
         joined = all_reduce_(torch.stack([sum_exp, z_owned]), dist.ReduceOp.SUM, group)
         log_sum_exp = row_max + torch.log(joined[0])
         loss = (log_sum_exp - joined[1]).mean()
@@ -309,17 +343,18 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype
-            h, rows, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial, mixed)
+            h, inside, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial, mixed)
             if not mixed:
                 grad_xh.addmm_(h, ops.w[start:end])
                 torch.mm(h.t(), ops.xh, out=grad_w[start:end])
                 if grad_b is not None:
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
-                h[rows, cols] = 0
+                _put_targets_(h, inside, cols, torch.zeros_like(h_t))
                 _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w)
-                grad_xh.index_add_(0, rows, h_t[:, None] * ops.w[start:end].index_select(0, cols))
-                grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh.index_select(0, rows))
+                # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
+                grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
+                grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh)
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
                     grad_b[start:end].mul_(factor).index_add_(0, cols, h_t)
@@ -336,7 +371,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
             if grad_b is not None:
                 grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
@@ -345,66 +380,78 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
     """Turn a block of logits [G, c] in place into H = dL/d(x^ . w_j) (that is dL/dcos
     divided by ||w_j||; dL/dz for the plain softmax), adding the block's radial
     coefficients sum_i dL/dcos_ij cos_ij into `radial[start:end]`. Returns (H, the
-    block's target rows, their columns, H at the targets in full precision, None).
+    block's target-row mask [G], their columns [G], H at the targets in full precision
+    (0 on the other rows), None).
 
     `deferred` (16-bit GEMMs): the buffer keeps H / f_j with a column factor f [c] that is
     returned last instead of None: the 1/G of the mean, the loss scale of a GradScaler,
     the logit scale and 1/||w_j|| stay out of the 16-bit numbers (which then stay within
     a few units, so fp16 cannot overflow at any loss scale) and are applied in fp32."""
     margin = ops.margin
-    rows, cols, pos = tgt.in_block(start, end)
-    cos_t = ctx.cos_t[rows] if ctx.target_cos is None else ctx.target_cos[rows]
-    p_t = torch.exp(ctx.z_t[rows] - ctx.log_sum_exp[rows])
-    g_t = (p_t - 1.0) * coef * ctx.dz_t[rows]  # dL/dcos at the targets
+    inside, cols = tgt.in_block(start, end)
+    cos_t = ctx.cos_t if ctx.target_cos is None else ctx.target_cos
+    p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
+    g_t = _masked(inside, (p_t - 1.0) * coef * ctx.dz_t)  # dL/dcos at the targets
     inv_norm = ops.inv_w_norm[start:end] if margin.normalized else None
     deferred_factor = None
     if margin.linear_nontarget:
-        factor = coef * margin.scale * (inv_norm if inv_norm is not None else 1.0)
-        if not torch.is_tensor(factor) or factor.dim() == 0:
-            factor = ctx.log_sum_exp.new_full((end - start,), float(factor))
+        factor = coef * margin.scale
+        factor = factor * inv_norm if inv_norm is not None else factor.expand(end - start)
         if deferred:
             deferred_factor, factor = factor, torch.ones_like(factor)
-        block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None)
+        if ops.passes is not None:
+            block_radial = ops.passes.linear_softmax_grad(logits, ctx.log_sum_exp, factor, radial is not None,
+                                                          exp_floor(_accumulation_dtype(logits.dtype)))
+        else:
+            block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None, ops.policy)
         if radial is not None:
             # the pass counted dL/dcos * cos = coef * p * z everywhere; fix the targets
             block_radial.mul_(coef)
-            block_radial.index_add_(0, cols, g_t * cos_t - coef * p_t * ctx.z_t[rows])
+            block_radial.index_add_(0, cols, _masked(inside, g_t * cos_t - coef * p_t * ctx.z_t))
             radial[start:end] += block_radial
     else:
-        _nonlinear_grad_(logits, cos, rows, cols, g_t, ctx, coef, margin, inv_norm,
-                         None if radial is None else radial[start:end], deferred)
+        _nonlinear_grad_(logits, cos, inside, cols, g_t, ctx, coef, margin, inv_norm,
+                         None if radial is None else radial[start:end], deferred, ops)
         if deferred:
             deferred_factor = coef * inv_norm if inv_norm is not None else coef.expand(end - start)
     values = g_t * inv_norm[cols] if inv_norm is not None else g_t
     if not deferred:  # (the deferred caller adds the targets exactly itself)
-        logits[rows, cols] = values.to(logits.dtype)
-    return logits, rows, cols, values, deferred_factor
+        _put_targets_(logits, inside, cols, values)
+    return logits, inside, cols, values, deferred_factor
 
 
-def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, inside: torch.Tensor, cols: torch.Tensor,
                      g_t: torch.Tensor, ctx, coef: torch.Tensor, margin: Margin,
-                     inv_norm: torch.Tensor | None, radial: torch.Tensor | None, deferred: bool = False) -> None:
+                     inv_norm: torch.Tensor | None, radial: torch.Tensor | None, deferred: bool,
+                     ops: _Operands) -> None:
     """In place, for margins whose non-target logits are not `s cos`: logits -> dL/dcos
     (times 1/||w_j|| when normalised), adding sum_i dL/dcos_ij cos_ij into `radial`.
-    16-bit blocks are processed in fp32 row blocks."""
+    `inside` [G] marks the rows whose target is in this block, at column `cols` [G].
+    16-bit blocks are processed in fp32 row blocks (the policy's)."""
     lse = ctx.log_sum_exp
     floor = exp_floor(_accumulation_dtype(logits.dtype))
-    for start, end in _row_blocks(*logits.shape) if logits.dtype != lse.dtype else [(0, logits.shape[0])]:
+    if ops.passes is not None:
+        ops.passes.nonlinear_grad(margin, logits, cos, inside, cols, g_t, lse, ctx.target_cos, coef,
+                                  inv_norm, radial, deferred, floor)
+        return
+    blocks = ops.policy.row_blocks(*logits.shape) if logits.dtype != lse.dtype else [(0, logits.shape[0])]
+    for start, end in blocks:
         block, c = logits[start:end], cos[start:end]
+        rows_in, cols_in, g_in = inside[start:end], cols[start:end], g_t[start:end]
         t_cos = None if ctx.target_cos is None else ctx.target_cos[start:end]
         probs = block.to(lse.dtype).sub_(lse[start:end, None]).clamp_min_(floor).exp_()
         probs.mul_(margin.nontarget_grad(c.to(lse.dtype), t_cos))
-        inside = (rows >= start) & (rows < end)
         if deferred:  # without the column factor coef / ||w_j||; targets added by the caller
-            probs[rows[inside] - start, cols[inside]] = 0
+            _put_targets_(probs, rows_in, cols_in, torch.zeros_like(g_in))
             if radial is not None:
                 radial += coef * (probs * c).sum(0)
-                radial.index_add_(0, cols[inside], g_t[inside] * c[rows[inside] - start, cols[inside]])
+                c_t = c.gather(1, cols_in[:, None]).squeeze(1).to(g_in.dtype)
+                radial.index_add_(0, cols_in, _masked(rows_in, g_in * c_t))
             if probs is not block:
                 block.copy_(probs)
             continue
         probs.mul_(coef)
-        probs[rows[inside] - start, cols[inside]] = g_t[inside]
+        _put_targets_(probs, rows_in, cols_in, g_in)
         if radial is not None:
             radial += (probs * c).sum(0)
             if inv_norm is not None:
@@ -428,13 +475,13 @@ class _NormTerms:
     def grad_norms(self, ctx, coef: torch.Tensor) -> torch.Tensor:
         """dL/d||x_i|| [G], on the rows whose label this rank owns (zero elsewhere): the
         all-gather's backward sums the ranks, and each row's label has one owner."""
-        rows = ctx.tgt.rows
+        owned = ctx.tgt.owned
         out = torch.zeros_like(self.norms)
         if self.dz_dnorm is not None:
-            p_t = torch.exp(ctx.z_t[rows] - ctx.log_sum_exp[rows])
-            out.index_add_(0, rows, (p_t - 1.0) * self.dz_dnorm[rows])
+            p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
+            out.add_(_masked(owned, (p_t - 1.0) * self.dz_dnorm))
         if self.d_penalty is not None:
-            out.index_add_(0, rows, self.d_penalty[rows])
+            out.add_(_masked(owned, self.d_penalty))
         return out.mul_(coef)
 
 

@@ -20,11 +20,12 @@ from torch.distributed import ProcessGroup
 
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad, rank_and_world_size
 from fr_trainer.distributed.shard import ClassShard
+from fr_trainer.heads.device_policy import BlockPolicy, policy_for, resolve_policy
 from fr_trainer.heads.filtering import InterclassFiltered, check_threshold
 from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
-from fr_trainer.heads.sampling import num_sampled, sample_centres, sampling_seed
+from fr_trainer.heads.sampling import num_sampled, present_classes, sample_present, sampling_seed
 from fr_trainer.heads.subcenter import subcenter_loss
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
@@ -50,6 +51,11 @@ class PartialFC(nn.Module):
             See `fr_trainer.heads.precision`.
         logits_dtype: dtype of the [G, C_local] logit buffer under a 16-bit compute_dtype
             (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
+        block_policy: how the elementwise passes are cut ("cpu": cache-sized row blocks;
+            "cuda": one op per pass; a `BlockPolicy`); None: the centres' device's, see
+            `fr_trainer.heads.device_policy` (which also reads $FR_HEAD_BLOCK_POLICY).
+        compiled: run the elementwise passes (margin, softmax, softmax gradient) through
+            `torch.compile` (`fr_trainer.heads.fused`); False keeps them eager.
         device: where the centres are created (drawn on the host one block at a time, so
             a 10M-class shard is never held in host memory); None: the CPU.
         interclass_filtering_threshold: non-target cosines above it count as 0 (no logit
@@ -71,6 +77,7 @@ class PartialFC(nn.Module):
                  chunk_size: int | None = None, seed: int | None = None, init_std: float = 0.01,
                  compute_dtype: torch.dtype | None = None, logits_dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, interclass_filtering_threshold: float = 0.0,
+                 block_policy: str | BlockPolicy | None = None, compiled: bool = False,
                  **margin_kwargs) -> None:
         super().__init__()
         if embedding_size < 1:
@@ -94,6 +101,8 @@ class PartialFC(nn.Module):
         self.chunk_size = chunk_size
         self.compute_dtype = compute_dtype
         self.logits_dtype = logits_dtype
+        self.block_policy = None if block_policy is None else resolve_policy(block_policy)
+        self.compiled = bool(compiled)
         self.seed = int(torch.initial_seed() if seed is None else seed)
         self.weight = nn.Parameter(self._initial_centres(init_std, device))
         self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
@@ -143,9 +152,8 @@ class PartialFC(nn.Module):
         local = torch.where(owned, all_labels - self.shard.start, torch.full_like(all_labels, -1))
         index = None
         if self.sampling:
-            positives = torch.unique(local[owned])
-            index = sample_centres(positives, self.shard.num_local, self.num_sample,
-                                   self._sampling_generator())
+            present = present_classes(local, owned, self.shard.num_local)
+            index = sample_present(present, self.num_sample, self._sampling_generator(), local.numel())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
         if self.margin.subcenters > 1:
@@ -154,7 +162,8 @@ class PartialFC(nn.Module):
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
-                                               self._call_margin(), group, self.chunk_size, compute, logits)
+                                               self._call_margin(), group, self.chunk_size, compute, logits,
+                                               policy_for(self.weight.device, self.block_policy), self.compiled)
 
     def _call_margin(self) -> Margin:
         """The margin the fused head applies: the head's, filtered when the inter-class
@@ -184,4 +193,6 @@ class PartialFC(nn.Module):
         s = self.shard
         return (f"num_classes={s.num_classes}, shard=[{s.start}, {s.end}) of world {s.world_size}, "
                 f"embedding_size={self.embedding_size}, sample_rate={self.sample_rate}, "
-                f"chunk_size={self.chunk_size}, compute_dtype={self.compute_dtype}")
+                f"chunk_size={self.chunk_size}, compute_dtype={self.compute_dtype}"
+                + (f", block_policy={self.block_policy.name}" if self.block_policy else "")
+                + (", compiled=True" if self.compiled else ""))

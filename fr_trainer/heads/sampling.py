@@ -25,12 +25,33 @@ def sample_centres(positives: torch.Tensor, num_local: int, num_sample: int,
     are kept, and the remaining `num_sample - P` slots (if any) are filled with negatives
     drawn uniformly without replacement. S = max(num_sample, P).
     """
+    present = torch.zeros(num_local, dtype=torch.bool, device=positives.device)
+    present[positives] = True
+    return sample_present(present, num_sample, generator, int(positives.numel()))
+
+
+def present_classes(local: torch.Tensor, owned: torch.Tensor, num_local: int) -> torch.Tensor:
+    """[num_local] bool: which of this shard's classes occur in the batch (`local` [G] the
+    local class of each row, valid where `owned`). An index_add of counts, no sync (where
+    `torch.unique` of the owned labels would size its result on the host)."""
+    counts = torch.zeros(num_local, dtype=torch.int32, device=local.device)
+    counts.index_add_(0, local.clamp_min(0), owned.to(torch.int32))
+    return counts > 0
+
+
+def sample_present(present: torch.Tensor, num_sample: int, generator: torch.Generator,
+                   max_positives: int) -> torch.Tensor:
+    """`sample_centres` from the mask of present classes; `max_positives` bounds their
+    number (the batch rows). Sync-free when `num_sample >= max_positives` (then S =
+    num_sample); otherwise the number of positives is read on the host once (S depends
+    on it)."""
+    num_local = present.shape[0]
     if num_sample >= num_local:
-        return torch.arange(num_local, device=positives.device)
-    scores = torch.rand(num_local, generator=generator, device=generator.device)
-    scores[positives] = 2.0  # above every uniform draw: positives always win
-    keep = max(num_sample, int(positives.numel()))
-    return torch.topk(scores, keep, sorted=False).indices.sort().values.to(positives.device)
+        return torch.arange(num_local, device=present.device)
+    scores = torch.rand(num_local, generator=generator, device=generator.device).to(present.device)
+    scores = torch.where(present, torch.full_like(scores, 2.0), scores)  # positives always win
+    keep = num_sample if num_sample >= max_positives else max(num_sample, int(present.sum()))
+    return torch.topk(scores, keep, sorted=False).indices.sort().values
 
 
 _MASK_63 = (1 << 63) - 1

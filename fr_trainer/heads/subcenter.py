@@ -35,21 +35,21 @@ class ShardedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
-        rows = torch.nonzero(targets >= 0).squeeze(1)
-        cols = targets.index_select(0, rows)
+        owned, cols = targets >= 0, targets.clamp_min(0)  # a mask, not a list: no host sync
         row_max = all_reduce_(logits.amax(dim=1), dist.ReduceOp.MAX, group)
         sum_exp = torch.exp(logits - row_max[:, None]).sum(dim=1)
-        z_owned = torch.zeros_like(sum_exp).index_copy_(0, rows, logits[rows, cols])
+        at_target = logits.gather(1, cols[:, None]).squeeze(1)
+        z_owned = torch.where(owned, at_target, torch.zeros_like(at_target))
         joined = all_reduce_(torch.stack([sum_exp, z_owned]), dist.ReduceOp.SUM, group)
         log_sum_exp = row_max + torch.log(joined[0])
-        ctx.save_for_backward(logits, log_sum_exp, rows, cols)
+        ctx.save_for_backward(logits, log_sum_exp, owned, cols)
         return (log_sum_exp - joined[1]).mean()
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits, log_sum_exp, rows, cols = ctx.saved_tensors
+        logits, log_sum_exp, owned, cols = ctx.saved_tensors
         grad = torch.exp(logits - log_sum_exp[:, None])
-        grad[rows, cols] -= 1.0
+        grad.scatter_add_(1, cols[:, None], -owned.to(grad.dtype)[:, None])
         return grad.mul_(grad_loss / logits.shape[0]), None, None
 
 
@@ -69,14 +69,12 @@ def subcenter_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if not (margin.linear_nontarget and not margin.needs_global_target and not margin.needs_norms):
         raise ValueError(f"the sub-centre head supports margins with s cos non-targets only, not {margin!r}")
     cos = class_cosines(x, weight)
-    rows = torch.nonzero(targets >= 0).squeeze(1)
-    cols = targets.index_select(0, rows)
+    owned, cols = targets >= 0, targets.clamp_min(0)
+    is_target = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, cols[:, None], owned[:, None])
     if threshold > 0:
-        dirty = cos.detach() > threshold
-        dirty[rows, cols] = False
-        cos = cos.masked_fill(dirty, 0.0)
-    cos_t = cos[rows, cols]
+        cos = cos.masked_fill((cos.detach() > threshold) & ~is_target, 0.0)
+    cos_t = cos.gather(1, cols[:, None]).squeeze(1)
     value, slope = margin.target(cos_t.detach())
     z_t = value + slope * (cos_t - cos_t.detach())
-    logits = (margin.scale * cos).index_put((rows, cols), z_t)
+    logits = torch.where(is_target, z_t[:, None], margin.scale * cos)
     return ShardedCrossEntropy.apply(logits, targets, group)

@@ -44,7 +44,7 @@ from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
 DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # PartialFC rejects 16-bit centres (AMP keeps it fp32)
 OPTIMIZERS = ("sgd", "adamw")
-BLOCK_ELEMENTS = 1 << 18  # margin_softmax.BLOCK_ELEMENTS: elements per elementwise block
+BLOCK_ELEMENTS = 1 << 18  # device_policy.CPU_BLOCK_ELEMENTS: elements per elementwise block (CPU policy)
 INT64 = 8
 
 

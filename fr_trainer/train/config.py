@@ -94,6 +94,9 @@ class HeadConfig:
     # non-target cosines above it count as 0 (likely the same identity under another label);
     # 0 = off (arcface_torch's interclass_filtering_threshold)
     interclass_filtering_threshold: float = 0.0
+    # torch.compile the head's elementwise passes (margin, softmax, softmax gradient;
+    # fr_trainer/heads/fused.py); off: eager. Off by default: no measurement shows it pays yet
+    compile: bool = False
 
 
 @dataclass

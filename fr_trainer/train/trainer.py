@@ -212,6 +212,7 @@ class Trainer:
                 logits_dtype=None if c.head.logits_dtype == "auto" else HEAD_DTYPES[c.head.logits_dtype],
                 device=self.device,  # drawn block by block into device memory, not via the host
                 interclass_filtering_threshold=c.head.interclass_filtering_threshold,
+                compiled=c.head.compile,
             )
         except ValueError as error:  # an option the margin cannot take (e.g. sampling with sub-centres)
             raise ConfigError(f"[head]: {error}") from None

@@ -1,0 +1,127 @@
+"""The head's device policy and sync budget, on the CPU with the CUDA policy forced.
+
+- Under the CUDA policy the number of aten ops of one forward + backward does not depend
+  on the number of classes (2,000 vs 100,000, small G), for fp32 and bf16, chunked (the
+  same number of chunks) or not, sampled or not; under the CPU policy it grows (its
+  cache-sized row blocks and 16-bit GEMM column chunks), so the count can tell.
+- Both policies give the same loss and gradients.
+- One step syncs with the host at most once (the input check's one read) unsampled, and
+  sampled when the sample is at least the batch (a sample smaller than the batch adds one),
+  for every registered margin.
+- The forcing knobs: PartialFC(block_policy=...), forced_policy(...), $FR_HEAD_BLOCK_POLICY.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fr_trainer.heads import PartialFC
+from fr_trainer.heads.device_policy import CPU, CUDA, forced_policy, policy_for
+from fr_trainer.heads.step_count import counting
+from fr_trainer.margins import list_margins
+
+DIM, BATCH, SEED = 16, 4, 3
+SMALL, LARGE = 2_000, 100_000
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+CASES = [(dtype, chunked, rate) for dtype in DTYPES for chunked in (False, True) for rate in (1.0, 0.5)]
+
+
+@functools.cache  # deterministic: tests that need the same step share it
+def _step(classes: int, dtype: str, chunked: bool, rate: float, policy: str, margin: str = "arcface"):
+    """(ops, syncs, loss, grad x, grad W dense) of one forward + backward."""
+    chunk = classes // 3 + 1 if chunked else None  # three chunks at every class count
+    head = PartialFC(classes, DIM, margin=margin, chunk_size=chunk, sample_rate=rate, seed=SEED,
+                     compute_dtype=DTYPES[dtype], block_policy=policy)
+    generator = torch.Generator().manual_seed(SEED)
+    x = torch.randn(BATCH, DIM, generator=generator).requires_grad_()
+    y = torch.randint(0, classes, (BATCH,), generator=generator)
+    with counting() as counter:
+        loss = head(x, y)
+        loss.backward()
+    grad_w = head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad
+    return counter.ops, counter.syncs, loss.detach(), x.grad, grad_w
+
+
+@pytest.mark.parametrize(("dtype", "chunked", "rate"), CASES)
+def test_cuda_policy_op_count_does_not_grow_with_classes(dtype, chunked, rate):
+    small = _step(SMALL, dtype, chunked, rate, "cuda")[0]
+    large = _step(LARGE, dtype, chunked, rate, "cuda")[0]
+    assert small == large, (small, large)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cpu_policy_op_count_grows_with_classes(dtype):
+    small = _step(SMALL, dtype, False, 1.0, "cpu")[0]
+    large = _step(LARGE, dtype, False, 1.0, "cpu")[0]
+    assert large > small, (small, large)
+
+
+def _assert_same_results(cpu: tuple, cuda: tuple, dtype: str) -> None:
+    if dtype == "fp32":
+        for a, b in zip(cpu[2:], cuda[2:]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        return
+    # bf16: one 16-bit GEMM over all classes vs column chunks summed in fp32 round
+    # differently (both are ~1e-2 from the fp64 head); the loss's terms are fp32 either way
+    torch.testing.assert_close(cpu[2], cuda[2], rtol=1e-4, atol=0)
+    for a, b in zip(cpu[3:], cuda[3:]):
+        assert float((a - b).norm() / b.norm()) <= 1e-2
+
+
+@pytest.mark.parametrize(("dtype", "chunked", "rate"), CASES)
+def test_cuda_policy_equals_cpu_policy(dtype, chunked, rate):
+    _assert_same_results(_step(LARGE, dtype, chunked, rate, "cpu"), _step(LARGE, dtype, chunked, rate, "cuda"), dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_cuda_policy_equals_cpu_policy_for_a_nonlinear_margin(dtype):
+    cpu, cuda = (_step(LARGE, dtype, False, 1.0, policy, "sv_arcface") for policy in ("cpu", "cuda"))
+    _assert_same_results(cpu, cuda, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("margin", ["arcface", "sv_arcface", "softmax"])
+def test_unsampled_step_syncs_at_most_once(dtype, margin):
+    syncs = _step(LARGE, dtype, False, 1.0, "cuda", margin)[1]
+    assert sum(syncs.values()) <= 1, dict(syncs)
+    if margin == "arcface":
+        syncs = _step(LARGE, dtype, True, 1.0, "cuda", margin)[1]
+        assert sum(syncs.values()) <= 1, dict(syncs)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_sampled_step_sync_bound(dtype):
+    # a sample of 50,000 centres >= the batch: the sample's size is known, no extra sync
+    assert sum(_step(LARGE, dtype, False, 0.5, "cuda")[1].values()) <= 1
+    # a sample smaller than the batch (1 centre): its size needs the positives' count
+    tiny = _step(SMALL, dtype, False, 1e-4, "cuda")[1]
+    assert sum(tiny.values()) <= 2, dict(tiny)
+
+
+def test_the_policy_can_be_forced(monkeypatch):
+    assert policy_for("cpu") is CPU and policy_for("cuda") is CUDA
+    with forced_policy("cuda"):
+        assert policy_for("cpu") is CUDA
+        assert policy_for("cpu", "cpu") is CPU  # the head's own argument wins
+    monkeypatch.setenv("FR_HEAD_BLOCK_POLICY", "cuda")
+    assert policy_for("cpu") is CUDA
+    monkeypatch.setenv("FR_HEAD_BLOCK_POLICY", "tpu")
+    with pytest.raises(ValueError, match="block policy 'tpu' is not one of cpu, cuda"):
+        policy_for("cpu")
+
+
+def test_out_of_range_label_single_process_names_the_value():
+    head = PartialFC(SMALL, DIM, seed=SEED)
+    labels = torch.tensor([0, SMALL + 7, 1, -2])
+    with pytest.raises(ValueError, match=rf"2 label\(s\) outside \[0, {SMALL}\): \[{SMALL + 7}, -2\]; "
+                                         "check the dataset's labels or num_classes"):
+        head(torch.randn(4, DIM), labels)
+
+
+@pytest.mark.parametrize("margin", list_margins())
+def test_every_margin_step_syncs_at_most_once(margin):
+    syncs = _step(SMALL, "fp32", False, 1.0, "cuda", margin)[1]
+    assert sum(syncs.values()) <= 1, dict(syncs)
