@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device check, one script, at most 10 minutes on one H100/H200 (per-step limits add up to 570 s) (scripts/README: run it
+# The device check, one script, at most 8 minutes on one H100/H200 (per-step limits add up to 480 s) (scripts/README: run it
 # whenever a GPU is lent; record the figures in docs/benchmarks.md with the GPU named):
 #   1. the CUDA tests (tests/test_cuda.py, marker `cuda`): the head on CUDA in fp32/bf16/fp16
 #      against the fp64 CPU reference, the sparse update, NCCL on one rank, resumed
@@ -13,7 +13,10 @@
 #      in bf16 (peak memory: target within 80 GB);
 #   3. `fr-trainer bench search --device cuda`: 3,530 probes against 1M x 512 fp32
 #      distractors (a 2 GB memmap streamed to the GPU) vs the on-GPU GEMM floor;
-#   4. a JSON and a markdown table of it all in $OUT (default gpu_check_out/).
+#   4. `fr-trainer bench train --device cuda`: the full step (random images on the GPU, so the
+#      data path is not in it), iresnet50 in bf16 autocast, channels_last, the head in bf16,
+#      batch 256, 100k classes; eager and compiled (target >= 5,000 samples/s on one H200);
+#   5. a JSON and a markdown table of it all in $OUT (default gpu_check_out/).
 # Uses the python3 that holds torch (no install: the device image has torch, pytest and
 # onnxruntime); the project is imported from this checkout.
 #   bash scripts/gpu_check.sh
@@ -40,15 +43,19 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-step cuda_tests 120 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step head_ops 90 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
+step cuda_tests 80 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step head_ops 50 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
   --json "$out/step_ops.json"
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --batch 1024 --dim 512)
-step head_1m_bf16 60 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"
-step head_1m_fp32 60 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
-step head_10m_bf16 120 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
+step head_1m_bf16 40 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"
+step head_1m_fp32 35 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
+step head_10m_bf16 80 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
   --json "$out/head_10m_bf16.json"
-step search_1m 120 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
+step search_1m 90 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
+train=("$py" -m fr_trainer bench train --device cuda --backbone iresnet50 --batch-size 256 --num-classes 100000
+       --precision bf16 --head-dtype bf16 --channels-last on)
+step train_r50_bf16 40 "${train[@]}" --steps 30 --warmup 5 --json "$out/train_r50_bf16.json"
+step train_r50_bf16_compiled 65 "${train[@]}" --compile --steps 30 --warmup 5 --json "$out/train_r50_bf16_compiled.json"
 "$py" - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -69,6 +76,14 @@ if search.is_file():
     report["search_1m"] = rounds
     rows.append(f"| search 1M x 512, 3,530 probes | {rounds[0]['floor_before_s'] * 1000:.0f} | "
                 f"{rounds[0]['search_s'] * 1000:.0f} | {rounds[0]['ratio']:.2f} | – | – |")
+train_rows = []
+for path in sorted(out.glob("train_*.json")):
+    data = json.loads(path.read_text())
+    report[path.stem] = data
+    train_rows.append(f"| {path.stem} | {data['samples_per_s']:.0f} | {data['step_ms']:.1f} | "
+                      + ", ".join(f"{k} {v * 100:.0f}%" for k, v in data["share"].items()) + " |")
+if train_rows:
+    train_rows = ["", "| full step | samples/s | ms/step | time share |", "|---|---:|---:|---|", *train_rows]
 ops = out / "step_ops.json"  # (not head_*.json: those are bench results)
 ops_rows = []
 if ops.is_file():
@@ -78,7 +93,7 @@ if ops.is_file():
                   for r in report["head_ops"]["steps"]]]
 (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
 table = [f"GPU: {gpu}", "", "| case | floor ms | head ms | head / floor | head peak GiB | floor peak GiB |",
-         "|---|---:|---:|---:|---:|---:|", *rows, *ops_rows, "",
+         "|---|---:|---:|---:|---:|---:|", *rows, *ops_rows, *train_rows, "",
          "| step | exit | seconds |", "|---|---:|---:|",
          *[f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in report["steps"]]]
 (out / "gpu_check.md").write_text("\n".join(table) + "\n")

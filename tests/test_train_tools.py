@@ -94,6 +94,19 @@ def test_bench_train_reports_throughput_and_shares(tmp_path, capsys):
     assert set(result["share"]) == {"data", "backbone", "head", "optimizer"}
     assert sum(result["share"].values()) == pytest.approx(1.0)
     assert "samples/s" in capsys.readouterr().out
+    assert (result["channels_last"], result["compiled"]) == (False, False)  # off by default on CPU
+
+
+def test_bench_train_runs_the_gpu_step_settings_bf16_head_and_channels_last(tmp_path, capsys):
+    """The settings gpu_check.sh times on a GPU (bf16 autocast, bf16 head, NHWC) run here."""
+    out = tmp_path / "bench.json"
+    argv = ["--backbone", "iresnet18", "--embedding-size", "16", "--batch-size", "2", "--steps", "1",
+            "--warmup", "1", "--num-classes", "50", "--precision", "bf16", "--head-dtype", "bf16",
+            "--channels-last", "on", "--json", str(out)]
+    assert bench_main(argv) == 0
+    result = json.loads(out.read_text())
+    assert (result["head_dtype"], result["channels_last"], result["precision"]) == ("bfloat16", True, "bf16")
+    assert "head bfloat16, channels_last" in capsys.readouterr().out
 
 
 def test_verification_sharded_over_ranks_equals_one_process(tmp_path):

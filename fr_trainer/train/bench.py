@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data-batches", type=int, default=100, help="batches of the data-only pass (0: none)"
     )
+    p.add_argument("--head-dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="the head's GEMM/logit dtype (auto: the autocast dtype), as head.dtype")
+    p.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                   help="NHWC backbone and images, as model.channels_last (auto: on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the backbone, as model.compile")
     p.add_argument("--json", default=None, help="also write the result here")
     return p
 
@@ -136,7 +141,13 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     from fr_trainer.heads import PartialFC
     from fr_trainer.train.grads import scale_backbone_grad
     from fr_trainer.train.optim import SGD
-    from fr_trainer.train.runtime import resolve_device, resolve_precision
+    from fr_trainer.heads.precision import resolve_head_dtype
+    from fr_trainer.train.runtime import (
+        configure_backends,
+        resolve_device,
+        resolve_precision,
+        use_channels_last,
+    )
 
     torch.set_num_threads(args.threads)
     device_type = resolve_device(args.device)
@@ -145,11 +156,18 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     data_only = data_pass(args, rank, world_size, device) if args.data and args.data_batches else None
     next_batch, num_classes = _batches(args, rank, world_size, device)
     torch.manual_seed(0)
+    configure_backends(device, deterministic=False)
     backbone = create_backbone(args.backbone, embedding_size=args.embedding_size).to(device)
+    channels_last = use_channels_last(args.channels_last, backbone, device)
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if args.compile:
+        backbone.compile()
     model = DistributedDataParallel(backbone) if world_size > 1 else backbone
     head = PartialFC(
-        num_classes, args.embedding_size, margin=args.margin, sample_rate=args.sample_rate, seed=0
-    ).to(device)
+        num_classes, args.embedding_size, margin=args.margin, sample_rate=args.sample_rate, seed=0,
+        compute_dtype=resolve_head_dtype(args.head_dtype, precision.autocast_dtype), device=device,
+    )
     optimizer = SGD(
         [{"params": list(backbone.parameters())}, {"params": list(head.parameters())}],
         lr=0.01,
@@ -166,6 +184,8 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
             total_start, cpu_start = time.perf_counter(), process_cpu_seconds()
         t0 = time.perf_counter()
         images, labels = next_batch()
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         _sync(device)
         t1 = time.perf_counter()
         with precision.autocast(device):
@@ -203,6 +223,9 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
         "parts": parts,
         "loss": float(loss.detach()),
         "num_classes": num_classes,
+        "channels_last": channels_last,
+        "compiled": bool(args.compile),
+        "head_dtype": str(head.compute_dtype or head.weight.dtype).removeprefix("torch."),
     }
 
 
@@ -236,6 +259,9 @@ def _summary(args: argparse.Namespace, results: list[dict]) -> dict:
         "device": args.device,
         "precision": args.precision,
         "threads_per_rank": args.threads,
+        "head_dtype": results[0]["head_dtype"],
+        "channels_last": results[0]["channels_last"],
+        "compiled": results[0]["compiled"],
         "data": args.data or "random tensors",
         "loader": args.loader if args.data else None,
         "num_workers": args.num_workers if args.data else None,
@@ -264,7 +290,9 @@ def _line(out: dict) -> str:
     loader = f" [{out['loader']} loader]" if out["loader"] else ""
     line = (
         f"{out['backbone']} batch {out['batch_size']} x {out['world_size']} rank(s), {out['num_classes']} classes "
-        f"(sample_rate {out['sample_rate']}), {out['data']}{loader}: {out['samples_per_s']:.1f} samples/s, "
+        f"(sample_rate {out['sample_rate']}), head {out['head_dtype']}"
+        + (", channels_last" if out["channels_last"] else "") + (", compiled" if out["compiled"] else "")
+        + f", {out['data']}{loader}: {out['samples_per_s']:.1f} samples/s, "
         f"{out['step_ms']:.0f} ms/step, {out['step_images_per_cpu_s']:.1f} images per CPU-second; time share: "
         + ", ".join(f"{k} {v * 100:.0f}%" for k, v in out["share"].items())
     )
