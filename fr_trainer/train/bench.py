@@ -139,9 +139,9 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
 
     from fr_trainer.backbones import create_backbone
     from fr_trainer.heads import PartialFC
+    from fr_trainer.heads.precision import resolve_head_dtype
     from fr_trainer.train.grads import scale_backbone_grad
     from fr_trainer.train.optim import SGD
-    from fr_trainer.heads.precision import resolve_head_dtype
     from fr_trainer.train.runtime import (
         configure_backends,
         resolve_device,
