@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_support import write_head_checkpoint
 
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.heads import partial_fc
@@ -40,11 +41,7 @@ def _draw(head: partial_fc.PartialFC) -> torch.Tensor:
 
 
 def _write_checkpoint(folder: Path, heads: list[partial_fc.PartialFC]) -> None:
-    folder.mkdir(parents=True)
-    world = len(heads)
-    torch.save({"world_size": world, "num_classes": NUM_CLASSES, "step": STEP}, folder / ckpt.COMMON)
-    for rank, head in enumerate(heads):
-        torch.save({"head": head.state_dict(), "optim_head": {}}, folder / ckpt.shard_name(rank, world))
+    write_head_checkpoint(folder, heads, NUM_CLASSES, STEP)
 
 
 def _resume(monkeypatch, folder: Path, world_size: int) -> list[partial_fc.PartialFC]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from test_train_support import write_head_checkpoint
 
 from fr_trainer.heads import partial_fc
 from fr_trainer.train import checkpoint as ckpt
@@ -22,11 +23,7 @@ def _head(monkeypatch, rank: int, world_size: int, margin: str, **kw) -> partial
 
 
 def _save(folder: Path, heads: list[partial_fc.PartialFC]) -> None:
-    folder.mkdir(parents=True)
-    world = len(heads)
-    torch.save({"world_size": world, "num_classes": NUM_CLASSES, "step": STEP}, folder / ckpt.COMMON)
-    for rank, head in enumerate(heads):
-        torch.save({"head": head.state_dict(), "optim_head": {}}, folder / ckpt.shard_name(rank, world))
+    write_head_checkpoint(folder, heads, NUM_CLASSES, STEP)
 
 
 def _load(monkeypatch, folder: Path, world_size: int, margin: str, **kw) -> list[partial_fc.PartialFC]:

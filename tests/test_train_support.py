@@ -132,3 +132,15 @@ def rank_verify(rank: int, world_size: int, cfg: dict) -> dict:
     trainer = make_trainer(rank, world_size, cfg)
     summary = trainer.fit()
     return {"verification": summary["verification"], "initial": summary["verification_initial"]}
+
+
+def write_head_checkpoint(folder: Path, heads: list, num_classes: int, step: int) -> None:
+    """A checkpoint folder holding only the heads' shards (rank order) and the common
+    fields a head reshard reads: what `PartialFC` state tests resume from."""
+    from fr_trainer.train import checkpoint as ckpt
+
+    folder.mkdir(parents=True)
+    world = len(heads)
+    torch.save({"world_size": world, "num_classes": num_classes, "step": step}, folder / ckpt.COMMON)
+    for rank, head in enumerate(heads):
+        torch.save({"head": head.state_dict(), "optim_head": {}}, folder / ckpt.shard_name(rank, world))
