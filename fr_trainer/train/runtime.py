@@ -145,6 +145,19 @@ def prepare_backbone(backbone: torch.nn.Module, config, device: torch.device) ->
     return channels_last
 
 
+def _buffer_sync(every_forward: bool) -> dict:
+    """DDP's per-forward buffer broadcast: `forward_sync_buffers` where this torch has it
+    (it deprecates `broadcast_buffers`; buffers are still synced once at construction, and
+    ours are equal there anyway: every rank builds the backbone from the same seed)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": every_forward}
+    return {"broadcast_buffers": every_forward}
+
+
 def wrap_ddp(network: torch.nn.Module, config, device: torch.device, find_unused: bool = False):
     """DistributedDataParallel with the run's [ddp] settings and optional gradient
     compression (the trainer's world-size factor on the embeddings is unaffected: the
@@ -155,7 +168,7 @@ def wrap_ddp(network: torch.nn.Module, config, device: torch.device, find_unused
     model = DistributedDataParallel(
         network,
         device_ids=[device.index] if device.type == "cuda" else None,
-        broadcast_buffers=d.broadcast_buffers,
+        **_buffer_sync(d.broadcast_buffers),
         bucket_cap_mb=d.bucket_cap_mb,
         gradient_as_bucket_view=d.gradient_as_bucket_view,
         static_graph=d.static_graph,
