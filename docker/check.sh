@@ -12,7 +12,8 @@
 # Every step's time is printed, then the image sizes; any failure stops it with status 1.
 # Containers are run with `buildah run --isolation chroot` (rootless `podman run` needs
 # setrlimit, which some sandboxes refuse). The images, the builder stages and the layer
-# cache are removed at the end (the stand-in base and the wheel stay cached) unless --keep.
+# cache are removed at the end (the stand-in base and the wheel stay cached) unless --keep,
+# which keeps them and stores the layer cache for warm rebuilds.
 #
 #   bash docker/check.sh [--keep] [--no-cache] [--steps N]
 #
@@ -27,10 +28,12 @@ cd "$(dirname "$0")/.."
 usage() { sed -n '2,/^set -eE/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
 die() { echo "docker/check.sh: $*" >&2; exit 2; }
 
-keep=0 no_cache=() steps=20
+# Without --keep no layer cache is stored (--layers=false: only the two images are written,
+# and removed at the end); --keep stores it, for warm rebuilds.
+keep=0 no_cache=() steps=20 layers=(--layers=false)
 while [ $# -gt 0 ]; do
   case "$1" in
-    --keep) keep=1; shift ;;
+    --keep) keep=1; layers=(--layers=true); shift ;;
     --no-cache) no_cache=(--no-cache); shift ;;
     --steps) steps="${2:?--steps needs a count}"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -59,9 +62,11 @@ cleanup() {
   local c
   for c in "${containers[@]}"; do buildah_ rm "$c" >/dev/null 2>&1 || true; done
   if [ "$keep" -eq 0 ] && [ -n "$images_before" ]; then
-    # The images this run made: both images, their builder stages and cached layers.
+    # Both images and anything else this run stored (a builder stage).
     local new
+    podman_ rmi -f "$train_image" "$eval_image" >/dev/null 2>&1 || true
     new="$(comm -13 <(echo "$images_before") <(podman_ images -a -q --no-trunc | sort -u))"
+    # shellcheck disable=SC2086
     [ -z "$new" ] || podman_ rmi -f $new >/dev/null 2>&1 || true
   fi
 }
@@ -114,9 +119,9 @@ torch_wheel() {
     "torch==$torch_version" -d "$work/wheels"
 }
 
-build() {  # build NAME IMAGE [extra build args]
+build() {  # build NAME IMAGE [extra build args]; docker format: SHELL applies, as with docker build
   local name="$1" image="$2"; shift 2
-  podman_ build --isolation chroot "${no_cache[@]}" \
+  podman_ build --isolation chroot --format docker "${layers[@]}" "${no_cache[@]}" \
     --build-arg "BASE_IMAGE=$base" \
     --build-arg PIP_FIND_LINKS=/wheels --build-arg PIP_CERT=/run/host-ca.crt \
     --build-arg "FR_TORCH_VERSION=$torch_version" "$@" \
