@@ -136,9 +136,12 @@ entrypoint_of() {
   podman_ image inspect --format '{{range .Config.Entrypoint}}{{.}} {{end}}' "$1"
 }
 
+# --hostname localhost: torchrun's rendezvous store advertises the hostname, and a chroot
+# container's default one (its id) resolves nowhere.
 run_in() {  # run_in CONTAINER ARGS...: buildah run with $out mounted at /workspace/out
   local c="$1"; shift
-  buildah_ run --isolation chroot --workingdir /workspace -v "$out:/workspace/out" "$c" -- "$@"
+  buildah_ run --isolation chroot --hostname localhost --workingdir /workspace \
+    -v "$out:/workspace/out" "$c" -- "$@"
 }
 
 train() {
@@ -169,7 +172,7 @@ verify() {
   c="$(buildah_ from "$eval_image")"; containers+=("$c")
   read -r -a entry <<<"$(entrypoint_of "$eval_image")"
   [ "${entry[*]}" = fr-trainer ] || { echo "eval image entrypoint is '${entry[*]}', expected fr-trainer" >&2; return 1; }
-  buildah_ run --isolation chroot --workingdir /workspace -v "$out:/data:ro" "$c" -- \
+  buildah_ run --isolation chroot --hostname localhost --workingdir /workspace -v "$out:/data:ro" "$c" -- \
     "${entry[@]}" verify /data/model.onnx --bin /data/synth/synth_val.bin --quiet 2>&1 | tee "$out/verify.log"
   grep -Eq "synth_val: accuracy [0-9.]+" "$out/verify.log" || { echo "verify printed no accuracy" >&2; return 1; }
 }
