@@ -108,6 +108,16 @@ def test_default_base_is_the_pinned_real_image(name):
 
 
 @pytest.mark.parametrize("name", IMAGES)
+def test_apt_leaves_no_lists_or_caches(name):
+    """Every `apt-get update` removes, in the same RUN, the lists and the package caches
+    (`pkgcache.bin`: 78 MB on Debian bookworm) it made; otherwise they stay in the layer."""
+    for keyword, rest in instructions(name):
+        if keyword == "RUN" and "apt-get update" in rest:
+            for path in ("/var/lib/apt/lists/*", "/var/cache/apt/*.bin"):
+                assert path in rest, f"{name}: this RUN keeps {path}: {rest}"
+
+
+@pytest.mark.parametrize("name", IMAGES)
 def test_stand_in_arguments_are_empty_by_default(name):
     """The find-links folder and CA bundle docker/check.sh passes do nothing in a plain build."""
     args = arg_defaults(builder_stage(name))
