@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 6
+STEPS = 10
 
 pytestmark = pytest.mark.skipif(os.environ.get("FR_DOCKER_CHECK") != "1",
                                 reason="builds Docker images (~10 min): set FR_DOCKER_CHECK=1")
