@@ -39,6 +39,14 @@ def _import_dali():
     return fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy
 
 
+def normalize_faces(fn, types, images, mirror):
+    """DALI ops: HWC uint8 faces -> CHW float in [-1, 1] ((x - 127.5) / 127.5, the torch
+    path's normalisation), mirrored where `mirror` is 1. `fn`/`types` are nvidia.dali's."""
+    return fn.crop_mirror_normalize(
+        images, dtype=types.FLOAT, output_layout="CHW", mean=[127.5] * 3, std=[127.5] * 3, mirror=mirror,
+    )
+
+
 def _cache_candidates(rec_path: Path) -> list[Path]:
     beside = rec_path.with_name(rec_path.stem + ".dali.idx")
     digest = hashlib.sha1(str(rec_path.resolve()).encode()).hexdigest()[:16]
@@ -145,14 +153,7 @@ def build_pipeline(
         if image_size is not None:
             images = fn.resize(images, resize_x=image_size, resize_y=image_size)
         mirror = fn.random.coin_flip(probability=0.5) if flip else 0
-        images = fn.crop_mirror_normalize(
-            images,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=[127.5] * 3,
-            std=[127.5] * 3,
-            mirror=mirror,
-        )
+        images = normalize_faces(fn, types, images, mirror)
         labels = fn.cast(labels[0], dtype=types.INT64)
         if device == "gpu":
             labels = labels.gpu()

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fr_trainer.data.bad_records import BadRecordError, BadRecordTally
+from fr_trainer.data.dali import normalize_faces
 from fr_trainer.data.dataset import RecordDataset
 from fr_trainer.data.decode import decode_rgb
 from fr_trainer.data.recordio import RecordIOError
@@ -224,14 +225,7 @@ class DaliTrainLoader:
                 images = decoded
             else:
                 images = fn.resize(decoded, resize_x=size, resize_y=size)
-            return fn.crop_mirror_normalize(
-                images,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mean=[127.5] * 3,
-                std=[127.5] * 3,
-                mirror=flips,
-            )
+            return normalize_faces(fn, types, images, flips)
 
         pipeline = train_pipeline()
         pipeline.build()
