@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from fr_trainer.train.worker_exit import exit_worker
+
+    return exit_worker(_run(build_parser().parse_args(argv)))
+
+
+def _run(args: argparse.Namespace) -> int:
     import json
 
     from fr_trainer.data.bad_records import BadRecordError
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from fr_trainer.train.peer_failure import PeerFailed
     from fr_trainer.train.signals import EXIT_ABORTED, EXIT_PREEMPTED, Preempted, write_exit_status
 
+    trainer = None
     try:
         config = load_config(args.config, args.overrides)
         if args.print_config:
@@ -69,10 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: aborted by a second SIGINT, no checkpoint of this step", file=sys.stderr)
         return EXIT_ABORTED
     finally:
-        import torch.distributed as dist
+        from fr_trainer.train.worker_exit import release_distributed
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        trainer = None  # its process-group references (DDP, the head) go before the group does
+        release_distributed()
     return 0
 
 
