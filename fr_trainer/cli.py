@@ -34,6 +34,9 @@ BENCHMARKS: dict[str, str] = {
     "allpairs": "fr_trainer.eval.bench_scale:allpairs_main",
 }
 
+# commands whose big CPU tensors are faster on huge pages (fr_trainer/hugepage_malloc.py)
+HUGEPAGE_COMMANDS = ("train", "bench")
+
 USAGE = """usage: fr-trainer <command> [args]
 
 commands:
@@ -69,11 +72,16 @@ def _load(target: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
+    if from_command_line and command in HUGEPAGE_COMMANDS:
+        from fr_trainer.hugepage_malloc import ensure_hugepage_malloc
+
+        ensure_hugepage_malloc(sys.orig_argv[1:])  # returns, or restarts this command once
     if command == "bench":
         if not rest or rest[0] not in BENCHMARKS:
             print(f"usage: fr-trainer bench {{{'|'.join(BENCHMARKS)}}} [...]", file=sys.stderr)

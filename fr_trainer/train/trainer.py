@@ -31,6 +31,7 @@ from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
 from fr_trainer.heads.update import densify
+from fr_trainer.hugepage_malloc import hugepage_malloc_state
 from fr_trainer.margins import create_margin
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
@@ -744,6 +745,8 @@ class Trainer:
             f"({self.plan.total_samples} samples, {self.plan.epochs:g} epochs)"
             + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
         )
+        if self.device.type == "cpu":
+            r.info(hugepage_malloc_state())
         initial = self.verify() if c.eval.at_start and self.step == 0 else {}
         self.backbone.train()
         r.start(self.step)
