@@ -12,6 +12,10 @@ the GEMMs run in one piece: the number of ops per step does not depend on the nu
 classes. The memory knob there is the head's `chunk_size` (a fixed number of ops per chunk).
 
 `policy_for(device)` picks the policy; `FR_HEAD_BLOCK_POLICY=cpu|cuda` (environment),
+On a CPU the policy also reuses the head's big temporaries from step to step
+(`fr_trainer.heads.buffer_pool`: fresh pages cost a fault and a zeroing each); CUDA's
+caching allocator does that already.
+
 `forced_policy("cuda")` (context manager) and `PartialFC(block_policy=...)` override it, in
 that order of increasing precedence, so that a CPU test can run the CUDA policy.
 """
@@ -38,6 +42,7 @@ class BlockPolicy:
     name: str
     row_block_elements: int | None
     mm_columns: int | None
+    reuse_buffers: bool = False  # take the big temporaries from `fr_trainer.heads.buffer_pool`
 
     def row_blocks(self, num_rows: int, num_cols: int) -> list[tuple[int, int]]:
         """[start, end) row ranges covering `num_rows` rows of `num_cols` columns."""
@@ -52,7 +57,7 @@ class BlockPolicy:
         return [(start, min(start + step, num_cols)) for start in range(0, max(num_cols, 1), step)]
 
 
-CPU = BlockPolicy("cpu", CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS)
+CPU = BlockPolicy("cpu", CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, reuse_buffers=True)
 CUDA = BlockPolicy("cuda", None, None)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 

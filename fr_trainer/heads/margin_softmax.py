@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.heads import buffer_pool
 from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, BlockPolicy, policy_for
 from fr_trainer.heads.fused import compiled_passes
 from fr_trainer.margins.base import Margin
@@ -154,10 +155,12 @@ def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: t
 
 def _put_targets_(buffer: torch.Tensor, inside: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
     """buffer[i, cols[i]] = values[i] for the rows `inside` [G] (bool); the other rows keep
-    what they hold at cols[i]. A gather, a where and a scatter over G elements: no sync."""
-    index = cols[:, None]
-    kept = buffer.gather(1, index).squeeze(1)
-    buffer.scatter_(1, index, torch.where(inside, values.to(buffer.dtype), kept)[:, None])
+    what they hold at cols[i]. A gather, a where and an index_put over G elements: no sync."""
+    rows = torch.arange(buffer.shape[0], device=buffer.device)
+    kept = buffer[rows, cols]
+    # index_put_, not scatter_: CPU scatter_ into a 16-bit buffer converts all of it (30 ms
+    # at [256, 50,000]); both are one kernel on CUDA
+    buffer.index_put_((rows, cols), torch.where(inside, values.to(buffer.dtype), kept))
 
 
 def _masked(inside: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -203,9 +206,27 @@ class _Operands:
         self.compute_dtype = compute_dtype or w.dtype
         self.logits_dtype = logits_dtype or self.compute_dtype
         self.xh_c = self.xh.to(self.compute_dtype)
-        self.w_c = w.to(self.compute_dtype)
+        self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
+        self.w_c = self.take(w.shape, self.compute_dtype).copy_(w) if self.pooled_w_c else w.to(self.compute_dtype)
         self.b_c = None if b is None else b.to(self.logits_dtype)
         self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
+        if self.policy.reuse_buffers:
+            return buffer_pool.take(tuple(shape), dtype, self.w.device)
+        return torch.empty(shape, dtype=dtype, device=self.w.device)
+
+    def give(self, tensor: torch.Tensor | None) -> None:
+        """Done with a tensor from `take` (or `block_cosines`)."""
+        if self.policy.reuse_buffers:
+            buffer_pool.give(tensor)
+
+    def release(self) -> None:
+        """Backward is done: the 16-bit copy of the centres goes back to the pool."""
+        if self.pooled_w_c:
+            self.give(self.w_c)
+            self.w_c, self.pooled_w_c = None, False
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
@@ -218,10 +239,10 @@ class _Operands:
 
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
         """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
+        block = self.take((self.xh_c.shape[0], end - start), self.logits_dtype)
         if self.logits_dtype == self.compute_dtype:
-            block = torch.mm(self.xh_c, self.w_c[start:end].t())
+            torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
         else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
-            block = self.xh_c.new_empty(self.xh_c.shape[0], end - start, dtype=self.logits_dtype)
             for a, b in self.policy.mm_blocks(end - start):
                 block[:, a:b] = torch.mm(self.xh_c, self.w_c[start + a:start + b].t())
         if self.margin.normalized:
@@ -302,12 +323,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         keep_logits = len(blocks) == 1 and margin.linear_nontarget
         maxima, sums, kept = [], [], None
         for start, end in blocks:
-            logits, _ = ops.block_logits(start, end, tgt, z_t, target_cos)
+            logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
             maxima.append(logits.amax(dim=1).to(z_t.dtype))
             sums.append(ops.sum_exp_rows(logits, maxima[-1]))
             if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = logits if keep_logits else None
+            if kept is None:
+                ops.give(logits)
+            ops.give(cos)
         block_max = torch.stack(maxima)
         local_max = block_max.amax(dim=0)
         row_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
@@ -358,6 +382,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
                     grad_b[start:end].mul_(factor).index_add_(0, cols, h_t)
+            ops.give(h)
+            ops.give(cos)
+        ops.release()
         grad_x = grad_xh
         if normalized:
             xh = ops.xh

@@ -1,0 +1,82 @@
+"""fr_trainer/heads/buffer_pool.py: the CPU head reuses its big temporaries from step to
+step without ever depending on what they held or sharing one between steps in flight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fr_trainer.heads import buffer_pool
+from fr_trainer.heads.device_policy import CPU, BlockPolicy
+from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
+from fr_trainer.margins import create_margin
+
+NO_POOL = BlockPolicy("cpu-no-pool", CPU.row_block_elements, CPU.mm_columns, reuse_buffers=False)
+
+
+@pytest.fixture(autouse=True)
+def empty_pool():
+    buffer_pool.clear()
+    yield
+    buffer_pool.clear()
+
+
+def test_a_given_back_buffer_is_reused_and_never_handed_to_two_users() -> None:
+    a = buffer_pool.take((4, 5), torch.float32, "cpu")
+    b = buffer_pool.take((4, 5), torch.float32, "cpu")
+    assert a.data_ptr() != b.data_ptr()
+    buffer_pool.give(a)
+    buffer_pool.give(a)  # twice: still one free buffer
+    assert buffer_pool.held_bytes() == 4 * 5 * 4
+    assert buffer_pool.take((4, 5), torch.float32, "cpu").data_ptr() == a.data_ptr()
+    assert buffer_pool.take((4, 5), torch.float32, "cpu").data_ptr() not in (a.data_ptr(), b.data_ptr())
+    buffer_pool.give(buffer_pool.take((5, 4), torch.float32, "cpu"))  # another shape: its own key
+    assert buffer_pool.take((4, 5), torch.bfloat16, "cpu").dtype == torch.bfloat16
+
+
+def _step(x, w, targets, margin, compute_dtype, policy, chunk):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    loss = MarginSoftmaxCrossEntropy.apply(x, w, None, None, targets, margin, None, chunk, compute_dtype,
+                                           torch.float32 if compute_dtype else None, policy, False)
+    loss.backward()
+    return loss.detach(), x.grad, w.grad
+
+
+def _poison_pool() -> None:
+    for free in buffer_pool._free.values():
+        for tensor in free:
+            tensor.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("name", ["arcface", "sv_arcface"])  # linear and non-linear non-target logits
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [None, 37])
+def test_pooled_steps_equal_unpooled_steps_bit_for_bit_even_with_poisoned_buffers(name, compute_dtype, chunk):
+    torch.manual_seed(0)
+    x, w = torch.randn(24, 16), torch.randn(101, 16)
+    targets = torch.randint(0, 101, (24,))
+    for _ in range(3):
+        expected = _step(x, w, targets, create_margin(name), compute_dtype, NO_POOL, chunk)
+        got = _step(x, w, targets, create_margin(name), compute_dtype, CPU, chunk)
+        assert buffer_pool.held_bytes() > 0  # the step gave its buffers back
+        for e, g in zip(expected, got):
+            assert torch.equal(e, g)
+        _poison_pool()  # the next step must overwrite everything it takes
+
+
+def test_two_steps_in_flight_do_not_share_a_buffer() -> None:
+    torch.manual_seed(1)
+    x, w = torch.randn(16, 8), torch.randn(50, 8)
+    t1, t2 = torch.randint(0, 50, (16,)), torch.randint(0, 50, (16,))
+    margin = create_margin("arcface")
+    reference = [_step(x, w, t, margin, None, NO_POOL, None) for t in (t1, t2)]
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    ws = [w.clone().requires_grad_(True) for _ in range(2)]
+    losses = [MarginSoftmaxCrossEntropy.apply(xi, wi, None, None, t, margin, None, None, None, None, CPU, False)
+              for xi, wi, t in zip(xs, ws, (t1, t2))]  # both forwards, then both backwards
+    for loss in reversed(losses):
+        loss.backward()
+    for (loss_ref, gx, gw), loss, xi, wi in zip(reference, losses, xs, ws):
+        assert torch.equal(loss.detach(), loss_ref)
+        assert torch.equal(xi.grad, gx) and torch.equal(wi.grad, gw)
