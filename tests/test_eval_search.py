@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from fr_trainer.eval.search import SearchPlan, brute_force_topk, merge_topk, plan_chunks, topk_search
+from fr_trainer.eval.search import (
+    GROUP_STRIDE,
+    SearchPlan,
+    _chunk_topk,
+    brute_force_topk,
+    merge_topk,
+    plan_chunks,
+    topk_search,
+)
 
 
 def unit_rows(n: int, d: int, seed: int) -> np.ndarray:
@@ -33,6 +41,37 @@ def test_ties_take_the_smaller_index_exactly() -> None:
         scores, index = topk_search(probes, gallery, 12, plan=plan)
         np.testing.assert_array_equal(scores, ref_scores)
         np.testing.assert_array_equal(index, ref_index)
+
+
+@pytest.mark.parametrize("values", ["integers", "normal"])
+def test_the_grouped_chunk_topk_equals_a_full_sort_ties_included(values: str) -> None:
+    rng = np.random.default_rng(5)
+    width, k = GROUP_STRIDE * 60, 12  # 60 groups >= 4 (k + 1): the grouped path
+    if values == "integers":  # ties among the top scores in every row, at the group boundary in some
+        block = rng.integers(0, 1000, (64, width)).astype(np.float32)
+        group_max = -np.sort(-block.reshape(64, GROUP_STRIDE, 60).max(axis=1), axis=1)
+        boundary_ties = int((group_max[:, k] == group_max[:, k - 1]).sum())
+        assert 0 < boundary_ties < 64  # both the grouped rows and the redone rows are tested
+    else:
+        block = rng.standard_normal((64, width)).astype(np.float32)
+    got_values, got_cols = _chunk_topk(torch.from_numpy(block), k, 1000)
+    # a chunk's equal scores come in any order; the merge puts them in index order
+    empty = torch.empty(64, 0)
+    got_values, got_cols = merge_topk(got_values, got_cols, empty, empty.long(), k)
+    order = np.lexsort((np.broadcast_to(np.arange(width), block.shape), -block.astype(np.float64)), axis=1)[:, :k]
+    np.testing.assert_array_equal(got_values.numpy(), np.take_along_axis(block, order, axis=1))
+    np.testing.assert_array_equal(got_cols.numpy(), order + 1000)
+
+
+def test_search_in_whole_groups_with_a_ragged_last_chunk_equals_brute_force() -> None:
+    rng = np.random.default_rng(6)
+    probes = rng.integers(-2, 3, (20, 6)).astype(np.float32)
+    gallery = rng.integers(-2, 3, (2100, 6)).astype(np.float32)  # chunks 960, 960, 180
+    scores, index = topk_search(probes, gallery, 10, plan=SearchPlan(20, GROUP_STRIDE * 60, 0))
+    ref_scores, ref_index = brute_force_topk(probes, gallery, 10)
+    np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(index, ref_index)
+    assert plan_chunks(3530, 1_000_000, 512, 10, 1 << 30).gallery_chunk % GROUP_STRIDE == 0
 
 
 def test_memmap_fp16_gallery_and_normalize(tmp_path) -> None:
@@ -100,3 +139,31 @@ def test_bad_input_is_named() -> None:
         topk_search(unit_rows(2, 4, 0), unit_rows(3, 5, 0), 1)
     with pytest.raises(ValueError, match="k must"):
         topk_search(unit_rows(2, 4, 0), unit_rows(3, 4, 0), 0)
+
+
+def test_a_memmap_is_read_at_the_right_bytes_through_views_offsets_and_dtypes(tmp_path) -> None:
+    from fr_trainer.eval.gallery_reader import GalleryReader, memmap_file_position
+
+    rows = np.random.default_rng(7).standard_normal((300, 8))
+    for dtype, header in ((np.float32, 0), (np.float16, 4096 + 24)):  # a header before the rows
+        path = tmp_path / f"gallery_{np.dtype(dtype).name}.bin"
+        path.write_bytes(b"\0" * header + rows.astype(dtype).tobytes())
+        disk = np.memmap(path, dtype=dtype, mode="r", shape=rows.shape, offset=header)
+        view = disk[100:250]  # a view of the memmap: its own first byte
+        assert memmap_file_position(view) == (str(path), header + 100 * 8 * np.dtype(dtype).itemsize)
+        with GalleryReader(view, torch.device("cpu")) as reader:
+            for a, b in ((0, 64), (64, 150), (10, 11)):
+                np.testing.assert_array_equal(reader.read(a, b).numpy(), rows[100 + a:100 + b].astype(dtype).astype(np.float32))
+    assert memmap_file_position(rows) is None and memmap_file_position(disk[:, :4]) is None  # not C-contiguous rows
+
+
+def test_a_gallery_file_shorter_than_its_memmap_is_named(tmp_path) -> None:
+    from fr_trainer.eval.gallery_reader import GalleryReader
+
+    path = tmp_path / "gallery.f32"
+    np.zeros((100, 4), np.float32).tofile(path)
+    disk = np.memmap(path, dtype=np.float32, mode="r", shape=(100, 4))
+    with open(path, "r+b") as f:
+        f.truncate(50 * 4 * 4)  # cut after the memmap was opened
+    with GalleryReader(disk, torch.device("cpu")) as reader, pytest.raises(ValueError, match="gallery.f32.*shorter"):
+        reader.read(40, 80)

@@ -18,11 +18,12 @@ the GPU (chunks are copied there); the result comes back to the CPU.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from fr_trainer.eval.gallery_reader import GalleryReader, as_fp32
 
 DEFAULT_SEARCH_BUDGET = 1 << 30  # bytes
 
@@ -66,17 +67,9 @@ def plan_chunks(
             f"memory_budget {memory_budget} bytes is too small for k={k}, D={dim}; give at least {need} bytes"
         )
     g = int(min(g, max(num_gallery, 1)))
+    if GROUP_STRIDE <= g < num_gallery:  # whole groups of columns (see _chunk_topk)
+        g -= g % GROUP_STRIDE
     return SearchPlan(probe_chunk=int(p), gallery_chunk=g, bytes_per_step=step_bytes(p, g))
-
-
-def _as_tensor(x, device: torch.device) -> torch.Tensor:
-    """fp32 on `device`; a read-only fp32 memmap slice is wrapped without a copy (never written)."""
-    if isinstance(x, torch.Tensor):
-        return x.to(device=device, dtype=torch.float32)
-    array = np.ascontiguousarray(x, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only pages: only ever read
-        return torch.from_numpy(array).to(device)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +94,42 @@ def merge_topk(
     return torch.gather(scores, 1, order), torch.gather(index, 1, order)
 
 
+GROUP_STRIDE = 16  # rows of the [P, S, C / S] view whose column maxima pick the candidates
+
+
 def _chunk_topk(block: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's top-k [P, min(k, C)] with the smallest-index rule on ties.
+
+    `torch.topk` over a wide score block costs several times a vectorised pass over it, so
+    the columns are cut into C / S groups of S = `GROUP_STRIDE` columns each (group j holds
+    columns j, j + C/S, j + 2C/S, ...: the maxima of all groups are one vectorised `amax`
+    over the [P, S, C / S] view). The k groups with the largest maxima hold every score of
+    the row's top-k: the k-th largest score is at least the k-th largest group maximum (those
+    maxima are k distinct scores), and every group left out has a smaller maximum whenever
+    the (k+1)-th group maximum is below the k-th. Rows where the two are equal are redone
+    over all their columns. The top-k of the k x S candidates is then exact.
+    """
+    num_rows, width = block.shape
+    num_groups = width // GROUP_STRIDE
+    if width % GROUP_STRIDE or num_groups < 4 * (k + 1):
+        return _chunk_topk_rows(block, k, offset)
+    group_max = block.view(num_rows, GROUP_STRIDE, num_groups).amax(dim=1)
+    top_groups = torch.topk(group_max, k + 1, dim=1, sorted=True)
+    groups = torch.sort(top_groups.indices[:, :k], dim=1).values  # ascending: so are the columns below
+    steps = torch.arange(GROUP_STRIDE, device=block.device) * num_groups
+    cols = (steps[None, :, None] + groups[:, None, :]).reshape(num_rows, GROUP_STRIDE * k)
+    values, picked = _chunk_topk_rows(torch.gather(block, 1, cols), k, 0)
+    cols = torch.gather(cols, 1, picked)
+    tied = top_groups.values[:, k] == top_groups.values[:, k - 1]
+    if bool(tied.any()):
+        rows = torch.nonzero(tied).flatten()
+        values[rows], cols[rows] = _chunk_topk_rows(block[rows], k, 0)
+    return values, cols + offset
+
+
+def _chunk_topk_rows(block: torch.Tensor, k: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's top-k [P, min(k, C)] with the smallest-index rule on ties, over every
+    column of each row.
 
     `torch.topk` picks arbitrarily among scores equal to the k-th; rows where the
     (k+1)-th largest equals the k-th (rare with real embeddings) are redone with a
@@ -164,7 +191,7 @@ def topk_search(
         raise ValueError(f"probes have D={dim} but the gallery has D={gallery.shape[1]}; embed both with one model")
     itemsize = gallery.element_size() if isinstance(gallery, torch.Tensor) else np.dtype(gallery.dtype).itemsize
     plan = plan or plan_chunks(num_probes, num_gallery, dim, k, memory_budget, itemsize)
-    probes_t = _as_tensor(probes, torch.device("cpu"))
+    probes_t = as_fp32(probes, torch.device("cpu"))
     if normalize:
         probes_t = _normalize(probes_t)
     out_scores = torch.full((num_probes, k), -torch.inf)
@@ -181,17 +208,18 @@ def topk_search(
         best_s = torch.full((block.shape[0], 0), -torch.inf, device=device)
         best_i = torch.full((block.shape[0], 0), sentinel, dtype=torch.int64, device=device)
         scores_buf = None
-        for g0 in range(0, num_gallery, plan.gallery_chunk):
-            chunk = _as_tensor(gallery[g0 : g0 + plan.gallery_chunk], device)
-            if normalize:
-                chunk = _normalize(chunk)
-            if scores_buf is None or scores_buf.shape[1] != chunk.shape[0]:
-                scores_buf = torch.empty((block.shape[0], chunk.shape[0]), device=device)
-            torch.mm(block, chunk.T, out=scores_buf)
-            values, cols = _chunk_topk(scores_buf, k, g0)
-            best_s, best_i = merge_topk(best_s, best_i, values, cols, k)
-            if bar is not None:
-                bar.update(chunk.shape[0])
+        with GalleryReader(gallery, device) as reader:
+            for g0 in range(0, num_gallery, plan.gallery_chunk):
+                chunk = reader.read(g0, min(g0 + plan.gallery_chunk, num_gallery))
+                if normalize:
+                    chunk = _normalize(chunk)
+                if scores_buf is None or scores_buf.shape[1] != chunk.shape[0]:
+                    scores_buf = torch.empty((block.shape[0], chunk.shape[0]), device=device)
+                torch.mm(block, chunk.T, out=scores_buf)
+                values, cols = _chunk_topk(scores_buf, k, g0)
+                best_s, best_i = merge_topk(best_s, best_i, values, cols, k)
+                if bar is not None:
+                    bar.update(chunk.shape[0])
         found = best_s.shape[1]
         best_i = torch.where(best_i == sentinel, torch.full_like(best_i, -1), best_i)
         out_scores[p0 : p0 + block.shape[0], :found] = best_s.cpu()
