@@ -26,7 +26,8 @@ from fr_trainer.heads.init import init_centres
 from fr_trainer.heads.margin_softmax import MarginSoftmaxCrossEntropy
 from fr_trainer.heads.precision import check_compute_dtype, default_logits_dtype
 from fr_trainer.heads.sampling import num_sampled, present_classes, sample_present, sampling_seed
-from fr_trainer.heads.subcenter import subcenter_loss
+from fr_trainer.heads.subcenter import check_subcenter_margin
+from fr_trainer.heads.subcenter_fused import SubcenterSoftmaxCrossEntropy
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
@@ -157,8 +158,10 @@ class PartialFC(nn.Module):
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
         if self.margin.subcenters > 1:
-            return subcenter_loss(all_embeddings, self.weight, local, self.margin, group,
-                                  self.interclass_filtering_threshold)
+            check_subcenter_margin(self.margin)
+            return SubcenterSoftmaxCrossEntropy.apply(all_embeddings, self.weight, local, self.margin, group,
+                                                      self.interclass_filtering_threshold,
+                                                      policy_for(self.weight.device, self.block_policy))
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,

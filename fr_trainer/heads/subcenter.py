@@ -8,9 +8,11 @@ in the fused head: target `margin.target` (its value, and its derivative as a st
 line through the cosine, so `gradient="straight_through"` works), non-targets `s cos`,
 non-target cosines above the inter-class filtering threshold counted as 0.
 
-This is the plain, modest path: the [G, C_local k] cosines are built by autograd (no row
-blocking, no 16-bit buffer; a `compute_dtype` is not used here) and joined across shards
-by `ShardedCrossEntropy`, the same log-space join as the fused head (all-reduce MAX of the
+This is the plain path, the reference the head's fused one
+(`fr_trainer.heads.subcenter_fused`, used by `PartialFC`) is tested against: the
+[G, C_local k] cosines are built by autograd (no row blocking, no 16-bit buffer; a
+`compute_dtype` is not used here) and joined across shards by `ShardedCrossEntropy`, the
+same log-space join as the fused head (all-reduce MAX of the
 row maxima, all-reduce SUM of [sum-exp, target logit]).
 """
 
@@ -21,9 +23,8 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
 from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.heads.margin_softmax import NORM_EPS
 from fr_trainer.margins import Margin
-
-NORM_EPS = 1e-12
 
 
 class ShardedCrossEntropy(torch.autograd.Function):
@@ -53,6 +54,12 @@ class ShardedCrossEntropy(torch.autograd.Function):
         return grad.mul_(grad_loss / logits.shape[0]), None, None
 
 
+def check_subcenter_margin(margin: Margin) -> None:
+    """The sub-centre head applies margins whose non-target logits are `s cos` only."""
+    if not (margin.linear_nontarget and not margin.needs_global_target and not margin.needs_norms):
+        raise ValueError(f"the sub-centre head supports margins with s cos non-targets only, not {margin!r}")
+
+
 def class_cosines(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """cos_ij = max over the k sub-centres of class j [G, C_local], from x [G, D] and
     weight [C_local, k, D] (differentiable: the gradient goes to the maximising sub-centre)."""
@@ -66,8 +73,7 @@ def subcenter_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    group: ProcessGroup | None, threshold: float = 0.0) -> torch.Tensor:
     """The sharded loss of a sub-centre margin: x [G, D] gathered embeddings, weight
     [C_local, k, D], targets [G] (local column or -1), the filtering threshold (0: off)."""
-    if not (margin.linear_nontarget and not margin.needs_global_target and not margin.needs_norms):
-        raise ValueError(f"the sub-centre head supports margins with s cos non-targets only, not {margin!r}")
+    check_subcenter_margin(margin)
     cos = class_cosines(x, weight)
     owned, cols = targets >= 0, targets.clamp_min(0)
     is_target = torch.zeros_like(cos, dtype=torch.bool).scatter_(1, cols[:, None], owned[:, None])

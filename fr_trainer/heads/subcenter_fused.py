@@ -1,0 +1,115 @@
+"""The Sub-center ArcFace loss as one autograd function (the head's default for k > 1).
+
+Same loss and gradients as the plain autograd path (`fr_trainer.heads.subcenter`), without
+its materialised normalised centres, its [G, C_local k] cosine graph and its [G, C_local]
+`where` copies. With the centres flattened to [C_local k, D] rows:
+
+forward: one GEMM `x^ W^T` into a (pooled) [G, C_local k] buffer, scaled in place to the
+    cosines by 1/||w_r||; the class cosine is their max over each class's k sub-centres
+    ([G, C_local]); non-target cosines above the inter-class filtering threshold count as 0;
+    the margin's target logit (its value, and its derivative as the slope of a straight
+    line through the cosine: `Margin.target`) goes in at the owned targets; the shards are
+    joined in log space as in the fused head (all-reduce MAX of the row maxima, SUM of
+    [sum-exp, target logit]).
+backward: H = dL/dcos [G, C_local] in place of the logits; each entry goes to the
+    sub-centre(s) that attained the max (shared evenly on a tie, as autograd's `amax`
+    does), overwriting the cosine buffer one row block at a time; then the two GEMMs of a
+    linear layer on the flattened rows, and the normalisations' radial parts (the centres'
+    as one [C_local k] vector of sum_i H_ir cos_ir, gathered during the routing).
+
+Peak memory: the [G, C_local k] cosine buffer and the [G, C_local] logits, plus the
+centres' gradient. fp32 or fp64; a 16-bit `compute_dtype` is not used by the sub-centre
+head (as on the plain path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fr_trainer.distributed.collectives import all_reduce_
+from fr_trainer.heads import buffer_pool
+from fr_trainer.heads.device_policy import BlockPolicy, policy_for
+from fr_trainer.heads.margin_softmax import NORM_EPS, _masked, _put_targets_, _sum_exp_rows, _Targets, exp_floor
+from fr_trainer.margins.base import Margin
+
+
+def _take(shape: tuple[int, ...], like: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
+    if policy.reuse_buffers:
+        return buffer_pool.take(shape, like.dtype, like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
+class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
+    """Inputs: x [G, D] gathered embeddings; weight [C_local, k, D]; targets [G] (local
+    column or -1); margin (s cos non-targets); process group; threshold (inter-class
+    filtering, 0: off); policy (a `BlockPolicy`, None: the device's). Returns the loss."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, margin: Margin, group, threshold: float = 0.0,
+                policy: BlockPolicy | None = None):
+        policy = policy or policy_for(weight.device)
+        num_rows, (num_classes, k, dim) = x.shape[0], weight.shape
+        x, w = x.detach(), weight.detach().reshape(num_classes * k, dim)
+        x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
+        xh = x / x_norm[:, None]
+        inv_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
+        cos_k = torch.mm(xh, w.t(), out=_take((num_rows, num_classes * k), w, policy)).mul_(inv_norm)
+        cos = cos_k.view(num_rows, num_classes, k).amax(dim=2)
+        tgt = _Targets(targets)
+        is_target = torch.zeros_like(cos, dtype=torch.bool)
+        is_target[torch.arange(num_rows, device=cos.device), tgt.cols] = tgt.owned
+        filtered = (cos > threshold) & ~is_target if threshold > 0 else None
+        cos_t = _masked(tgt.owned, cos[torch.arange(num_rows, device=cos.device), tgt.cols])
+        z_t, dz_t = margin.target(cos_t)
+        logits = cos.mul_(margin.scale)  # cos is recomputed from cos_k in backward
+        if filtered is not None:
+            logits.masked_fill_(filtered, 0.0)
+        _put_targets_(logits, tgt.owned, tgt.cols, z_t)
+        row_max = all_reduce_(logits.amax(dim=1), dist.ReduceOp.MAX, group)
+        sum_exp = _sum_exp_rows(logits, row_max, policy)
+        joined = all_reduce_(torch.stack([sum_exp, _masked(tgt.owned, z_t)]), dist.ReduceOp.SUM, group)
+        log_sum_exp = row_max + torch.log(joined[0])
+        ctx.tensors = (xh, x_norm, w, inv_norm, cos_k, logits, log_sum_exp, z_t, dz_t, filtered)
+        ctx.tgt, ctx.margin, ctx.policy, ctx.shape = tgt, margin, policy, weight.shape
+        return (log_sum_exp - joined[1]).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        xh, x_norm, w, inv_norm, cos_k, logits, log_sum_exp, z_t, dz_t, filtered = ctx.tensors
+        ctx.tensors = None
+        tgt, margin, policy = ctx.tgt, ctx.margin, ctx.policy
+        num_rows, num_classes = logits.shape
+        k = cos_k.shape[1] // num_classes
+        coef = grad_loss / num_rows
+        # H = dL/dcos: s coef p on non-targets, 0 where filtered, coef (p_t - 1) dz_t at targets
+        h = logits.sub_(log_sum_exp[:, None]).clamp_min_(exp_floor(logits.dtype)).exp_().mul_(coef * margin.scale)
+        if filtered is not None:
+            h.masked_fill_(filtered, 0.0)
+        p_t = torch.exp(z_t - log_sum_exp)
+        _put_targets_(h, tgt.owned, tgt.cols, _masked(tgt.owned, coef * (p_t - 1.0) * dz_t))
+        radial = _route_to_subcenters_(cos_k, h, k, policy)  # cos_k now holds dL/dcos_r
+        cos_k.mul_(inv_norm)  # the chain through 1/||w_r||
+        grad_xh = torch.mm(cos_k, w)
+        grad_w = torch.mm(cos_k.t(), xh)
+        grad_w.addcmul_(w, (radial * inv_norm.square())[:, None], value=-1.0)
+        if policy.reuse_buffers:
+            buffer_pool.give(cos_k)
+        grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / x_norm[:, None]
+        return grad_x, grad_w.view(ctx.shape), None, None, None, None, None
+
+
+def _route_to_subcenters_(cos_k: torch.Tensor, h: torch.Tensor, k: int, policy: BlockPolicy) -> torch.Tensor:
+    """In place, one row block at a time: cos_k [G, C k] (the sub-centre cosines) ->
+    dL/dcos_r, the class gradient h [G, C] given to the sub-centres that attain the class's
+    max (split evenly on ties). Returns the radial coefficients sum_i dL/dcos_ir cos_ir [C k]."""
+    num_rows, num_classes = h.shape
+    radial = cos_k.new_zeros(cos_k.shape[1])
+    for start, end in policy.row_blocks(num_rows, cos_k.shape[1]):
+        block = cos_k[start:end].view(end - start, num_classes, k)
+        is_max = block == block.amax(dim=2, keepdim=True)
+        share = h[start:end, :, None] / is_max.sum(dim=2, keepdim=True)
+        routed = torch.where(is_max, share, torch.zeros((), dtype=block.dtype, device=block.device))
+        radial += (routed * block).sum(0).view(-1)
+        block.copy_(routed)
+    return radial
