@@ -77,6 +77,8 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         from fr_trainer.train.worker_exit import release_distributed
 
+        if trainer is not None:  # a stop by exception too: TensorBoard's last events reach the disk
+            trainer.reporter.close()
         trainer = None  # its process-group references (DDP, the head) go before the group does
         release_distributed()
     return 0

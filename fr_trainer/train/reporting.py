@@ -103,10 +103,13 @@ class Reporter:
             self._writer.flush()
 
     def close(self) -> None:
+        """Flush and close the progress bar, TensorBoard and the log file (again: a no-op)."""
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
         for handler in list(self.logger.handlers):
             handler.close()
             self.logger.removeHandler(handler)
