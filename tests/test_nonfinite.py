@@ -17,6 +17,8 @@ from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.export.cli import main as export_main
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train import checkpoint_integrity as integrity
+from fr_trainer.train.config import TrainConfig
+from fr_trainer.train.finiteness import NonFiniteSteps
 from fr_trainer.train.trainer import NonFiniteLoss
 
 
@@ -122,6 +124,21 @@ def test_a_skipped_step_leaves_batchnorm_statistics_bit_identical(data, tmp_path
     moved = _buffers(trainer)
     assert not torch.equal(moved["stem.1.running_var"], before["stem.1.running_var"])
     assert int(moved["stem.1.num_batches_tracked"]) == int(before["stem.1.num_batches_tracked"]) + 2
+
+
+def test_nonfinite_steps_stop_or_skip_until_too_many_in_a_row():
+    """The train.nonfinite policy alone: "stop" stops at the first NaN/inf loss; "skip"
+    skips until more than max_nonfinite_skips come in a row; a finite step ends the run."""
+    stop, message = NonFiniteSteps(TrainConfig(nonfinite="stop")).nonfinite(4, float("nan"))
+    assert stop and message.startswith("step 4: loss is nan; stopping (train.nonfinite=stop).")
+    policy = NonFiniteSteps(TrainConfig(nonfinite="skip", max_nonfinite_skips=2))
+    skipped = (False, "step 1: loss is inf; step skipped (train.nonfinite=skip, 1 in a row)")
+    assert policy.nonfinite(1, float("inf")) == skipped
+    policy.finite()
+    assert [policy.nonfinite(step, float("nan"))[0] for step in (3, 4)] == [False, False]
+    assert policy.nonfinite(5, float("nan")) == (
+        True, "step 5: loss is nan; 3 non-finite steps in a row (train.max_nonfinite_skips=2); stopping"
+    )
 
 
 def _demonet_weights(tmp_path: Path, name: str, edit) -> Path:

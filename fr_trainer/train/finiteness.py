@@ -10,6 +10,9 @@
   effect: the forward passes of the skipped micro-steps have already moved BatchNorm's
   running statistics (and num_batches_tracked); restoring the snapshot taken before them
   puts every buffer back bit for bit.
+- `NonFiniteSteps` is the `train.nonfinite` policy for a step whose loss is NaN/inf: it
+  counts such steps in a row and says whether to stop (the trainer raises `NonFiniteLoss`
+  with its message) or to skip the step (the trainer logs the message).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fr_trainer.train.config import TrainConfig
 
 
 class NonFiniteState(RuntimeError):
@@ -69,3 +74,35 @@ class BufferSnapshot:
                 current = dict(module.named_buffers())
                 for name, value in saved.items():
                     current[name].copy_(value)
+
+
+class NonFiniteSteps:
+    """`train.nonfinite` (read from `train` at each step): "stop" stops at the first step
+    whose loss is NaN/inf; "skip" skips such steps until more than
+    `train.max_nonfinite_skips` come in a row."""
+
+    def __init__(self, train: TrainConfig) -> None:
+        self.train = train
+        self.in_a_row = 0
+
+    def finite(self) -> None:
+        """A step with a finite loss: the run of non-finite ones is over."""
+        self.in_a_row = 0
+
+    def nonfinite(self, step: int, loss: float) -> tuple[bool, str]:
+        """Count optimizer step `step` (1-based), whose loss is `loss`; returns whether to
+        stop and the message (the error's when stopping, else the line that logs the skip)."""
+        t = self.train
+        self.in_a_row += 1
+        where = f"step {step}: loss is {loss}"
+        if t.nonfinite == "stop":
+            return True, (
+                f"{where}; stopping (train.nonfinite=stop). Lower optim.lr, enable "
+                "optim.clip_grad_norm, or set train.nonfinite=skip"
+            )
+        if self.in_a_row > t.max_nonfinite_skips:
+            return True, (
+                f"{where}; {self.in_a_row} non-finite steps in a row "
+                f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); stopping"
+            )
+        return False, f"{where}; step skipped (train.nonfinite=skip, {self.in_a_row} in a row)"

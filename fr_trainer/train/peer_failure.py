@@ -7,13 +7,20 @@ nothing. So the failing rank first writes its one-line message to
 `RUN_DIR/failures/rank_RRRRR.txt` (the run directory is shared, like the checkpoints),
 and a peer whose collective fails looks there: if a peer left a message, it raises
 `PeerFailed` with it, which the CLI prints as one line (exit 2). No extra collective: the
-check costs nothing until something has already gone wrong.
+check costs nothing until something has already gone wrong. `guarded(step, ...)` does
+both around a training step.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from fr_trainer.data.bad_records import BadRecordError
+
+T = TypeVar("T")
 
 FOLDER = "failures"
 
@@ -53,3 +60,19 @@ def peer_message(run_dir: Path, rank: int) -> str | None:
 def clear(run_dir: Path, rank: int) -> None:
     """Forget this rank's message of an earlier attempt (at the start of a run)."""
     _path(run_dir, rank).unlink(missing_ok=True)
+
+
+def guarded(step: Callable[[], T], run_dir: Path, rank: int, world_size: int) -> T:
+    """`step()`, with this rank's own data error (`BadRecordError`) left for its peers
+    before it is raised, and a failed collective (a RuntimeError of gloo / NCCL: a peer
+    is gone) raised as `PeerFailed` with the message a peer left, when one did."""
+    try:
+        return step()
+    except BadRecordError as error:
+        report(run_dir, rank, error)
+        raise
+    except RuntimeError as error:
+        message = peer_message(run_dir, rank) if world_size > 1 else None
+        if message is None:
+            raise
+        raise PeerFailed(message) from error

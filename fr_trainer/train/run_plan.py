@@ -11,7 +11,8 @@ world size or per-rank batch, derives the plan from the saved basis and the conf
 
 stay what they were, and the learning rate as a function of samples seen equals the
 uninterrupted run's. Changing `train.epochs` (or `max_steps`, the warmup) on resume is
-honoured and reported: that is how a finished run is extended.
+honoured and reported: that is how a finished run is extended. `resume_plan` does that for
+`Trainer.load`: the plan, the schedule set to it, and the notes for the resume log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fr_trainer.train.config import Config
+from fr_trainer.train.schedule import PolySchedule
 
 
 @dataclass(frozen=True)
@@ -84,3 +86,38 @@ def describe_change(old: RunPlan, new: RunPlan) -> str | None:
         f"({old.epochs:g} -> {new.epochs:g} epochs), warmup {old.warmup_samples} -> "
         f"{new.warmup_samples} samples"
     )
+
+
+def resume_plan(
+    config: Config,
+    common: dict,
+    num_samples: int,
+    schedule: PolySchedule,
+    samples_per_step: int,
+) -> tuple[RunPlan, list[str]]:
+    """The plan of the run's first start (length and warmup in samples), with what the
+    config changes, for a resume from a checkpoint's `common` part (`num_samples`: the
+    dataset's length). `schedule` is set to that plan and continues from the samples
+    seen. Returns the plan and the notes for the resume log: a plan the config changed,
+    a global batch that is not the saved one (`samples_per_step` now)."""
+    notes: list[str] = []
+    basis = basis_from_checkpoint(common, num_samples)
+    plan = make_plan(config, basis)
+    saved = common.get("plan")
+    if saved is not None:
+        old = RunPlan(basis, int(saved["total_samples"]), int(saved["warmup_samples"]))
+        change = describe_change(old, plan)
+        if change:
+            notes.append(change)
+    schedule.total_samples = plan.total_samples
+    schedule.warmup_samples = plan.warmup_samples
+    state = dict(common["schedule"])
+    state.setdefault("step_samples", basis.step_samples)  # saved before samples were counted
+    schedule.load_state_dict(state)
+    if basis.step_samples != samples_per_step:
+        notes.append(
+            f"the global batch changes {basis.step_samples} -> {samples_per_step} "
+            f"samples; the schedule and the epochs continue in samples "
+            f"({schedule.samples_seen} of {plan.total_samples} seen)"
+        )
+    return plan, notes

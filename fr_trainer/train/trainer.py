@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_trainer.backbones import create_backbone
 from fr_trainer.backbones.base import init_weights_upstream
 from fr_trainer.backbones.two_head import TwoHeadBackbone
-from fr_trainer.data.bad_records import BadRecordError
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
@@ -36,7 +35,8 @@ from fr_trainer.margins import create_margin
 from fr_trainer.regularizers import CenterLoss, CirclePairLoss, TripletLoss
 from fr_trainer.train import checkpoint as ckpt
 from fr_trainer.train import peer_failure, resume_checks
-from fr_trainer.train.config import Config, ConfigError, save_config, to_dict
+from fr_trainer.train.checkpoint_payload import checkpoint_parts, join_optimizer_state
+from fr_trainer.train.config import Config, ConfigError, save_config
 from fr_trainer.train.data_setup import (
     BatchStream,
     build_train_data,
@@ -44,22 +44,17 @@ from fr_trainer.train.data_setup import (
     open_dataset,
 )
 from fr_trainer.train.ema import build_ema, resume_ema, scaler_step_taken
-from fr_trainer.train.finiteness import BufferSnapshot, NonFiniteState
+from fr_trainer.train.finiteness import BufferSnapshot, NonFiniteState, NonFiniteSteps
 from fr_trainer.train.freeze import BackboneFreeze
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
 from fr_trainer.train.periodic_eval import PeriodicVerifier, find_bins
 from fr_trainer.train.pretrained_setup import load_configured_pretrained
+from fr_trainer.train.regularizer_state import load_regularizer
 from fr_trainer.train.reporting import Reporter
 from fr_trainer.train.run_lock import take_run_lock
-from fr_trainer.train.run_plan import (
-    PlanBasis,
-    RunPlan,
-    basis_from_checkpoint,
-    describe_change,
-    make_plan,
-)
+from fr_trainer.train.run_plan import PlanBasis, make_plan, resume_plan
 from fr_trainer.train.runtime import (
     configure_backends,
     prepare_backbone,
@@ -119,7 +114,7 @@ class Trainer:
         self.run_dir = config.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.step = 0
-        self._nonfinite_run = 0
+        self.nonfinite = NonFiniteSteps(config.train)  # train.nonfinite: stop or skip
         self.resume_notes: list[str] = []  # logged when the reporter exists
         self._prepare_run_dir()
         peer_failure.clear(self.run_dir, self.rank)  # a message of an earlier attempt
@@ -256,6 +251,11 @@ class Trainer:
             params += list(self.two_head.second_head.parameters())
         return params
 
+    @property
+    def _second_head(self) -> torch.nn.Module | None:
+        """The triplet regularizer's second head (None without one)."""
+        return self.two_head.second_head if self.two_head is not None else None
+
     def _regularizer_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         """Sharded parameters of the regularizer (the center loss's SGD-learned centres)."""
         return list(self.regularizer.named_parameters()) if self.regularizer is not None else []
@@ -322,59 +322,27 @@ class Trainer:
         return PeriodicVerifier(paths, e.batch_size, self.rank, self.world_size)
 
     # ------------------------------------------------------------------ checkpoints
-    def _head_param_names(self) -> list[str]:
-        return [name for name, _ in self.head.named_parameters()]
-
-    def _split_optimizer_state(self) -> tuple[dict, dict, list, dict]:
-        """(replicated params' state by index, head state by name, param groups, sharded
-        regularizer state by name)."""
-        state = self.optimizer.state_dict()
-        num_backbone = len(self.optimizer.param_groups[0]["params"])
-        names = self._head_param_names()
-        num_head = num_backbone + len(names)
-        reg_names = [n for n, _ in self._regularizer_params()]
-        items = state["state"].items()
-        backbone = {i: s for i, s in items if i < num_backbone}
-        head = {names[i - num_backbone]: s for i, s in items if num_backbone <= i < num_head}
-        reg = {reg_names[i - num_head]: s for i, s in items if i >= num_head}
-        return backbone, head, state["param_groups"], reg
-
     def save(self) -> Path:
         self.watchdog.begin(self.step, "checkpoint save")
         self._saved_step = self.step
         self.sync_buffers()
-        optim_backbone, optim_head, param_groups, optim_reg = self._split_optimizer_state()
-        common = None
-        if self.rank == 0:
-            common = {
-                "config": to_dict(self.config),
-                "num_classes": self.num_classes,
-                "embedding_size": self.config.model.embedding_size,
-                "backbone_name": self.config.model.backbone,
-                "backbone_kwargs": self.backbone_kwargs,
-                "backbone": self.backbone.state_dict(),
-                "optim_backbone": optim_backbone,
-                "param_groups": param_groups,
-                "schedule": self.schedule.state_dict(),
-                "plan": self.plan.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler else None,
-                "data": self.stream.position(),
-                "precision": self.precision.name,
-                "regularizer_name": self.config.regularizer.name,
-                "second_head": self.two_head.second_head.state_dict() if self.two_head else None,
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-            }
-        shard = {
-            "head": self.head.state_dict(),
-            "optim_head": optim_head,
-            "rng": ckpt.rng_state(),
-            "shard": (self.head.shard.start, self.head.shard.num_local),
-        }
-        if hasattr(self.optimizer, "shard_state"):  # DeepSpeed: this rank's ZeRO partition
-            shard["engine"] = self.optimizer.shard_state()
-        if isinstance(self.regularizer, CenterLoss):  # centres sharded like the head
-            shard["regularizer"] = self.regularizer.state_dict()
-            shard["optim_regularizer"] = optim_reg
+        common, shard = checkpoint_parts(
+            rank=self.rank,
+            config=self.config,
+            num_classes=self.num_classes,
+            backbone_kwargs=self.backbone_kwargs,
+            backbone=self.backbone,
+            head=self.head,
+            second_head=self._second_head,
+            regularizer=self.regularizer,
+            ema=self.ema,
+            optimizer=self.optimizer,
+            scaler=self.scaler,
+            schedule=self.schedule,
+            plan=self.plan,
+            stream=self.stream,
+            precision=self.precision.name,
+        )
         try:
             return ckpt.save_checkpoint(
                 self.ckpt_root,
@@ -431,14 +399,22 @@ class Trainer:
         self.resume_notes += resume_ema(self.ema, common.get("ema"), self.backbone, folder)
         # a resharded sampling stream is None: the head reseeds it for its rank and the step
         self.head.load_state_dict(exact["head"], strict="_extra_state" in exact["head"])
-        optim_reg = self._load_regularizer(folder, common, exact, saved_world)
+        optim_reg = load_regularizer(
+            folder, common, exact, saved_world, self.world_size, self._second_head, self.regularizer
+        )
         configured = config_hyperparameters(self.optimizer)
-        self._load_optimizer(common, exact["optim_head"], optim_reg)
+        state = join_optimizer_state(
+            self.optimizer, self.head, self.regularizer, common, exact["optim_head"], optim_reg
+        )
+        self.optimizer.load_state_dict(state)
         self.resume_notes += restore_hyperparameters(self.optimizer, configured)
         if hasattr(self.optimizer, "load_shard_state"):
             same = saved_world == self.world_size
             self.optimizer.load_shard_state(exact.get("engine") if same else None)
-        self._resume_plan(common)
+        self.plan, notes = resume_plan(
+            self.config, common, len(self.dataset), self.schedule, self.samples_per_step
+        )
+        self.resume_notes += notes
         if self.scaler is not None and common.get("scaler"):
             self.scaler.load_state_dict(common["scaler"])
         data = common["data"]
@@ -447,72 +423,6 @@ class Trainer:
         if "rng" in exact:
             ckpt.set_rng_state(exact["rng"])
         self.step = int(common["step"])
-
-    def _resume_plan(self, common: dict) -> None:
-        """The plan of the run's first start (length and warmup in samples), with what the
-        config changes; the schedule continues from the samples seen."""
-        basis = basis_from_checkpoint(common, len(self.dataset))
-        plan = make_plan(self.config, basis)
-        saved = common.get("plan")
-        if saved is not None:
-            old = RunPlan(basis, int(saved["total_samples"]), int(saved["warmup_samples"]))
-            change = describe_change(old, plan)
-            if change:
-                self.resume_notes.append(change)
-        self.plan = plan
-        self.schedule.total_samples = plan.total_samples
-        self.schedule.warmup_samples = plan.warmup_samples
-        state = dict(common["schedule"])
-        state.setdefault("step_samples", basis.step_samples)  # saved before samples were counted
-        self.schedule.load_state_dict(state)
-        if basis.step_samples != self.samples_per_step:
-            self.resume_notes.append(
-                f"the global batch changes {basis.step_samples} -> {self.samples_per_step} "
-                f"samples; the schedule and the epochs continue in samples "
-                f"({self.schedule.samples_seen} of {plan.total_samples} seen)"
-            )
-
-    def _load_regularizer(self, folder: Path, common: dict, exact: dict, saved_world: int) -> dict:
-        """Restore the regularizer's state (second head; centres, resharded when the world
-        size changed); returns the centres' optimizer state by name."""
-        saved = common.get("regularizer_name", "")
-        fix = "resume with the same [regularizer] or set checkpoint.resume=never"
-        if self.two_head is not None:
-            if not common.get("second_head"):
-                raise ckpt.CheckpointError(
-                    f"{folder} has no triplet second head (saved regularizer {saved!r}); {fix}"
-                )
-            self.two_head.second_head.load_state_dict(common["second_head"])
-        if not isinstance(self.regularizer, CenterLoss):
-            return {}
-        if saved != "center" or (saved_world == self.world_size and "regularizer" not in exact):
-            raise ckpt.CheckpointError(
-                f"{folder} has no center-loss centres (saved regularizer {saved!r}); {fix}"
-            )
-        if saved_world == self.world_size:
-            state, optim = exact["regularizer"], exact.get("optim_regularizer", {})
-        else:
-            shard = self.regularizer.shard
-            rows = ckpt.load_shard_rows(
-                folder, shard.start, shard.end, "regularizer", "optim_regularizer"
-            )
-            state, optim = rows["regularizer"], rows["optim_regularizer"]
-        try:
-            self.regularizer.load_state_dict(state)
-        except RuntimeError as error:
-            raise ckpt.CheckpointError(f"{folder}: the centres do not fit ({error}); {fix}") from None
-        return optim
-
-    def _load_optimizer(self, common: dict, optim_head: dict, optim_reg: dict | None = None) -> None:
-        num_backbone = len(self.optimizer.param_groups[0]["params"])
-        names = self._head_param_names()
-        state = dict(common["optim_backbone"])
-        for name, value in optim_head.items():
-            state[num_backbone + names.index(name)] = value
-        reg_names = [n for n, _ in self._regularizer_params()]
-        for name, value in (optim_reg or {}).items():
-            state[num_backbone + len(names) + reg_names.index(name)] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": common["param_groups"]})
 
     # ------------------------------------------------------------------ one step
     def _sync_context(self, last: bool):
@@ -585,7 +495,7 @@ class Trainer:
             self._on_nonfinite(loss)
             self.schedule.advance()
             return StepResult(loss, lr, True, None)
-        self._nonfinite_run = 0
+        self.nonfinite.finite()
         if frozen:
             self.freeze.drop_grads()
         if self.config.head.update == "dense":
@@ -615,37 +525,11 @@ class Trainer:
         self.schedule.advance()
         return StepResult(loss, lr, False, norm)
 
-    def _guarded_step(self) -> StepResult:
-        """`train_step`, with a rank's own data error left for its peers, and a peer's
-        error reported by its message instead of the collective's traceback."""
-        try:
-            return self.train_step()
-        except BadRecordError as error:
-            peer_failure.report(self.run_dir, self.rank, error)
-            raise
-        except RuntimeError as error:  # gloo / NCCL: a peer is gone
-            message = peer_failure.peer_message(self.run_dir, self.rank) if self.world_size > 1 else None
-            if message is None:
-                raise
-            raise peer_failure.PeerFailed(message) from error
-
     def _on_nonfinite(self, loss: float) -> None:
-        t = self.config.train
-        self._nonfinite_run += 1
-        where = f"step {self.step + 1}: loss is {loss}"
-        if t.nonfinite == "stop":
-            raise NonFiniteLoss(
-                f"{where}; stopping (train.nonfinite=stop). Lower optim.lr, enable "
-                "optim.clip_grad_norm, or set train.nonfinite=skip"
-            )
-        if self._nonfinite_run > t.max_nonfinite_skips:
-            raise NonFiniteLoss(
-                f"{where}; {self._nonfinite_run} non-finite steps in a row "
-                f"(train.max_nonfinite_skips={t.max_nonfinite_skips}); stopping"
-            )
-        self.reporter.info(
-            f"{where}; step skipped (train.nonfinite=skip, {self._nonfinite_run} in a row)"
-        )
+        stop, message = self.nonfinite.nonfinite(self.step + 1, loss)
+        if stop:
+            raise NonFiniteLoss(message)
+        self.reporter.info(message)
 
     # ------------------------------------------------------------------ loop
     def sync_buffers(self) -> None:
@@ -757,7 +641,8 @@ class Trainer:
         first_step = self.step
         while not self.schedule.done:
             self.watchdog.begin(self.step + 1, "train step")
-            result = self._guarded_step()
+            # a rank's own data error is left for its peers; a peer's is raised by its message
+            result = peer_failure.guarded(self.train_step, self.run_dir, self.rank, self.world_size)
             self.step += 1
             losses.append(result.loss)
             done = self.schedule.done
