@@ -153,7 +153,8 @@ def test_a_memmap_is_read_at_the_right_bytes_through_views_offsets_and_dtypes(tm
         assert memmap_file_position(view) == (str(path), header + 100 * 8 * np.dtype(dtype).itemsize)
         with GalleryReader(view, torch.device("cpu")) as reader:
             for a, b in ((0, 64), (64, 150), (10, 11)):
-                np.testing.assert_array_equal(reader.read(a, b).numpy(), rows[100 + a:100 + b].astype(dtype).astype(np.float32))
+                expected = rows[100 + a:100 + b].astype(dtype).astype(np.float32)
+                np.testing.assert_array_equal(reader.read(a, b).numpy(), expected)
     assert memmap_file_position(rows) is None and memmap_file_position(disk[:, :4]) is None  # not C-contiguous rows
 
 
