@@ -103,3 +103,15 @@ def all_reduce_max_int(value: int, group: ProcessGroup | None, device: torch.dev
     tensor = torch.tensor([int(value)], dtype=torch.int64, device=where)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return int(tensor.item())
+
+
+def any_rank_flags(flags: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """The element-wise MAX of a small float tensor of 0/1 flags over the ranks (on the CPU
+    for gloo, where it is); `flags` itself without a process group. No host read: the
+    caller reads the result together with whatever else it needs this step."""
+    if not is_distributed(group):
+        return flags
+    device = flags.device
+    tensor = flags if backend_name(group) == "nccl" else flags.cpu()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor.to(device)

@@ -5,6 +5,7 @@
     ...                             # at each step boundary:
     if stop.should_stop():          # one all-reduce MAX of one int over the ranks
         trainer.save(); raise Preempted(step, stop.reason)
+    # (the trainer folds the flag into its step's one read instead: `agree`, see trainer.py)
     stop.uninstall()
 
 A signal may reach only one rank (`kill` of one worker) or all of them (the launcher
@@ -70,6 +71,7 @@ class StopRequest:
         self.group = group
         self.device = device or torch.device("cpu")
         self.reason = ""
+        self.agreed = False  # set by `agree` (the trainer, once per step)
         self._local = threading.Event()
         self._first_sigint: float | None = None
         self._previous: dict[int, object] = {}
@@ -111,6 +113,14 @@ class StopRequest:
         return self._local.is_set()
 
     # -------------------------------------------------------------- the agreement
+    def agree(self, any_rank: bool) -> bool:
+        """Record the step's agreed flag (some rank's `requested_here`, combined by the
+        caller's collective, e.g. the trainer's one read per step); returns it."""
+        self.agreed = bool(any_rank)
+        if self.agreed and not self.reason:
+            self.reason = "another rank received a stop signal"
+        return self.agreed
+
     def should_stop(self) -> bool:
         """Whether any rank got a stop signal (a collective: call it on every rank)."""
         stop = all_reduce_max_int(int(self._local.is_set()), self.group, self.device) > 0

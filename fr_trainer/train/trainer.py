@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fr_trainer.backbones import create_backbone
 from fr_trainer.backbones.base import init_weights_upstream
 from fr_trainer.backbones.two_head import TwoHeadBackbone
+from fr_trainer.distributed.collectives import any_rank_flags
 from fr_trainer.distributed.env import DistributedEnv, init_distributed
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.precision import HEAD_DTYPES, resolve_head_dtype
@@ -485,10 +485,16 @@ class Trainer:
         for i in range(accumulate):
             images, labels = self.stream.next()
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
-        # the step's one host synchronisation: the non-finite policy needs the value
-        loss = float(torch.stack(losses).sum()) / accumulate
+        loss_sum = torch.stack(losses).sum().detach()
+        flags = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float32),
+                             torch.tensor(float(self.stop_request.requested_here), device=loss_sum.device)])
+        flags = any_rank_flags(flags, self.group)  # [a loss is non-finite, a stop was asked] on any rank
+        # the step's one host read: the loss (the non-finite policy needs it) and the flags
+        loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags.to(loss_sum.device)]).tolist()
+        self.stop_request.agree(stop > 0)  # acted on at the end of this step (`_fit`)
+        loss = loss_value / accumulate
         lr = self.schedule.apply()
-        if not math.isfinite(loss):  # identical on every rank: a consistent decision
+        if nonfinite:  # any rank's: every rank takes the same decision
             self.optimizer.zero_grad(set_to_none=True)
             if buffers is not None:
                 buffers.restore()
@@ -657,8 +663,8 @@ class Trainer:
             if stop_after is not None and self.step - first_step >= stop_after:
                 self.save()
                 return {"stopped_at": self.step, "losses": losses}
-            # a collective: every rank stops at the same step (after the last one: just finish)
-            if not self.schedule.done and self.stop_request.should_stop():
+            # agreed in the step's read: every rank stops at the same step (after the last: finish)
+            if not self.schedule.done and self.stop_request.agreed:
                 raise self._preempt()
         loop_seconds = time.perf_counter() - t_loop
         folder = self.save()

@@ -1,0 +1,36 @@
+"""A training step reads the host twice, in every precision the trainer runs on a CPU: once
+for the head's input report and once for the trainer's [loss, non-finite, stop] read (the
+flags all-reduced with MAX over the ranks). A stop asked on one rank is agreed by both in
+that same read."""
+
+from __future__ import annotations
+
+import pytest
+from test_train_support import config_dict, make_data, make_trainer
+
+from fr_trainer.distributed.spawn import run_ranks
+from fr_trainer.heads.step_count import counting
+
+
+def _count_step_reads(rank: int, world_size: int, cfg: dict) -> tuple[dict, bool]:
+    trainer = make_trainer(rank, world_size, cfg)
+    trainer.stream.next = _prefetched(trainer.stream.next)  # the data path's reads are not the step's
+    trainer.train_step()  # warm-up (lazy state)
+    if rank == 1:
+        trainer.stop_request.request("test")
+    with counting() as counter:
+        trainer.train_step()
+    return {k: v for k, v in counter.syncs.items() if v}, trainer.stop_request.agreed
+
+
+def _prefetched(next_batch):
+    batches = [next_batch() for _ in range(2)]
+    return lambda: batches.pop(0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_step_reads_the_host_twice_and_agrees_on_a_stop_asked_by_one_rank(tmp_path, precision) -> None:
+    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs", train={"precision": precision})
+    for syncs, agreed in run_ranks(_count_step_reads, 2, cfg):
+        assert syncs == {"tolist": 2}, syncs
+        assert agreed  # rank 1 asked; rank 0 learns it in the same read
