@@ -228,6 +228,12 @@ class _Operands:
             self.give(self.w_c)
             self.w_c, self.pooled_w_c = None, False
 
+    def reacquire(self) -> None:
+        """A second backward of the same forward (`retain_graph=True`) after `release`:
+        the 16-bit copy again, outside the pool."""
+        if self.w_c is None:
+            self.w_c = self.w.to(self.compute_dtype)
+
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
         values = (self.xh * self.w.index_select(0, tgt.cols)).sum(1)
@@ -354,6 +360,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         ops, tgt, margin = ctx.ops, ctx.tgt, ctx.ops.margin
+        ops.reacquire()
         coef = grad_loss / ops.xh.shape[0]
         normalized = margin.normalized
         grad_xh = torch.zeros_like(ops.xh)
