@@ -82,17 +82,22 @@ def test_two_steps_in_flight_do_not_share_a_buffer() -> None:
         assert torch.equal(xi.grad, gx) and torch.equal(wi.grad, gw)
 
 
+@pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
-def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(compute_dtype) -> None:
+def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(compute_dtype, sampled) -> None:
     torch.manual_seed(2)
     x = torch.randn(12, 8, requires_grad=True)
     w = torch.randn(40, 8, requires_grad=True)
-    targets = torch.randint(0, 40, (12,))
-    loss = MarginSoftmaxCrossEntropy.apply(x, w, None, None, targets, create_margin("arcface"), None, None,
+    index = torch.arange(0, 40, 2) if sampled else None  # the rows in use (sampling)
+    targets = torch.randint(0, 20 if sampled else 40, (12,))
+    loss = MarginSoftmaxCrossEntropy.apply(x, w, None, index, targets, create_margin("arcface"), None, None,
                                            compute_dtype, torch.float32 if compute_dtype else None, CPU, False)
     loss.backward(retain_graph=True)
     first = (x.grad.clone(), w.grad.clone())
     _poison_pool()  # what the first backward gave back is not used again
     x.grad = w.grad = None
     loss.backward()
+    if sampled:  # sparse gradients of the rows in use
+        first = (first[0], first[1].to_dense())
+        w.grad = w.grad.to_dense()
     assert torch.equal(x.grad, first[0]) and torch.equal(w.grad, first[1])
