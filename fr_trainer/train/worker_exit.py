@@ -4,8 +4,8 @@ worker started by torchrun, no C++ teardown after the run's outcome is decided.
 A finished run once exited with SIGABRT ("terminate called without an active exception")
 in CI, after its last step had been logged and its checkpoint written: the message of a
 C++ std::thread destroyed while still joinable, during interpreter finalization (most
-likely gloo's or the TCPStore client's; not reproduced here in 14 runs). torchrun reads such an exit as a failed worker and restarts or fails the
-whole job. So:
+likely gloo's or the TCPStore client's; not reproduced here in 14 runs). torchrun reads
+such an exit as a failed worker and restarts or fails the whole job. So:
 
 1. `release_distributed(...)` drops the trainer (the DDP reducer, the head and the stop
    request hold the process group) and collects it before `destroy_process_group`, so
