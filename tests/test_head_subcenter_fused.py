@@ -41,3 +41,13 @@ def test_the_fused_sub_centre_loss_equals_the_plain_path(threshold, policy, grad
     for name, p, f in zip(("loss", "grad x", "grad w"), plain, fused):
         assert float((p - f).abs().max()) <= 1e-10 * float(p.abs().max()), (name, float((p - f).abs().max()))
     assert float(fused[2][:10, 0].abs().sum()) > 0 and torch.equal(fused[2][:10, 0], fused[2][:10, 1])
+
+
+def test_a_second_backward_of_a_retained_graph_is_refused_with_the_fix() -> None:
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(9, 2, 6, requires_grad=True)
+    margin = create_margin("subcenter_arcface", k=2)
+    loss = SubcenterSoftmaxCrossEntropy.apply(x, w, torch.tensor([0, 3, -1, 8]), margin, None, 0.0, CPU)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward.*run the forward again"):
+        loss.backward()

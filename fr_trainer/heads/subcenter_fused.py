@@ -76,6 +76,9 @@ class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.tensors is None:
+            raise RuntimeError("the sub-centre head's backward runs once per forward (it overwrites its buffers); "
+                               "run the forward again instead of backward(retain_graph=True) twice")
         xh, x_norm, w, inv_norm, cos_k, logits, log_sum_exp, z_t, dz_t, filtered = ctx.tensors
         ctx.tensors = None
         tgt, margin, policy = ctx.tgt, ctx.margin, ctx.policy
