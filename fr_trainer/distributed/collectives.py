@@ -99,19 +99,19 @@ def all_reduce_max_int(value: int, group: ProcessGroup | None, device: torch.dev
     NCCL); `value` itself without a process group."""
     if not is_distributed(group):
         return int(value)
-    where = device if backend_name(group) == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([int(value)], dtype=torch.int64, device=where)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
+    return int(_max_over_ranks(torch.tensor([int(value)], dtype=torch.int64, device=device), group).item())
+
+
+def _max_over_ranks(tensor: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
+    """The element-wise MAX of `tensor` over the ranks, on `tensor`'s device (reduced on
+    the CPU for gloo)."""
+    where = tensor if backend_name(group) == "nccl" else tensor.cpu()
+    dist.all_reduce(where, op=dist.ReduceOp.MAX, group=group)
+    return where.to(tensor.device)
 
 
 def any_rank_flags(flags: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     """The element-wise MAX of a small float tensor of 0/1 flags over the ranks (on the CPU
     for gloo, where it is); `flags` itself without a process group. No host read: the
     caller reads the result together with whatever else it needs this step."""
-    if not is_distributed(group):
-        return flags
-    device = flags.device
-    tensor = flags if backend_name(group) == "nccl" else flags.cpu()
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return tensor.to(device)
+    return _max_over_ranks(flags, group) if is_distributed(group) else flags

@@ -26,16 +26,21 @@ _Key = tuple[tuple[int, ...], torch.dtype, torch.device]
 _free: dict[_Key, list[torch.Tensor]] = {}
 
 
-def _key(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Key:
+def _key(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> _Key:
     return tuple(shape), dtype, torch.device(device)
 
 
 def take(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """An uninitialised contiguous tensor, reused if one of this kind was given back."""
-    free = _free.get(_key(shape, dtype, torch.device(device)))
+    free = _free.get(_key(shape, dtype, device))
     if free:
         return free.pop()
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def take_if(reuse: bool, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """`take` when `reuse` (a policy's `reuse_buffers`), else a fresh tensor."""
+    return take(shape, dtype, device) if reuse else torch.empty(shape, dtype=dtype, device=device)
 
 
 def give(tensor: torch.Tensor | None) -> None:

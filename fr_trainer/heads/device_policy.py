@@ -11,11 +11,11 @@ no cache of that size to stay in). So on CUDA each pass is one op over the whole
 the GEMMs run in one piece: the number of ops per step does not depend on the number of
 classes. The memory knob there is the head's `chunk_size` (a fixed number of ops per chunk).
 
-`policy_for(device)` picks the policy; `FR_HEAD_BLOCK_POLICY=cpu|cuda` (environment),
 On a CPU the policy also reuses the head's big temporaries from step to step
 (`fr_trainer.heads.buffer_pool`: fresh pages cost a fault and a zeroing each); CUDA's
 caching allocator does that already.
 
+`policy_for(device)` picks the policy; `FR_HEAD_BLOCK_POLICY=cpu|cuda` (environment),
 `forced_policy("cuda")` (context manager) and `PartialFC(block_policy=...)` override it, in
 that order of increasing precedence, so that a CPU test can run the CUDA policy.
 """

@@ -213,9 +213,7 @@ class _Operands:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
-        if self.policy.reuse_buffers:
-            return buffer_pool.take(tuple(shape), dtype, self.w.device)
-        return torch.empty(shape, dtype=dtype, device=self.w.device)
+        return buffer_pool.take_if(self.policy.reuse_buffers, tuple(shape), dtype, self.w.device)
 
     def give(self, tensor: torch.Tensor | None) -> None:
         """Done with a tensor from `take` (or `block_cosines`)."""

@@ -34,12 +34,6 @@ from fr_trainer.heads.margin_softmax import NORM_EPS, _masked, _put_targets_, _s
 from fr_trainer.margins.base import Margin
 
 
-def _take(shape: tuple[int, ...], like: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
-    if policy.reuse_buffers:
-        return buffer_pool.take(shape, like.dtype, like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-
 class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
     """Inputs: x [G, D] gathered embeddings; weight [C_local, k, D]; targets [G] (local
     column or -1); margin (s cos non-targets); process group; threshold (inter-class
@@ -54,13 +48,15 @@ class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
         x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
         xh = x / x_norm[:, None]
         inv_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
-        cos_k = torch.mm(xh, w.t(), out=_take((num_rows, num_classes * k), w, policy)).mul_(inv_norm)
+        buffer = buffer_pool.take_if(policy.reuse_buffers, (num_rows, num_classes * k), w.dtype, w.device)
+        cos_k = torch.mm(xh, w.t(), out=buffer).mul_(inv_norm)
         cos = cos_k.view(num_rows, num_classes, k).amax(dim=2)
         tgt = _Targets(targets)
+        rows = torch.arange(num_rows, device=cos.device)
         is_target = torch.zeros_like(cos, dtype=torch.bool)
-        is_target[torch.arange(num_rows, device=cos.device), tgt.cols] = tgt.owned
+        is_target[rows, tgt.cols] = tgt.owned
         filtered = (cos > threshold) & ~is_target if threshold > 0 else None
-        cos_t = _masked(tgt.owned, cos[torch.arange(num_rows, device=cos.device), tgt.cols])
+        cos_t = _masked(tgt.owned, cos[rows, tgt.cols])
         z_t, dz_t = margin.target(cos_t)
         logits = cos.mul_(margin.scale)  # cos is recomputed from cos_k in backward
         if filtered is not None:

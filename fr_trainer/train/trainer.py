@@ -490,7 +490,7 @@ class Trainer:
                              torch.tensor(float(self.stop_request.requested_here), device=loss_sum.device)])
         flags = any_rank_flags(flags, self.group)  # [a loss is non-finite, a stop was asked] on any rank
         # the step's one host read: the loss (the non-finite policy needs it) and the flags
-        loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags.to(loss_sum.device)]).tolist()
+        loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags]).tolist()
         self.stop_request.agree(stop > 0)  # acted on at the end of this step (`_fit`)
         loss = loss_value / accumulate
         lr = self.schedule.apply()
