@@ -59,7 +59,7 @@ def test_sv_mask_selects_exactly_the_classes_that_beat_the_target() -> None:
     expected = torch.tensor([[False, True, False, True, False],
                              [False, True, False, True, True]])
     margin = create_margin("sv_softmax", s=2.0, t=1.5)
-    assert torch.equal(margin.support_vector_mask(cos, target_cos), expected)
+    assert torch.equal(margin.support_vector_mask(cos, target_cos), expected.to(cos.dtype))  # a float mask
     logits = margin.nontarget_logits(cos.clone(), target_cos)
     want = torch.where(expected, 2.0 * (1.5 * cos + 0.5), 2.0 * cos)
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-15)
@@ -68,7 +68,7 @@ def test_sv_mask_selects_exactly_the_classes_that_beat_the_target() -> None:
     # SV-AM: the boundary is cos_y - m, so more classes are support vectors
     am = create_margin("sv_cosface", m=0.25)
     assert torch.equal(am.support_vector_mask(cos, target_cos),
-                       torch.tensor([[True, True, False, True, True], [True, True, True, True, True]]))
+                       torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=cos.dtype))
 
 
 def _circle_naive(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, gamma: float, m: float) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fr_trainer.margins import Margin
+from fr_trainer.margins.base import indicator_above
 
 
 def check_threshold(threshold: float, margin: Margin) -> float:
@@ -40,16 +41,13 @@ class InterclassFiltered:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def filtered(self, cos: torch.Tensor) -> torch.Tensor:
-        """Boolean [N, c]: the cosines the filter zeroes."""
-        return cos > self.threshold
+    def kept(self, cos: torch.Tensor) -> torch.Tensor:
+        """[N, c] in cos's dtype: 0 at the cosines the filter zeroes, 1 elsewhere."""
+        return 1.0 - indicator_above(cos, self.threshold)
 
     def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        return self.inner.nontarget_logits(cos.masked_fill_(self.filtered(cos), 0.0), target_cos)
+        return self.inner.nontarget_logits(cos.mul_(self.kept(cos)), target_cos)
 
     def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        dirty = self.filtered(cos)
-        grad = self.inner.nontarget_grad(cos.masked_fill(dirty, 0.0), target_cos)
-        if not torch.is_tensor(grad):
-            grad = torch.full_like(cos, float(grad))
-        return grad.masked_fill_(dirty, 0.0)
+        kept = self.kept(cos)
+        return self.inner.nontarget_grad(cos * kept, target_cos) * kept

@@ -259,17 +259,23 @@ class _Operands:
                      target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the centres [start, end) with the target logits in place, and (for
         margins with non-linear non-target logits) the cosines they came from."""
-        margin = self.margin
-        if margin.linear_nontarget:
-            logits, cos = self.block_cosines(start, end, margin.scale), None
+        if self.margin.linear_nontarget:
+            logits = self.block_cosines(start, end, self.margin.scale)
+            _put_targets_(logits, *tgt.in_block(start, end), z_t)
+            return logits, None
+        cos = self.block_cosines(start, end)
+        return self.logits_of_cosines(cos, start, end, tgt, z_t, target_cos), cos
+
+    def logits_of_cosines(self, cos: torch.Tensor, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                          target_cos: torch.Tensor | None) -> torch.Tensor:
+        """A margin with non-linear non-target logits: its logits [G, c] of a block of
+        cosines (which it does not modify), with the target logits in place."""
+        if self.passes is not None:
+            logits = self.passes.nontarget_logits(self.margin, cos, target_cos)
         else:
-            cos = self.block_cosines(start, end)
-            if self.passes is not None:
-                logits = self.passes.nontarget_logits(margin, cos, target_cos)
-            else:
-                logits = _nontarget_logits(margin, cos, target_cos, self.policy)
+            logits = _nontarget_logits(self.margin, cos, target_cos, self.policy, self.take(cos.shape, cos.dtype))
         _put_targets_(logits, *tgt.in_block(start, end), z_t)
-        return logits, cos
+        return logits
 
     def sum_exp_rows(self, logits: torch.Tensor, row_max: torch.Tensor) -> torch.Tensor:
         if self.passes is not None:
@@ -278,13 +284,13 @@ class _Operands:
 
 
 def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None,
-                      policy: BlockPolicy) -> torch.Tensor:
-    """The margin's non-target logits of a block of cosines, in a new tensor of cos's
-    dtype; for 16-bit cosines computed in fp32, one row block at a time."""
+                      policy: BlockPolicy, logits: torch.Tensor) -> torch.Tensor:
+    """The margin's non-target logits of a block of cosines, written into `logits` (a
+    buffer of cos's shape and dtype; returned, unless the margin makes a tensor of its own);
+    for 16-bit cosines computed in fp32, one row block at a time."""
     dtype = _accumulation_dtype(cos.dtype)
     if dtype == cos.dtype:
-        return margin.nontarget_logits(cos.clone(), target_cos)
-    logits = torch.empty_like(cos)
+        return margin.nontarget_logits(logits.copy_(cos), target_cos)
     for start, end in policy.row_blocks(*cos.shape):
         rows = None if target_cos is None else target_cos[start:end]
         logits[start:end] = margin.nontarget_logits(cos[start:end].to(dtype), rows)
@@ -324,7 +330,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                                                   None if norm_terms is None else norm_terms.norms)
 
         blocks = _column_blocks(num_cols, chunk_size)
-        keep_logits = len(blocks) == 1 and margin.linear_nontarget
+        # one block: keep what backward needs instead of a fourth GEMM, the logits of a
+        # linear margin, or the cosines of a non-linear one (its logits are rebuilt from them)
+        keep = len(blocks) == 1
         maxima, sums, kept = [], [], None
         for start, end in blocks:
             logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
@@ -332,10 +340,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             sums.append(ops.sum_exp_rows(logits, maxima[-1]))
             if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
-            kept = logits if keep_logits else None
-            if kept is None:
+            kept = (logits if cos is None else cos) if keep else None
+            if kept is not logits:
                 ops.give(logits)
-            ops.give(cos)
+            if kept is not cos:
+                ops.give(cos)
         block_max = torch.stack(maxima)
         local_max = block_max.amax(dim=0)
         row_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
@@ -366,9 +375,12 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in ctx.blocks:
-            if ctx.kept is not None:
+            if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
                 ctx.kept = None
+            elif ctx.kept is not None:
+                cos, ctx.kept = ctx.kept, None
+                logits = ops.logits_of_cosines(cos, start, end, tgt, ctx.z_t, ctx.target_cos)
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype

@@ -36,6 +36,20 @@ from torch import nn
 GRADIENT_MODES = ("exact", "straight_through")
 
 
+def indicator_above(cos: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """1 where cos_ij > threshold_i (or > a float threshold), else 0, in cos's dtype [N, c].
+
+    A float mask for the non-target formulas, not a boolean one: on a CPU a comparison
+    written straight into a float tensor runs at the speed of a float `mul` (7.7 ms at
+    [256, 50,000], one thread), while a boolean mask costs 18 ms to make and 27-37 ms more
+    to multiply by or convert. The comparison carries no gradient."""
+    if torch.is_tensor(threshold):
+        threshold = threshold[:, None]
+    if torch.compiler.is_compiling():  # inductor fuses the comparison either way
+        return (cos > threshold).to(cos.dtype)
+    return torch.gt(cos, threshold, out=torch.empty_like(cos, requires_grad=False))
+
+
 class Margin(nn.Module):
     """Base of every margin. Subclasses set `scale` and override `target_value`.
 

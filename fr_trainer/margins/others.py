@@ -10,7 +10,7 @@ import math
 import torch
 
 from fr_trainer.margins._angular import arcface_value, cos_plus_m, safe_acos
-from fr_trainer.margins.base import Margin
+from fr_trainer.margins.base import Margin, indicator_above
 from fr_trainer.margins.registry import register_margin
 
 
@@ -142,22 +142,23 @@ class CurricularFace(Margin):
         return self.scale * arcface_value(cos_t, self.m)
 
     def hard_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
-        """Boolean [N, c]: cos_ij > cos(theta_{y_i} + m), from [N, c] cosines and [N] targets."""
+        """[N, c] in cos's dtype, 1 where cos_ij > cos(theta_{y_i} + m), else 0, from [N, c]
+        cosines and [N] targets."""
         if target_cos is None:
             raise ValueError("curricularface needs the target cosine of every row "
                              "(needs_global_target); call it through the head")
-        return cos > cos_plus_m(target_cos, self.m)[:, None]
+        return indicator_above(cos, cos_plus_m(target_cos, self.m))
 
     def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
         hard = self.hard_mask(cos, target_cos)
         t = self.t.to(cos.dtype)
-        bump = (cos + (t - 1.0)).mul_(cos).mul_(hard)  # cos (t + cos) - cos on hard classes
+        bump = hard.mul_(cos + (t - 1.0)).mul_(cos)  # cos (t + cos) - cos on hard classes
         return cos.add_(bump).mul_(self.scale)
 
     def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
         hard = self.hard_mask(cos, target_cos)
         t = self.t.to(cos.dtype)
-        bump = (2.0 * cos + (t - 1.0)).mul_(hard)  # (t + 2 cos) - 1 on hard classes
+        bump = hard.mul_(torch.add(t - 1.0, cos, alpha=2.0))  # (t + 2 cos) - 1 on hard classes
         return bump.add_(1.0).mul_(self.scale)
 
     def extra_repr(self) -> str:

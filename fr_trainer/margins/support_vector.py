@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from fr_trainer.margins._angular import arcface_value
-from fr_trainer.margins.base import Margin
+from fr_trainer.margins.base import Margin, indicator_above
 from fr_trainer.margins.registry import register_margin
 
 TARGET_KINDS = ("cosface", "arcface")
@@ -55,7 +55,8 @@ class SupportVectorMargin(Margin):
         return self.scale * self.boundary(cos_t)
 
     def support_vector_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
-        """Boolean [N, c]: cos_ij > f(m, theta_{y_i}), from cosines [N, c] and target cosines [N].
+        """[N, c] in cos's dtype, 1 where cos_ij > f(m, theta_{y_i}), else 0, from cosines
+        [N, c] and target cosines [N].
 
         (Also true at a row's own target column when f(cos_y) < cos_y; the head replaces
         that column by the target logit.)
@@ -63,16 +64,16 @@ class SupportVectorMargin(Margin):
         if target_cos is None:
             raise ValueError(f"{type(self).__name__} needs the target cosine of every row "
                              "(needs_global_target); call it through the head")
-        return cos > self.boundary(target_cos)[:, None]
+        return indicator_above(cos, self.boundary(target_cos))
 
     def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        mask = self.support_vector_mask(cos, target_cos)
-        bump = cos.add(1.0).mul_(self.t - 1.0).mul_(mask)  # (t - 1)(cos + 1) on support vectors
-        return cos.add_(bump).mul_(self.scale)
+        bump = self.support_vector_mask(cos, target_cos)
+        bump.addcmul_(bump, cos)  # cos + 1 on support vectors, 0 elsewhere
+        return cos.add_(bump, alpha=self.t - 1.0).mul_(self.scale)
 
     def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
         mask = self.support_vector_mask(cos, target_cos)
-        return mask.to(cos.dtype).mul_(self.scale * (self.t - 1.0)).add_(self.scale)
+        return mask.mul_(self.scale * (self.t - 1.0)).add_(self.scale)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, t={self.t}"
