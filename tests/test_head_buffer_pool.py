@@ -102,3 +102,42 @@ def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(compute_
         first = (first[0], first[1].to_dense())
         w.grad = w.grad.to_dense()
     assert torch.equal(x.grad, first[0]) and torch.equal(w.grad, first[1])
+
+
+def _grad_step(w: torch.nn.Parameter, x: torch.Tensor, targets: torch.Tensor) -> None:
+    MarginSoftmaxCrossEntropy.apply(x, w, None, None, targets, create_margin("arcface"), None, None,
+                                    None, None, CPU, False).backward()
+
+
+def test_the_centres_gradient_reuses_the_pages_of_a_dropped_grad_and_never_those_of_a_held_one() -> None:
+    torch.manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(40, 8))
+    x, targets = torch.randn(12, 8), torch.randint(0, 40, (12,))
+    _grad_step(w, x, targets)
+    first = w.grad
+    first_ptr, first_values = first.data_ptr(), first.clone()
+    # autograd took the head's tensor over as .grad (no copy), and the pool counts it as in use
+    assert buffer_pool.outgoing_bytes() == 0
+    held = first  # the user keeps the gradient: its storage must not be written again
+    w.grad = None
+    _grad_step(w, x, targets)
+    assert w.grad.data_ptr() != first_ptr and torch.equal(held, first_values)
+    del held, first
+    second_ptr = w.grad.data_ptr()
+    w.grad = None  # zero_grad(set_to_none=True): both storages are free now
+    assert buffer_pool.outgoing_bytes() == 2 * 40 * 8 * 4
+    _grad_step(w, x, targets)
+    assert w.grad.data_ptr() in (first_ptr, second_ptr)
+    torch.testing.assert_close(w.grad, first_values, rtol=0, atol=0)  # same inputs, same gradient
+
+
+def test_a_gradient_added_into_an_existing_grad_frees_its_storage_for_the_next_step() -> None:
+    torch.manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(40, 8))
+    x, targets = torch.randn(12, 8), torch.randint(0, 40, (12,))
+    _grad_step(w, x, targets)
+    single = w.grad.clone()
+    for _ in range(3):  # gradient accumulation: .grad stays, each new gradient is added into it
+        _grad_step(w, x, targets)
+    torch.testing.assert_close(w.grad, 4 * single, rtol=1e-6, atol=1e-6)
+    assert buffer_pool.outgoing_bytes() == 40 * 8 * 4  # one storage in .grad, one free, not one per step

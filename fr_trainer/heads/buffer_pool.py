@@ -24,6 +24,7 @@ MAX_FREE_PER_KEY = 2
 
 _Key = tuple[tuple[int, ...], torch.dtype, torch.device]
 _free: dict[_Key, list[torch.Tensor]] = {}
+_outgoing: dict[_Key, list[torch.Tensor]] = {}  # aliases of the storages handed out by take_outgoing
 
 
 def _key(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> _Key:
@@ -52,11 +53,66 @@ def give(tensor: torch.Tensor | None) -> None:
         free.append(tensor)
 
 
+def _storage_users(tensor: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A second tensor on `tensor`'s storage (not a view: it holds no reference to
+    `tensor` itself, so autograd may still take `tensor` over as a parameter's .grad)."""
+    return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+        tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())
+
+
+def _users_of_an_unshared_storage() -> int:
+    probe = torch.empty(1)
+    alias = _alias(probe)
+    del probe
+    return _storage_users(alias)
+
+
+_UNSHARED = _users_of_an_unshared_storage()
+
+
+def take_outgoing(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialised contiguous tensor that leaves the head for good: a gradient that
+    autograd hands to a parameter's `.grad`, which the optimizer's `zero_grad` drops.
+
+    The pool keeps an alias of each storage it hands out and gives a storage out again
+    once nothing but that alias refers to it (the `.grad` that held it was set to None,
+    or autograd added it into an existing `.grad` and let it go), so the next step writes
+    into pages that are already mapped. A storage anything else still holds (a `.grad`
+    kept across steps, a tensor the user saved) is never handed out twice. At most
+    `MAX_FREE_PER_KEY` storages of each kind are kept."""
+    key = _key(shape, dtype, device)
+    aliases = _outgoing.setdefault(key, [])
+    for alias in aliases:
+        if _storage_users(alias) == _UNSHARED:
+            return torch.empty(0, dtype=dtype, device=device).set_(alias.untyped_storage(), 0, key[0])
+    tensor = torch.empty(shape, dtype=dtype, device=device)
+    if len(aliases) < MAX_FREE_PER_KEY:
+        aliases.append(_alias(tensor))
+    return tensor
+
+
+def take_outgoing_if(reuse: bool, shape: tuple[int, ...], dtype: torch.dtype,
+                     device: torch.device | str) -> torch.Tensor:
+    """`take_outgoing` when `reuse` (a policy's `reuse_buffers`), else a fresh tensor."""
+    return take_outgoing(shape, dtype, device) if reuse else torch.empty(shape, dtype=dtype, device=device)
+
+
 def clear() -> None:
-    """Free every buffer the pool holds."""
+    """Free every buffer the pool holds (outgoing storages still in use stay with their users)."""
     _free.clear()
+    _outgoing.clear()
+
+
+def outgoing_bytes() -> int:
+    """Bytes of the outgoing storages that nothing but the pool holds now."""
+    return sum(t.numel() * t.element_size() for aliases in _outgoing.values() for t in aliases
+               if _storage_users(t) == _UNSHARED)
 
 
 def held_bytes() -> int:
-    """Bytes of the free buffers the pool holds now."""
-    return sum(t.numel() * t.element_size() for free in _free.values() for t in free)
+    """Bytes of the free buffers the pool holds now (free outgoing storages included)."""
+    return sum(t.numel() * t.element_size() for tensors in _free.values() for t in tensors) + outgoing_bytes()

@@ -215,6 +215,11 @@ class _Operands:
         """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
         return buffer_pool.take_if(self.policy.reuse_buffers, tuple(shape), dtype, self.w.device)
 
+    def take_outgoing(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new [shape] tensor that autograd hands on (a gradient), on pages of an earlier
+        one nobody holds any more under a policy that reuses buffers."""
+        return buffer_pool.take_outgoing_if(self.policy.reuse_buffers, tuple(shape), dtype, self.w.device)
+
     def give(self, tensor: torch.Tensor | None) -> None:
         """Done with a tensor from `take` (or `block_cosines`)."""
         if self.policy.reuse_buffers:
@@ -286,14 +291,19 @@ class _Operands:
 def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None,
                       policy: BlockPolicy, logits: torch.Tensor) -> torch.Tensor:
     """The margin's non-target logits of a block of cosines, written into `logits` (a
-    buffer of cos's shape and dtype; returned, unless the margin makes a tensor of its own);
-    for 16-bit cosines computed in fp32, one row block at a time."""
+    buffer of cos's shape and dtype), one row block of the policy at a time (on a CPU the
+    formula's temporaries then stay in cache and on malloc's heap); 16-bit cosines are
+    computed in fp32."""
     dtype = _accumulation_dtype(cos.dtype)
-    if dtype == cos.dtype:
-        return margin.nontarget_logits(logits.copy_(cos), target_cos)
     for start, end in policy.row_blocks(*cos.shape):
         rows = None if target_cos is None else target_cos[start:end]
-        logits[start:end] = margin.nontarget_logits(cos[start:end].to(dtype), rows)
+        out = logits[start:end]
+        if dtype == cos.dtype:
+            done = margin.nontarget_logits(out.copy_(cos[start:end]), rows)
+        else:
+            done = margin.nontarget_logits(cos[start:end].to(dtype), rows)
+        if done is not out:
+            out.copy_(done)
     return logits
 
 
@@ -371,7 +381,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         coef = grad_loss / ops.xh.shape[0]
         normalized = margin.normalized
         grad_xh = torch.zeros_like(ops.xh)
-        grad_w = torch.empty_like(ops.w)
+        grad_w = ops.take_outgoing(ops.w.shape, ops.w.dtype)  # what becomes weight.grad
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in ctx.blocks:
@@ -385,9 +395,16 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype
             h, inside, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial, mixed)
+            # the block's radial coefficients are complete: the centres' gradient is
+            # sum_i H_ij x^_i minus its radial part w_j * radial_j / ||w_j||^2
+            radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
             if not mixed:
                 grad_xh.addmm_(h, ops.w[start:end])
-                torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+                if radial_part is None:
+                    torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+                else:  # (an accumulating GEMM onto the radial part: one [c, D] pass fewer)
+                    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_w[start:end])
+                    grad_w[start:end].addmm_(h.t(), ops.xh)
                 if grad_b is not None:
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
@@ -396,6 +413,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
                 grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
                 grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh)
+                if radial_part is not None:
+                    grad_w[start:end].addcmul_(ops.w[start:end], radial_part[:, None], value=-1.0)
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
                     grad_b[start:end].mul_(factor).index_add_(0, cols, h_t)
@@ -408,8 +427,6 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / ops.x_norm[:, None]
             if ctx.norm_terms is not None and margin.norm_gradient:  # dL/d||x|| along x / ||x||
                 grad_x.addcmul_(xh, ctx.norm_terms.grad_norms(ctx, coef)[:, None])
-            # grad_w holds sum_i H_ij x^_i; remove the radial part w_j * radial_j / ||w_j||^2.
-            grad_w.addcmul_(ops.w, (radial * ops.inv_w_norm.square())[:, None], value=-1.0)
         grad_weight, grad_bias = grad_w, grad_b
         if ctx.index is not None:
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
@@ -478,8 +495,7 @@ def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, inside: torch.Tens
         ops.passes.nonlinear_grad(margin, logits, cos, inside, cols, g_t, lse, ctx.target_cos, coef,
                                   inv_norm, radial, deferred, floor)
         return
-    blocks = ops.policy.row_blocks(*logits.shape) if logits.dtype != lse.dtype else [(0, logits.shape[0])]
-    for start, end in blocks:
+    for start, end in ops.policy.row_blocks(*logits.shape):  # (temporaries in cache, as above)
         block, c = logits[start:end], cos[start:end]
         rows_in, cols_in, g_in = inside[start:end], cols[start:end], g_t[start:end]
         t_cos = None if ctx.target_cos is None else ctx.target_cos[start:end]

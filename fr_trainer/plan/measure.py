@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fr_trainer.distributed.spawn import run_ranks
+from fr_trainer.heads import buffer_pool
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -112,6 +113,8 @@ def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str,
 
         def run(case=case, x=x, y=y) -> None:
             _train_steps(case, rank, device, x, y, steps)
+
+        buffer_pool.clear()  # each case allocates its own buffers inside the measurement
 
         peaks.append(_cuda_peak(run, device) if device.type == "cuda" else _cpu_peak(run))
     return peaks

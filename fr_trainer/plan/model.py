@@ -11,8 +11,9 @@ Persistent (alive all step):
 Phase 1, forward + backward (peak inside the backward's block loop):
     logits           one [G, C_used] buffer (linear non-target margins, one block), two
                      [G, chunk] blocks when chunked (the next is built while the previous
-                     is alive); non-linear margins: cosines, logits, a bool mask, its
-                     promoted copy and the margin's temporary (NONLINEAR_BUFFERS)
+                     is alive); non-linear margins: the cosines kept from forward and
+                     the logits rebuilt from them (NONLINEAR_BUFFERS; their formulas run
+                     in row blocks, whose temporaries are part of the workspace)
     weight_grad      dense [C_used, D], or the sampled rows [S, D] + their int64 indices
     features         the gathered embeddings' normalised copy, its gradient and the
                      normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
@@ -189,30 +190,27 @@ def head_collectives(world_size: int, batch_per_rank: int, embedding_size: int, 
     return tuple(Collective(name, op, size, _ring(op, size, world_size)) for name, op, size in rows)
 
 
-# Live [G, cols] buffers of a non-linear margin at its peak, as (multiples of the dtype,
-# extra bytes per element): cosines, logits, a bool mask, the mask promoted to the dtype by
-# the in-place product, and the margin's own temporary (measured with torch's profiler:
-# 17 B/element in fp32 for SV/MV/CurricularFace; Circle has no mask, 12 B).
-NONLINEAR_BUFFERS = {"circle": (3, 0)}
-NONLINEAR_DEFAULT = (4, 1)
+# Live [G, cols] buffers of a non-linear margin at its peak, in its backward: the cosines
+# (kept from forward, or rebuilt per block when chunked) and the logits rebuilt from them,
+# which become the gradient in place. The margin's formula runs in row blocks of the
+# device policy, so its own temporaries are ~1 MB.
+NONLINEAR_BUFFERS = 2
 
 
-def _logit_bytes(g: int, used: int, chunk_size: int | None, traits: MarginTraits, margin: str,
-                 item: int) -> tuple[int, int]:
+def _logit_bytes(g: int, used: int, chunk_size: int | None, traits: MarginTraits, item: int) -> tuple[int, int]:
     """(bytes of the live logit-sized buffers, columns of one block).
 
     Linear non-target margins keep one [G, cols] buffer (two while the chunked backward
     builds the next block). Non-linear ones (SV, MV, Curricular, Circle) hold the cosines,
-    the logits and the margin's temporaries (`NONLINEAR_BUFFERS`), plus the previous
-    block's cosines and logits when chunked.
+    the logits rebuilt from them (`NONLINEAR_BUFFERS`), plus the previous block's cosines
+    and logits when chunked.
     """
     cols = used if not chunk_size else min(chunk_size, used)
     chunked = cols < used
     if traits.linear_nontarget:
         per_element = (2 if chunked else 1) * item
     else:
-        buffers, extra = NONLINEAR_BUFFERS.get(margin, NONLINEAR_DEFAULT)
-        per_element = (buffers + (2 if chunked else 0)) * item + extra
+        per_element = (NONLINEAR_BUFFERS + (2 if chunked else 0)) * item
     return per_element * g * cols, cols
 
 
@@ -262,7 +260,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         state = local * d * item if momentum else 0
     else:
         state = 2 * local * d * item + local * INT64
-    logits, cols = _logit_bytes(g, used, chunk_size, traits, margin, item)
+    logits, cols = _logit_bytes(g, used, chunk_size, traits, item)
     grad_rows = used * d * item + (used * item if traits.has_bias else 0)
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
