@@ -122,24 +122,27 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
     return radial
 
 
-def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor, start: int, end: int,
-                  grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
-    """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ with 16-bit GEMMs, one
-    column chunk at a time. bf16 has fp32's range, so the column factor f goes into the
-    16-bit copy of h (a [G, c] pass); fp16 would overflow there at large loss scales, so it
-    scales the centres' copy and the fp32 results instead (two [c, D] passes)."""
+def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, start: int, end: int,
+                  grad_xh: torch.Tensor, grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
+    """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ - radial_part * w with
+    16-bit GEMMs, one column chunk at a time. bf16 has fp32's range, so h already holds H
+    (`factor` None: the column factor went into the fp32 pass that made it) and is only
+    converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
+    centres' copy and the fp32 results instead."""
     dtype = ops.compute_dtype
     for a, b in ops.policy.mm_blocks(end - start):
-        f, rows = factor[a:b], slice(start + a, start + b)
-        if dtype == torch.bfloat16:
-            h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device)
-            torch.mul(h[:, a:b], f, out=h_c)
+        rows = slice(start + a, start + b)
+        h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, a:b])
+        if factor is None:
             grad_xh.add_(torch.mm(h_c, ops.w_c[rows]))
+        else:
+            grad_xh.add_(torch.mm(h_c, (ops.w[rows] * factor[a:b, None]).to(dtype)))
+        if factor is None:
             grad_w[rows].copy_(torch.mm(h_c.t(), ops.xh_c))
         else:
-            h_c = h[:, a:b].to(dtype)
-            grad_xh.add_(torch.mm(h_c, (ops.w[rows] * f[:, None]).to(dtype)))
-            torch.mul(torch.mm(h_c.t(), ops.xh_c), f[:, None], out=grad_w[rows])
+            torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_w[rows])
+        if radial_part is not None:
+            grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
@@ -196,6 +199,11 @@ class _Operands:
         self.margin, self.w, self.b = margin, w, b
         self.policy = policy or policy_for(w.device)
         self.passes = compiled_passes() if compiled else None
+        self.compute_dtype = compute_dtype or w.dtype
+        self.logits_dtype = logits_dtype or self.compute_dtype
+        # 16-bit embeddings (an autocast backbone's) are widened first: their norms and the
+        # target cosines are fp32 numbers, and CPU mixed-dtype kernels are slow
+        x = x.to(torch.promote_types(x.dtype, w.dtype))
         if margin.normalized:
             self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
             self.xh = x / self.x_norm[:, None]
@@ -203,8 +211,6 @@ class _Operands:
         else:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
-        self.compute_dtype = compute_dtype or w.dtype
-        self.logits_dtype = logits_dtype or self.compute_dtype
         self.xh_c = self.xh.to(self.compute_dtype)
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
         self.w_c = self.take(w.shape, self.compute_dtype).copy_(w) if self.pooled_w_c else w.to(self.compute_dtype)
@@ -246,19 +252,50 @@ class _Operands:
             values = values + self.b.index_select(0, tgt.cols)
         return _masked(tgt.owned, values)
 
-    def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
-        """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
+    def raw_block(self, start: int, end: int) -> torch.Tensor:
+        """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype."""
         block = self.take((self.xh_c.shape[0], end - start), self.logits_dtype)
         if self.logits_dtype == self.compute_dtype:
             torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
         else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
             for a, b in self.policy.mm_blocks(end - start):
                 block[:, a:b] = torch.mm(self.xh_c, self.w_c[start + a:start + b].t())
+        return block
+
+    def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
+        """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
+        block = self.raw_block(start, end)
         if self.margin.normalized:
             block.mul_(self.inv_w_norm_c[start:end] * scale)
         else:
             block.add_(self.b_c[start:end])
         return block
+
+    def linear_block_stats(self, start: int, end: int, tgt: _Targets,
+                           z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A margin whose non-target logits are `s cos`, eager: the block's logits [G, c]
+        with the targets in place, their row maxima [G] and sums of exponentials [G]
+        (fp32 for 16-bit logits). After the GEMM, one pass over the buffer: each row block
+        is scaled, gets its targets, and gives its maxima and sum-exp while in cache (the
+        same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after the other)."""
+        logits = self.raw_block(start, end)
+        normalized = self.margin.normalized
+        factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
+        inside, cols = tgt.in_block(start, end)
+        dtype = _accumulation_dtype(logits.dtype)
+        floor = exp_floor(dtype)
+        row_max, sum_exp = z_t.new_empty(logits.shape[0]), z_t.new_empty(logits.shape[0])
+        blocks = self.policy.row_blocks(*logits.shape)
+        scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
+        for a, b in blocks:
+            z, p = logits[a:b], scratch[: b - a]
+            z.mul_(factor) if normalized else z.add_(factor)
+            _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
+            row_max[a:b] = z.amax(dim=1)
+            torch.sub(z, row_max[a:b, None], out=p)
+            p.clamp_min_(floor).exp_()
+            torch.sum(p, dim=1, out=sum_exp[a:b])
+        return logits, row_max, sum_exp
 
     def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
                      target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -345,9 +382,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         keep = len(blocks) == 1
         maxima, sums, kept = [], [], None
         for start, end in blocks:
-            logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
-            maxima.append(logits.amax(dim=1).to(z_t.dtype))
-            sums.append(ops.sum_exp_rows(logits, maxima[-1]))
+            if margin.linear_nontarget and ops.passes is None:
+                logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t)
+                cos = None
+                maxima.append(block_max)
+                sums.append(block_sum)
+            else:
+                logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
+                maxima.append(logits.amax(dim=1).to(z_t.dtype))
+                sums.append(ops.sum_exp_rows(logits, maxima[-1]))
             if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
@@ -394,7 +437,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype
-            h, inside, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial, mixed)
+            deferred = mixed and ops.compute_dtype == torch.float16  # (see _mixed_gemms_)
+            h, inside, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial,
+                                                        deferred)
             # the block's radial coefficients are complete: the centres' gradient is
             # sum_i H_ij x^_i minus its radial part w_j * radial_j / ||w_j||^2
             radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
@@ -409,15 +454,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
                 _put_targets_(h, inside, cols, torch.zeros_like(h_t))
-                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w)
+                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w, radial_part)
                 # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
                 grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
                 grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh)
-                if radial_part is not None:
-                    grad_w[start:end].addcmul_(ops.w[start:end], radial_part[:, None], value=-1.0)
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
-                    grad_b[start:end].mul_(factor).index_add_(0, cols, h_t)
+                    if factor is not None:
+                        grad_b[start:end].mul_(factor)
+                    grad_b[start:end].index_add_(0, cols, h_t)
             ops.give(h)
             ops.give(cos)
         ops.release()
@@ -444,10 +489,11 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
     block's target-row mask [G], their columns [G], H at the targets in full precision
     (0 on the other rows), None).
 
-    `deferred` (16-bit GEMMs): the buffer keeps H / f_j with a column factor f [c] that is
-    returned last instead of None: the 1/G of the mean, the loss scale of a GradScaler,
-    the logit scale and 1/||w_j|| stay out of the 16-bit numbers (which then stay within
-    a few units, so fp16 cannot overflow at any loss scale) and are applied in fp32."""
+    `deferred` (fp16 GEMMs; bf16 has fp32's range and needs none): the buffer keeps
+    H / f_j with a column factor f [c] that is returned last instead of None: the 1/G of
+    the mean, the loss scale of a GradScaler, the logit scale and 1/||w_j|| stay out of
+    the 16-bit numbers (which then stay within a few units, so fp16 cannot overflow at
+    any loss scale) and are applied in fp32."""
     margin = ops.margin
     inside, cols = tgt.in_block(start, end)
     cos_t = ctx.cos_t if ctx.target_cos is None else ctx.target_cos

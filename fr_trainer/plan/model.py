@@ -19,6 +19,9 @@ Phase 1, forward + backward (peak inside the backward's block loop):
                      normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
     workspace        sampled-weight copy [S, D] (sample_rate < 1), the ~1 MB elementwise
                      scratch, per-centre vectors (norms, radial coefficients, factors)
+On a CPU (backend gloo) the head gives its logit buffers back to its buffer pool after the
+backward and takes them again in the next step, so they stay allocated through phases 2
+and 3 (`pooled`).
 Phase 2, optimizer step: the gradient + the optimizer's temporaries (SGD: none when dense,
     in place; for sparse rows the decayed gradient, gathered weights and momentum and the
     Nesterov direction; AdamW: the
@@ -104,6 +107,7 @@ class HeadPlan:
     clip_temp: int
     collectives: tuple[Collective, ...] = field(default=())
     gemm_flops: int = 0
+    pooled: int = 0  # CPU: the logit buffers the head's buffer pool keeps for the next step
 
     @property
     def global_batch(self) -> int:
@@ -119,11 +123,11 @@ class HeadPlan:
 
     @property
     def optimizer_step(self) -> int:
-        return self.weight_grad + self.optimizer_temp
+        return self.weight_grad + self.optimizer_temp + self.pooled
 
     @property
     def clipping(self) -> int:
-        return self.weight_grad + self.clip_temp
+        return self.weight_grad + self.clip_temp + self.pooled
 
     @property
     def peak(self) -> int:
@@ -279,6 +283,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         workspace=workspace, optimizer_temp=optimizer_temp, clip_temp=clip_temp,
         collectives=head_collectives(world_size, batch_per_rank, d, item, traits, backend),
         gemm_flops=gemms * 2 * g * used * d,
+        pooled=logits if backend == "gloo" else 0,  # gloo: a CPU head, whose policy reuses buffers
     )
 
 
