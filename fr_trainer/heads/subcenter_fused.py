@@ -50,12 +50,15 @@ class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
         inv_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
         buffer = buffer_pool.take_if(policy.reuse_buffers, (num_rows, num_classes * k), w.dtype, w.device)
         cos_k = torch.mm(xh, w.t(), out=buffer).mul_(inv_norm)
-        cos = cos_k.view(num_rows, num_classes, k).amax(dim=2)
+        cos = buffer_pool.take_if(policy.reuse_buffers, (num_rows, num_classes), w.dtype, w.device)
+        _max_over_subcentres(cos_k.view(num_rows, num_classes, k), cos)
         tgt = _Targets(targets)
         rows = torch.arange(num_rows, device=cos.device)
-        is_target = torch.zeros_like(cos, dtype=torch.bool)
-        is_target[rows, tgt.cols] = tgt.owned
-        filtered = (cos > threshold) & ~is_target if threshold > 0 else None
+        filtered = None
+        if threshold > 0:
+            is_target = torch.zeros_like(cos, dtype=torch.bool)
+            is_target[rows, tgt.cols] = tgt.owned
+            filtered = (cos > threshold) & ~is_target
         cos_t = _masked(tgt.owned, cos[rows, tgt.cols])
         z_t, dz_t = margin.target(cos_t)
         logits = cos.mul_(margin.scale)  # cos is recomputed from cos_k in backward
@@ -88,27 +91,59 @@ class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
         p_t = torch.exp(z_t - log_sum_exp)
         _put_targets_(h, tgt.owned, tgt.cols, _masked(tgt.owned, coef * (p_t - 1.0) * dz_t))
         radial = _route_to_subcenters_(cos_k, h, k, policy)  # cos_k now holds dL/dcos_r
+        if policy.reuse_buffers:
+            buffer_pool.give(h)
         cos_k.mul_(inv_norm)  # the chain through 1/||w_r||
         grad_xh = torch.mm(cos_k, w)
-        grad_w = torch.mm(cos_k.t(), xh)
-        grad_w.addcmul_(w, (radial * inv_norm.square())[:, None], value=-1.0)
+        # sum_i dL/dcos_ir x^_i / ||w_r|| minus the radial part, onto pages of an earlier
+        # gradient nobody holds (as in the one-centre head)
+        grad_w = buffer_pool.take_outgoing_if(policy.reuse_buffers, tuple(w.shape), w.dtype, w.device)
+        torch.mul(w, (radial * inv_norm.square()).neg_()[:, None], out=grad_w)
+        grad_w.addmm_(cos_k.t(), xh)
         if policy.reuse_buffers:
             buffer_pool.give(cos_k)
         grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / x_norm[:, None]
         return grad_x, grad_w.view(ctx.shape), None, None, None, None, None
 
 
+def _max_over_subcentres(cos_k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out [N, C] = max over the last dimension of cos_k [N, C, k], as k - 1 elementwise
+    maxima of its slices (a CPU reduction over an inner dimension of 3 is slower)."""
+    out.copy_(cos_k[..., 0])
+    for j in range(1, cos_k.shape[-1]):
+        torch.maximum(out, cos_k[..., j], out=out)
+    return out
+
+
 def _route_to_subcenters_(cos_k: torch.Tensor, h: torch.Tensor, k: int, policy: BlockPolicy) -> torch.Tensor:
     """In place, one row block at a time: cos_k [G, C k] (the sub-centre cosines) ->
     dL/dcos_r, the class gradient h [G, C] given to the sub-centres that attain the class's
-    max (split evenly on ties). Returns the radial coefficients sum_i dL/dcos_ir cos_ir [C k]."""
+    max (split evenly on ties). Returns the radial coefficients sum_i dL/dcos_ir cos_ir [C k].
+
+    Written for a CPU's kernels: the scratch is allocated once, the maxima are taken and
+    compared slice by slice and as a dense copy (a comparison against a broadcast [.., C, 1] max runs 4x slower), the
+    indicator is a float tensor (boolean masks and `where` cost several float passes), and
+    the ties are counted by adding the k slices (a reduction over an inner dimension of 3
+    is slower still)."""
     num_rows, num_classes = h.shape
     radial = cos_k.new_zeros(cos_k.shape[1])
-    for start, end in policy.row_blocks(num_rows, cos_k.shape[1]):
+    blocks = policy.row_blocks(num_rows, cos_k.shape[1])
+    routed_rows = cos_k.new_empty(blocks[0][1], num_classes, k)
+    spare_rows = torch.empty_like(routed_rows)
+    share_rows = cos_k.new_empty(blocks[0][1], num_classes, 1)
+    for start, end in blocks:
         block = cos_k[start:end].view(end - start, num_classes, k)
-        is_max = block == block.amax(dim=2, keepdim=True)
-        share = h[start:end, :, None] / is_max.sum(dim=2, keepdim=True)
-        routed = torch.where(is_max, share, torch.zeros((), dtype=block.dtype, device=block.device))
-        radial += (routed * block).sum(0).view(-1)
+        routed, spare, share = routed_rows[: end - start], spare_rows[: end - start], share_rows[: end - start]
+        _max_over_subcentres(block, share[..., 0])
+        torch.eq(block, spare.copy_(share.expand_as(block)), out=routed)  # 1 at the maxima
+        torch.add(routed[..., 0:1], routed[..., 1:2], out=share) if k > 1 else share.copy_(routed)
+        for j in range(2, k):
+            share.add_(routed[..., j:j + 1])
+        torch.div(h[start:end, :, None], share, out=share)  # the class gradient over its maxima
+        routed.mul_(share)
+        if end - start == 1:
+            radial.addcmul_(routed.view(-1), block.view(-1))
+        else:
+            radial += torch.mul(routed, block, out=spare).sum(0).view(-1)
         block.copy_(routed)
     return radial
