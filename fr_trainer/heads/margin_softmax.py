@@ -21,9 +21,16 @@ O(C D) row-dot is ever computed.
 CPU `exp` takes a path some 30 times slower for results near the subnormal range, and the
 floor changes a probability of at most 2e-38, i.e. the loss by less than C * 2e-38.
 
-With `chunk_size` the logits are built block by block (forward) and rebuilt block by block
+Without `chunk_size` the forward keeps what the backward needs in its one buffer: the
+logits of a margin whose non-target logits are `s cos`, or the cosines of any other margin
+(its logits are rebuilt from them in backward, an elementwise pass, not a GEMM). With
+`chunk_size` the logits are built block by block (forward) and rebuilt block by block
 (backward), so the [G, C_local] buffer is never allocated: peak logit memory is one
 [G, chunk] block, at the price of a fourth GEMM.
+
+The centres' gradient, which autograd hands on to `weight.grad`, is written on the pages of
+an earlier one nobody holds any more under a policy that reuses buffers
+(`buffer_pool.take_outgoing`), its radial part first and the GEMM accumulated onto it.
 
 With `index` (Partial-FC sampling) only the rows `w[index]` take part; their gradient is
 returned as a sparse COO tensor, so the optimizer can leave every other centre, and its

@@ -114,7 +114,9 @@ def format_plans(plans: list[HeadPlan], args: argparse.Namespace) -> str:
     lines.append("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     lines.append("peak = weights + optimizer_state + max(logits + weight_grad + features + workspace, "
-                 "weight_grad + optimizer_temp, weight_grad + clip_temp)")
+                 "weight_grad + optimizer_temp + pooled, weight_grad + clip_temp + pooled)"
+                 + (f"; pooled = {_gb(plans[-1].pooled)} GB: the CPU head's buffer pool keeps its logits between steps"
+                    if plans[-1].pooled else ""))
     lines.append(_collective_table(plans[-1]))
     estimate = _time_estimate(plans, args)
     if estimate:
