@@ -122,8 +122,10 @@ def test_the_centres_gradient_reuses_the_pages_of_a_dropped_grad_and_never_those
     w.grad = None
     _grad_step(w, x, targets)
     assert w.grad.data_ptr() != first_ptr and torch.equal(held, first_values)
+    held.fill_(float("nan"))  # poisoned too before it is let go
     del held, first
     second_ptr = w.grad.data_ptr()
+    w.grad.fill_(float("nan"))  # what the next step finds on the reused pages
     w.grad = None  # zero_grad(set_to_none=True): both storages are free now
     assert buffer_pool.outgoing_bytes() == 2 * 40 * 8 * 4
     _grad_step(w, x, targets)
