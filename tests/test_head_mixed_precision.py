@@ -179,3 +179,37 @@ def test_a_bf16_run_trains_its_head_in_bf16(tmp_path) -> None:
     fp32 = make_trainer(0, 1, config_dict(data, tmp_path / "fp32", train={"max_steps": 3}))
     reference = fp32.fit()["losses"]
     assert abs(losses[0] - reference[0]) <= 5e-3 * reference[0]  # same weights, first step
+
+
+@pytest.mark.parametrize("margin, chunk, rate", [("arcface", None, 1.0), ("cosface", 300, 1.0),
+                                                  ("arcface", None, 0.5)])
+def test_a_raw_bf16_logit_buffer_gives_what_an_fp32_one_fed_by_the_same_gemms_gives(
+        monkeypatch, margin: str, chunk: int | None, rate: float) -> None:
+    """bf16 GEMMs with a linear margin keep the GEMM's own bf16 output (the raw dots) and
+    scale it in fp32 row blocks where it is read: the loss and the centres' gradient are
+    those of an fp32 logit buffer fed by the same bf16 GEMMs, bit for bit (x's gradient
+    differs only by where its GEMM's bf16 result is rounded), in half the memory."""
+    from fr_trainer.heads import buffer_pool, margin_softmax
+
+    x, y = global_batch(1)
+    results = {}
+    for keeps_raw in (True, False):
+        if not keeps_raw:
+            monkeypatch.setattr(margin_softmax, "keeps_raw_logits", lambda *args: False)
+        buffer_pool.clear()
+        head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=chunk, sample_rate=rate, seed=SEED,
+                         compute_dtype=torch.bfloat16)
+        xs = x.clone().requires_grad_()
+        torch.manual_seed(0)  # the same sampled centres
+        loss = head(xs, y)
+        loss.backward()
+        columns = (NUM_CLASSES if rate == 1 else head.num_sample) if chunk is None else chunk
+        logit_buffers = {dtype for (shape, dtype, _), free in buffer_pool._free.items()
+                         if free and shape == (x.shape[0], columns)}
+        grad_w = head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad
+        results[keeps_raw] = (loss.detach(), xs.grad, grad_w, logit_buffers)
+    raw, wide = results[True], results[False]
+    assert raw[3] == {torch.bfloat16} and wide[3] == {torch.float32}
+    assert torch.equal(raw[0], wide[0])
+    assert torch.equal(raw[2], wide[2])
+    assert _cosine(raw[1], wide[1]) > 0.9999

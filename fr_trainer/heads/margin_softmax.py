@@ -39,8 +39,12 @@ state, untouched.
 Mixed precision (`compute_dtype` bf16 or fp16, fp32 master centres): the three GEMMs run
 on 16-bit copies of x^ and w. The [G, C_local] logit buffer (then the gradient H) is in
 `logits_dtype`: 16-bit halves its memory; fp32 (fed by the 16-bit GEMM in column chunks)
-keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. Everything
-that decides the loss's accuracy stays fp32:
+keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. With bf16
+GEMMs and a margin whose non-target logits are `s cos` (eager) the buffer is neither: it
+is the GEMM's own bf16 output, the raw dots x^ . w_j, scaled into fp32 logits a cached row
+block at a time wherever it is read (`keeps_raw_logits`, `_DotsToLogits`): fp32 logits'
+numbers in 16 bits of memory, and H is written back over it in bf16, ready for the
+backward GEMMs. Everything that decides the loss's accuracy stays fp32:
 the norms, the target cosines (row dots of the fp32 operands) and target logits, the row
 maxima, the sums of exponentials (exponentials are taken on fp32 scratch blocks), the
 log-sum-exp, the radial coefficients, and the gradients handed back to x and w.
@@ -73,6 +77,15 @@ def exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 0.5
 
 
+def keeps_raw_logits(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin, compiled: bool) -> bool:
+    """Whether the logit buffer is the bf16 GEMM's own output, the raw dots x^ . w_j, read
+    through `_DotsToLogits` (widened and scaled in cached fp32 row blocks), instead of fp32 or
+    bf16 logits: for bf16 GEMMs on fp32 centres with a margin whose non-target logits are
+    `s cos`, eager."""
+    return (compute_dtype == torch.bfloat16 and weight_dtype == torch.float32 and margin.linear_nontarget
+            and not compiled)
+
+
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
     step = num_cols if not chunk_size else max(1, chunk_size)
     return [(start, min(start + step, num_cols)) for start in range(0, num_cols, step)]
@@ -99,8 +112,10 @@ def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor, policy: BlockPoli
 
 
 def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, column_factor: torch.Tensor,
-                          want_radial: bool, policy: BlockPolicy) -> torch.Tensor | None:
-    """In place: logits z [G, c] -> softmax(z) * column_factor [c].
+                          want_radial: bool, policy: BlockPolicy,
+                          raw: _DotsToLogits | None = None) -> torch.Tensor | None:
+    """In place: logits z [G, c] -> softmax(z) * column_factor [c] (with `raw`, `logits` is
+    the raw bf16 block and each row block's logits are widened from it first).
 
     Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None). For 16-bit logits
     the probabilities and the radial sums are fp32; only the result is stored in 16 bits.
@@ -111,9 +126,14 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
     radial = log_sum_exp.new_zeros(logits.shape[1]) if want_radial else None
     blocks = policy.row_blocks(*logits.shape)
     scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
-    products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if mixed and want_radial else None
+    widened = mixed and (want_radial or raw is not None)
+    products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if widened else None
     ones = log_sum_exp.new_ones(blocks[0][1])
     for start, end in blocks:
+        if raw is not None:
+            _raw_softmax_grad_rows_(raw, logits, log_sum_exp, column_factor, radial, start, end, scratch, products,
+                                    ones, floor)
+            continue
         z, p = logits[start:end], scratch[: end - start]
         torch.sub(z, log_sum_exp[start:end, None], out=p)
         p.clamp_min_(floor).exp_()
@@ -129,6 +149,21 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
     return radial
 
 
+def _raw_softmax_grad_rows_(raw: _DotsToLogits, logits: torch.Tensor, log_sum_exp: torch.Tensor,
+                            column_factor: torch.Tensor, radial: torch.Tensor | None, start: int, end: int,
+                            scratch: torch.Tensor, widened: torch.Tensor, ones: torch.Tensor, floor: float) -> None:
+    """`_linear_softmax_grad_` on rows [start, end) of a raw bf16 block: the fp32 logits are
+    widened into `widened`, the probabilities taken in `scratch`, and only softmax * factor
+    is written back, in bf16."""
+    z, p = raw.widen(logits, start, end, widened), scratch[: end - start]
+    torch.sub(z, log_sum_exp[start:end, None], out=p)
+    p.clamp_min_(floor).exp_()
+    if radial is not None:
+        radial.addmv_(z.mul_(p).t(), ones[: end - start])
+    torch.mul(p, column_factor, out=p)
+    logits[start:end].copy_(p)
+
+
 def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, start: int, end: int,
                   grad_xh: torch.Tensor, grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
     """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ - radial_part * w with
@@ -137,6 +172,9 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
     converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
     centres' copy and the fp32 results instead."""
     dtype = ops.compute_dtype
+    if h.dtype == dtype and factor is None:
+        _bf16_gemms_(ops, h, start, end, grad_xh, grad_w, radial_part)
+        return
     for a, b in ops.policy.mm_blocks(end - start):
         rows = slice(start + a, start + b)
         h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, a:b])
@@ -150,6 +188,23 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
             torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_w[rows])
         if radial_part is not None:
             grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
+
+
+def _bf16_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, grad_xh: torch.Tensor,
+                 grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
+    """`_mixed_gemms_` when h is already the bf16 H (`keeps_raw`): one GEMM for x's
+    gradient, and the centres' gradient a column chunk at a time into a reused bf16 block
+    (CPU `mm` cannot write fp32 from bf16), widened into fp32 and given its radial part."""
+    grad_xh.add_(torch.mm(h, ops.w_c[start:end]))
+    chunks = ops.policy.mm_blocks(end - start)
+    part = ops.take((chunks[0][1], ops.xh_c.shape[1]), ops.compute_dtype)
+    for a, b in chunks:
+        rows = slice(start + a, start + b)
+        torch.mm(h[:, a:b].t(), ops.xh_c, out=part[: b - a])
+        grad_w[rows].copy_(part[: b - a])
+        if radial_part is not None:
+            grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
+    ops.give(part)
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
@@ -194,6 +249,31 @@ class _Targets:
         return inside, torch.where(inside, self.cols - start, torch.zeros_like(self.cols))
 
 
+class _DotsToLogits:
+    """How a block's raw dots x^ . w_j [G, c] become its logits: scaled by `factor` (s / ||w_j||;
+    the bias when not normalised) and given the targets' fp32 logits, a row block at a time.
+    In place (`scale_`), or (`widen`) from a kept bf16 block (`keeps_raw_logits`) into fp32
+    scratch where it is read: the numbers an fp32 logit buffer fed by the same GEMM would
+    hold (the GEMM rounds to bf16 either way), at half its memory and without its passes
+    over memory."""
+
+    def __init__(self, factor: torch.Tensor, normalized: bool, inside: torch.Tensor, cols: torch.Tensor,
+                 z_t: torch.Tensor) -> None:
+        self.factor, self.normalized = factor, normalized
+        self.inside, self.cols, self.z_t = inside, cols, z_t
+
+    def scale_(self, z: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """In place: raw dots z of the rows [start, end) -> their logits."""
+        z.mul_(self.factor) if self.normalized else z.add_(self.factor)
+        _put_targets_(z, self.inside[start:end], self.cols[start:end], self.z_t[start:end])
+        return z
+
+    def widen(self, raw: torch.Tensor, start: int, end: int, scratch: torch.Tensor) -> torch.Tensor:
+        """The fp32 logits of rows [start, end) of `raw`, in `scratch[: end - start]`."""
+        # (a plain conversion first: CPU mixed-dtype arithmetic is slow)
+        return self.scale_(scratch[: end - start].copy_(raw[start:end]), start, end)
+
+
 class _Operands:
     """Normalised embeddings, the centres in use, their norms and the margin; `xh_c` and
     `w_c` are the GEMM operands in the compute dtype (the same tensors when it is the
@@ -219,6 +299,7 @@ class _Operands:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
         self.xh_c = self.xh.to(self.compute_dtype)
+        self.keeps_raw = keeps_raw_logits(self.compute_dtype, w.dtype, margin, compiled)
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
         self.w_c = self.take(w.shape, self.compute_dtype).copy_(w) if self.pooled_w_c else w.to(self.compute_dtype)
         self.b_c = None if b is None else b.to(self.logits_dtype)
@@ -260,9 +341,11 @@ class _Operands:
         return _masked(tgt.owned, values)
 
     def raw_block(self, start: int, end: int) -> torch.Tensor:
-        """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype."""
-        block = self.take((self.xh_c.shape[0], end - start), self.logits_dtype)
-        if self.logits_dtype == self.compute_dtype:
+        """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype (in the
+        GEMMs' with `keeps_raw`)."""
+        dtype = self.compute_dtype if self.keeps_raw else self.logits_dtype
+        block = self.take((self.xh_c.shape[0], end - start), dtype)
+        if dtype == self.compute_dtype:
             torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
         else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
             for a, b in self.policy.mm_blocks(end - start):
@@ -286,23 +369,27 @@ class _Operands:
         is scaled, gets its targets, and gives its maxima and sum-exp while in cache (the
         same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after the other)."""
         logits = self.raw_block(start, end)
-        normalized = self.margin.normalized
-        factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
-        inside, cols = tgt.in_block(start, end)
-        dtype = _accumulation_dtype(logits.dtype)
-        floor = exp_floor(dtype)
+        rows = self.dots_to_logits(start, end, tgt, z_t)
+        floor = exp_floor(_accumulation_dtype(logits.dtype))
         row_max, sum_exp = z_t.new_empty(logits.shape[0]), z_t.new_empty(logits.shape[0])
         blocks = self.policy.row_blocks(*logits.shape)
-        scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
+        scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=_accumulation_dtype(logits.dtype))
         for a, b in blocks:
-            z, p = logits[a:b], scratch[: b - a]
-            z.mul_(factor) if normalized else z.add_(factor)
-            _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
+            if self.keeps_raw:  # widened into the scratch block, whose exponentials then replace it
+                z = p = rows.widen(logits, a, b, scratch)
+            else:  # scaled in place
+                z, p = rows.scale_(logits[a:b], a, b), scratch[: b - a]
             row_max[a:b] = z.amax(dim=1)
             torch.sub(z, row_max[a:b, None], out=p)
             p.clamp_min_(floor).exp_()
             torch.sum(p, dim=1, out=sum_exp[a:b])
         return logits, row_max, sum_exp
+
+    def dots_to_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor) -> _DotsToLogits:
+        """How the logits of the centres [start, end) come out of their raw dots x^ . w_j."""
+        normalized = self.margin.normalized
+        factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
+        return _DotsToLogits(factor, normalized, *tgt.in_block(start, end), z_t)
 
     def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
                      target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -398,7 +485,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
-            if logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
+            if logits.dtype != z_t.dtype and not ops.keeps_raw:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
             if kept is not logits:
@@ -441,6 +528,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             elif ctx.kept is not None:
                 cos, ctx.kept = ctx.kept, None
                 logits = ops.logits_of_cosines(cos, start, end, tgt, ctx.z_t, ctx.target_cos)
+            elif ops.keeps_raw:
+                logits, cos = ops.raw_block(start, end), None
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype
@@ -517,7 +606,9 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
             block_radial = ops.passes.linear_softmax_grad(logits, ctx.log_sum_exp, factor, radial is not None,
                                                           exp_floor(_accumulation_dtype(logits.dtype)))
         else:
-            block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None, ops.policy)
+            raw = ops.dots_to_logits(start, end, tgt, ctx.z_t) if ops.keeps_raw else None
+            block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None, ops.policy,
+                                                 raw)
         if radial is not None:
             # the pass counted dL/dcos * cos = coef * p * z everywhere; fix the targets
             block_radial.mul_(coef)
