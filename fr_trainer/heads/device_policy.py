@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 
 CPU_BLOCK_ELEMENTS = 1 << 18  # elements per row block of an elementwise pass (~1 MB fp32)
-CPU_MM_COLUMNS = 1 << 12  # classes per 16-bit GEMM whose result is converted (bounds the temporary)
+CPU_MM_COLUMNS = 1 << 12  # classes per 16-bit GEMM whose result is converted: its temporary
+# ([4096, 512] bf16 = 4 MB for the centres' gradient) is still in cache when it is widened
 ENV_VAR = "FR_HEAD_BLOCK_POLICY"
 
 
