@@ -78,7 +78,11 @@ def _reference(margin: str, kw: dict, x: torch.Tensor, w: torch.Tensor, y: torch
 # (bf16: curricularface cosines 0.9985-0.9988, sv_softmax loss 6.1e-3 at world 2); normface's
 # fp16 centre gradient 0.9976 at world 3 (fp16 H overflows nothing, but the non-target rows'
 # gradient is small next to the targets' and carries the 16-bit rounding of H).
-KNOWN_MISSES = {("curricularface", "bf16"), ("sv_softmax", "bf16"), ("normface", "fp16")}
+# NormFace in bf16: no margin, so its loss is small and the bf16 rounding of the GEMM's cosines
+# (unbiased, 2^-9 relative) is a large part of it: over 30 batches of this test's kind its
+# loss error had a median of 3.9e-3 and a maximum of 2.6e-2, about the same before and after
+# the bf16 exponentials (4.5e-3 and 3.1e-2); 6.0e-3 on this batch at world 1.
+KNOWN_MISSES = {("curricularface", "bf16"), ("sv_softmax", "bf16"), ("normface", "fp16"), ("normface", "bf16")}
 
 
 def _bound(margin: str, dtype_name: str, target: float, known_miss: float) -> float:
@@ -183,19 +187,18 @@ def test_a_bf16_run_trains_its_head_in_bf16(tmp_path) -> None:
 
 @pytest.mark.parametrize("margin, chunk, rate", [("arcface", None, 1.0), ("cosface", 300, 1.0),
                                                   ("arcface", None, 0.5)])
-def test_a_raw_bf16_logit_buffer_gives_what_an_fp32_one_fed_by_the_same_gemms_gives(
+def test_the_bf16_exponentials_keep_one_bf16_buffer_and_agree_with_an_fp32_logit_buffer(
         monkeypatch, margin: str, chunk: int | None, rate: float) -> None:
-    """bf16 GEMMs with a linear margin keep the GEMM's own bf16 output (the raw dots) and
-    scale it in fp32 row blocks where it is read: the loss and the centres' gradient are
-    those of an fp32 logit buffer fed by the same bf16 GEMMs, bit for bit (x's gradient
-    differs only by where its GEMM's bf16 result is rounded), in half the memory."""
+    """bf16 GEMMs with a linear normalised margin keep the exponentials in the bf16 buffer the
+    cosine GEMM wrote (half an fp32 logit buffer) and give what the fp32-buffer path gives,
+    within the bf16 roundings the two make in different places."""
     from fr_trainer.heads import buffer_pool, margin_softmax
 
     x, y = global_batch(1)
     results = {}
-    for keeps_raw in (True, False):
-        if not keeps_raw:
-            monkeypatch.setattr(margin_softmax, "keeps_raw_logits", lambda *args: False)
+    for exponentials in (True, False):
+        if not exponentials:
+            monkeypatch.setattr(margin_softmax, "uses_bf16_exponentials", lambda *args: False)
         buffer_pool.clear()
         head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=chunk, sample_rate=rate, seed=SEED,
                          compute_dtype=torch.bfloat16)
@@ -207,9 +210,8 @@ def test_a_raw_bf16_logit_buffer_gives_what_an_fp32_one_fed_by_the_same_gemms_gi
         logit_buffers = {dtype for (shape, dtype, _), free in buffer_pool._free.items()
                          if free and shape == (x.shape[0], columns)}
         grad_w = head.weight.grad.to_dense() if head.weight.grad.is_sparse else head.weight.grad
-        results[keeps_raw] = (loss.detach(), xs.grad, grad_w, logit_buffers)
-    raw, wide = results[True], results[False]
-    assert raw[3] == {torch.bfloat16} and wide[3] == {torch.float32}
-    assert torch.equal(raw[0], wide[0])
-    assert torch.equal(raw[2], wide[2])
-    assert _cosine(raw[1], wide[1]) > 0.9999
+        results[exponentials] = (float(loss), xs.grad, grad_w, logit_buffers)
+    new, wide = results[True], results[False]
+    assert new[3] == {torch.bfloat16} and wide[3] == {torch.float32}
+    assert abs(new[0] - wide[0]) <= 2e-3 * abs(wide[0])
+    assert _cosine(new[1], wide[1]) > 0.9999 and _cosine(new[2], wide[2]) > 0.9999

@@ -40,14 +40,14 @@ Mixed precision (`compute_dtype` bf16 or fp16, fp32 master centres): the three G
 on 16-bit copies of x^ and w. The [G, C_local] logit buffer (then the gradient H) is in
 `logits_dtype`: 16-bit halves its memory; fp32 (fed by the 16-bit GEMM in column chunks)
 keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. With bf16
-GEMMs and a margin whose non-target logits are `s cos` (eager) the buffer is neither: it
-is the GEMM's own bf16 output, the raw dots x^ . w_j, scaled into fp32 logits a cached row
-block at a time wherever it is read (`keeps_raw_logits`, `_DotsToLogits`): fp32 logits'
-numbers in 16 bits of memory, and H is written back over it in bf16, ready for the
-backward GEMMs. Everything that decides the loss's accuracy stays fp32:
-the norms, the target cosines (row dots of the fp32 operands) and target logits, the row
-maxima, the sums of exponentials (exponentials are taken on fp32 scratch blocks), the
-log-sum-exp, the radial coefficients, and the gradients handed back to x and w.
+GEMMs and a margin whose non-target logits are `s cos` (eager) the buffer is neither: the
+GEMMs run on normalised centres, the forward pass reads the bf16 cosines the GEMM wrote
+and writes their exponentials back in bf16, and the backward needs no pass over the
+buffer (`uses_bf16_exponentials`, `fr_trainer.heads.bf16_exponentials`). Everything
+that decides the loss's accuracy stays fp32: the norms, the target cosines (row dots of
+the fp32 operands) and target logits, the row maxima, the sums of exponentials
+(exponentials are taken on fp32 scratch blocks), the log-sum-exp, the radial
+coefficients, and the gradients handed back to x and w.
 
 Host syncs: none. The targets this rank owns are a mask over the G rows (never a list of
 row numbers, which `nonzero` would have to size on the host), and every target-only step
@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 
 from fr_trainer.distributed.collectives import all_reduce_
-from fr_trainer.heads import buffer_pool
+from fr_trainer.heads import bf16_exponentials, buffer_pool
 from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, BlockPolicy, policy_for
 from fr_trainer.heads.fused import compiled_passes
 from fr_trainer.margins.base import Margin
@@ -77,13 +77,13 @@ def exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 0.5
 
 
-def keeps_raw_logits(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin, compiled: bool) -> bool:
-    """Whether the logit buffer is the bf16 GEMM's own output, the raw dots x^ . w_j, read
-    through `_DotsToLogits` (widened and scaled in cached fp32 row blocks), instead of fp32 or
-    bf16 logits: for bf16 GEMMs on fp32 centres with a margin whose non-target logits are
-    `s cos`, eager."""
+def uses_bf16_exponentials(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin,
+                           compiled: bool, has_bias: bool) -> bool:
+    """Whether the head takes the bf16 exponentials path (`fr_trainer.heads.bf16_exponentials`):
+    bf16 GEMMs on fp32 centres, eager, for a normalised margin without bias whose non-target
+    logits are `s cos`."""
     return (compute_dtype == torch.bfloat16 and weight_dtype == torch.float32 and margin.linear_nontarget
-            and not compiled)
+            and margin.normalized and not has_bias and not compiled)
 
 
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -112,10 +112,8 @@ def _sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor, policy: BlockPoli
 
 
 def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, column_factor: torch.Tensor,
-                          want_radial: bool, policy: BlockPolicy,
-                          raw: _DotsToLogits | None = None) -> torch.Tensor | None:
-    """In place: logits z [G, c] -> softmax(z) * column_factor [c] (with `raw`, `logits` is
-    the raw bf16 block and each row block's logits are widened from it first).
+                          want_radial: bool, policy: BlockPolicy) -> torch.Tensor | None:
+    """In place: logits z [G, c] -> softmax(z) * column_factor [c].
 
     Returns sum_i softmax_ij * z_ij [c] when `want_radial` (else None). For 16-bit logits
     the probabilities and the radial sums are fp32; only the result is stored in 16 bits.
@@ -126,14 +124,9 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
     radial = log_sum_exp.new_zeros(logits.shape[1]) if want_radial else None
     blocks = policy.row_blocks(*logits.shape)
     scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype)
-    widened = mixed and (want_radial or raw is not None)
-    products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if widened else None
+    products = logits.new_empty(blocks[0][1], logits.shape[1], dtype=dtype) if mixed and want_radial else None
     ones = log_sum_exp.new_ones(blocks[0][1])
     for start, end in blocks:
-        if raw is not None:
-            _raw_softmax_grad_rows_(raw, logits, log_sum_exp, column_factor, radial, start, end, scratch, products,
-                                    ones, floor)
-            continue
         z, p = logits[start:end], scratch[: end - start]
         torch.sub(z, log_sum_exp[start:end, None], out=p)
         p.clamp_min_(floor).exp_()
@@ -149,21 +142,6 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
     return radial
 
 
-def _raw_softmax_grad_rows_(raw: _DotsToLogits, logits: torch.Tensor, log_sum_exp: torch.Tensor,
-                            column_factor: torch.Tensor, radial: torch.Tensor | None, start: int, end: int,
-                            scratch: torch.Tensor, widened: torch.Tensor, ones: torch.Tensor, floor: float) -> None:
-    """`_linear_softmax_grad_` on rows [start, end) of a raw bf16 block: the fp32 logits are
-    widened into `widened`, the probabilities taken in `scratch`, and only softmax * factor
-    is written back, in bf16."""
-    z, p = raw.widen(logits, start, end, widened), scratch[: end - start]
-    torch.sub(z, log_sum_exp[start:end, None], out=p)
-    p.clamp_min_(floor).exp_()
-    if radial is not None:
-        radial.addmv_(z.mul_(p).t(), ones[: end - start])
-    torch.mul(p, column_factor, out=p)
-    logits[start:end].copy_(p)
-
-
 def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, start: int, end: int,
                   grad_xh: torch.Tensor, grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
     """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ - radial_part * w with
@@ -172,9 +150,6 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
     converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
     centres' copy and the fp32 results instead."""
     dtype = ops.compute_dtype
-    if h.dtype == dtype and factor is None:
-        _bf16_gemms_(ops, h, start, end, grad_xh, grad_w, radial_part)
-        return
     for a, b in ops.policy.mm_blocks(end - start):
         rows = slice(start + a, start + b)
         h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, a:b])
@@ -188,23 +163,6 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
             torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_w[rows])
         if radial_part is not None:
             grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
-
-
-def _bf16_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, grad_xh: torch.Tensor,
-                 grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
-    """`_mixed_gemms_` when h is already the bf16 H (`keeps_raw`): one GEMM for x's
-    gradient, and the centres' gradient a column chunk at a time into a reused bf16 block
-    (CPU `mm` cannot write fp32 from bf16), widened into fp32 and given its radial part."""
-    grad_xh.add_(torch.mm(h, ops.w_c[start:end]))
-    chunks = ops.policy.mm_blocks(end - start)
-    part = ops.take((chunks[0][1], ops.xh_c.shape[1]), ops.compute_dtype)
-    for a, b in chunks:
-        rows = slice(start + a, start + b)
-        torch.mm(h[:, a:b].t(), ops.xh_c, out=part[: b - a])
-        grad_w[rows].copy_(part[: b - a])
-        if radial_part is not None:
-            grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
-    ops.give(part)
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
@@ -250,14 +208,12 @@ class _Targets:
 
 
 class _DotsToLogits:
-    """How a block's raw dots x^ . w_j [G, c] become its logits: scaled by `factor` (s / ||w_j||;
-    the bias when not normalised) and given the targets' fp32 logits, a row block at a time.
-    In place (`scale_`), or (`widen`) from a kept bf16 block (`keeps_raw_logits`) into fp32
-    scratch where it is read: the numbers an fp32 logit buffer fed by the same GEMM would
-    hold (the GEMM rounds to bf16 either way), at half its memory and without its passes
-    over memory."""
+    """How a block's dots [G, c] (x^ . w_j, or the cosines themselves with the bf16
+    exponentials) become its logits: scaled by `factor` (s / ||w_j||, or s; the bias when
+    not normalised) and given the targets' fp32 logits, a row block at a time, in place
+    (`scale_`) or widened from a bf16 block into fp32 scratch (`widen`)."""
 
-    def __init__(self, factor: torch.Tensor, normalized: bool, inside: torch.Tensor, cols: torch.Tensor,
+    def __init__(self, factor: torch.Tensor | float, normalized: bool, inside: torch.Tensor, cols: torch.Tensor,
                  z_t: torch.Tensor) -> None:
         self.factor, self.normalized = factor, normalized
         self.inside, self.cols, self.z_t = inside, cols, z_t
@@ -299,11 +255,22 @@ class _Operands:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
         self.xh_c = self.xh.to(self.compute_dtype)
-        self.keeps_raw = keeps_raw_logits(self.compute_dtype, w.dtype, margin, compiled)
+        self.exponentials = uses_bf16_exponentials(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
-        self.w_c = self.take(w.shape, self.compute_dtype).copy_(w) if self.pooled_w_c else w.to(self.compute_dtype)
+        self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
         self.b_c = None if b is None else b.to(self.logits_dtype)
         self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
+
+    def centres_for_gemms(self, out: torch.Tensor | None) -> torch.Tensor:
+        """The centres in the GEMMs' dtype (normalised with the bf16 exponentials), in `out`
+        or a new tensor."""
+        if self.compute_dtype == self.w.dtype:
+            return self.w
+        if out is None:
+            out = torch.empty(self.w.shape, dtype=self.compute_dtype, device=self.w.device)
+        if self.exponentials:
+            return bf16_exponentials.normalized_copy_(out, self.w, self.inv_w_norm, self.policy)
+        return out.copy_(self.w)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
@@ -329,7 +296,7 @@ class _Operands:
         """A second backward of the same forward (`retain_graph=True`) after `release`:
         the 16-bit copy again, outside the pool."""
         if self.w_c is None:
-            self.w_c = self.w.to(self.compute_dtype)
+            self.w_c = self.centres_for_gemms(None)
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
@@ -341,9 +308,9 @@ class _Operands:
         return _masked(tgt.owned, values)
 
     def raw_block(self, start: int, end: int) -> torch.Tensor:
-        """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype (in the
-        GEMMs' with `keeps_raw`)."""
-        dtype = self.compute_dtype if self.keeps_raw else self.logits_dtype
+        """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype (with
+        the bf16 exponentials: the cosines, in bf16)."""
+        dtype = self.compute_dtype if self.exponentials else self.logits_dtype
         block = self.take((self.xh_c.shape[0], end - start), dtype)
         if dtype == self.compute_dtype:
             torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
@@ -361,13 +328,17 @@ class _Operands:
             block.add_(self.b_c[start:end])
         return block
 
-    def linear_block_stats(self, start: int, end: int, tgt: _Targets,
-                           z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def linear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                           keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A margin whose non-target logits are `s cos`, eager: the block's logits [G, c]
         with the targets in place, their row maxima [G] and sums of exponentials [G]
         (fp32 for 16-bit logits). After the GEMM, one pass over the buffer: each row block
         is scaled, gets its targets, and gives its maxima and sum-exp while in cache (the
-        same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after the other)."""
+        same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after the other).
+
+        With the bf16 exponentials the block is the GEMM's bf16 cosines, read into fp32
+        scratch a row block at a time; when it is `keep`-t for backward, the exponentials
+        exp(z_ij - m_i) are written back over it (in bf16) instead of logits."""
         logits = self.raw_block(start, end)
         rows = self.dots_to_logits(start, end, tgt, z_t)
         floor = exp_floor(_accumulation_dtype(logits.dtype))
@@ -375,7 +346,7 @@ class _Operands:
         blocks = self.policy.row_blocks(*logits.shape)
         scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=_accumulation_dtype(logits.dtype))
         for a, b in blocks:
-            if self.keeps_raw:  # widened into the scratch block, whose exponentials then replace it
+            if self.exponentials:  # widened into the scratch block, whose exponentials then replace it
                 z = p = rows.widen(logits, a, b, scratch)
             else:  # scaled in place
                 z, p = rows.scale_(logits[a:b], a, b), scratch[: b - a]
@@ -383,12 +354,34 @@ class _Operands:
             torch.sub(z, row_max[a:b, None], out=p)
             p.clamp_min_(floor).exp_()
             torch.sum(p, dim=1, out=sum_exp[a:b])
+            if self.exponentials and keep:
+                logits[a:b].copy_(p)
         return logits, row_max, sum_exp
+
+    def exponentials_of_block(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                              relative_to: torch.Tensor) -> torch.Tensor:
+        """Backward of a block not kept (chunked, or a second backward): its GEMM again, and
+        in each row block exp(z_ij - relative_to_i) written over it in bf16, the same numbers
+        as the forward's for the same `relative_to` (its maxima: a block it kept; the
+        log-sum-exp: the probabilities themselves)."""
+        block = self.raw_block(start, end)
+        rows = self.dots_to_logits(start, end, tgt, z_t)
+        floor = exp_floor(torch.float32)
+        blocks = self.policy.row_blocks(*block.shape)
+        scratch = block.new_empty(blocks[0][1], block.shape[1], dtype=torch.float32)
+        for a, b in blocks:
+            z = rows.widen(block, a, b, scratch)
+            z.sub_(relative_to[a:b, None]).clamp_min_(floor).exp_()
+            block[a:b].copy_(z)
+        return block
 
     def dots_to_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor) -> _DotsToLogits:
         """How the logits of the centres [start, end) come out of their raw dots x^ . w_j."""
         normalized = self.margin.normalized
-        factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
+        if self.exponentials:  # the GEMM gave the cosines
+            factor = self.margin.scale
+        else:
+            factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
         return _DotsToLogits(factor, normalized, *tgt.in_block(start, end), z_t)
 
     def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
@@ -477,7 +470,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         maxima, sums, kept = [], [], None
         for start, end in blocks:
             if margin.linear_nontarget and ops.passes is None:
-                logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t)
+                logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t, keep)
                 cos = None
                 maxima.append(block_max)
                 sums.append(block_sum)
@@ -485,7 +478,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
-            if logits.dtype != z_t.dtype and not ops.keeps_raw:  # the targets' terms from their fp32 logits
+            if logits.dtype != z_t.dtype and not ops.exponentials:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
             if kept is not logits:
@@ -508,6 +501,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         ctx.index, ctx.weight_shape, ctx.has_bias = index, weight.shape, bias is not None
         ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos = cos_t, z_t, dz_t, target_cos
         ctx.log_sum_exp = log_sum_exp
+        ctx.kept_max = local_max if keep else None  # the maxima the kept exponentials are relative to
         ctx.norm_terms = norm_terms
         return loss
 
@@ -522,14 +516,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in ctx.blocks:
+            if ops.exponentials:
+                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
+                continue
             if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
                 ctx.kept = None
             elif ctx.kept is not None:
                 cos, ctx.kept = ctx.kept, None
                 logits = ops.logits_of_cosines(cos, start, end, tgt, ctx.z_t, ctx.target_cos)
-            elif ops.keeps_raw:
-                logits, cos = ops.raw_block(start, end), None
             else:
                 logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
             mixed = ops.compute_dtype != grad_xh.dtype
@@ -576,6 +571,32 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
+def _target_grad(ctx, inside: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """dL/dcos at the targets of the rows `inside` [G] (0 on the other rows)."""
+    p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
+    return _masked(inside, (p_t - 1.0) * coef * ctx.dz_t)
+
+
+def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
+                              grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """The bf16 exponentials' backward of the centres [start, end): add into `grad_xh`,
+    write `grad_w` (this block's rows), from exponentials e_ij = exp(z_ij - ref_i), p = e r
+    with r = exp(ref - lse): the kept ones (ref: the forward's maxima), or recomputed the
+    same way (a second backward), or, chunked, the probabilities themselves (ref = lse, r = 1)."""
+    reference = ctx.log_sum_exp if ctx.kept_max is None else ctx.kept_max
+    if ctx.kept is not None:
+        e, ctx.kept = ctx.kept, None
+    else:
+        e = ops.exponentials_of_block(start, end, tgt, ctx.z_t, reference)
+    r = torch.exp(reference - ctx.log_sum_exp)
+    inside, cols = tgt.in_block(start, end)
+    _put_targets_(e, inside, cols, torch.zeros_like(r))  # (their terms are added in fp32)
+    bf16_exponentials.backward_(e, coef * ops.margin.scale * r, _target_grad(ctx, inside, coef), cols, ops.xh,
+                                ops.w[start:end], ops.w_c[start:end], ops.inv_w_norm[start:end], grad_xh, grad_w,
+                                ops.policy, ops.take, ops.give)
+    ops.give(e)
+
+
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
                  end: int, tgt: _Targets, ctx, coef: torch.Tensor,
                  radial: torch.Tensor | None, deferred: bool = False) -> tuple:
@@ -594,7 +615,7 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
     inside, cols = tgt.in_block(start, end)
     cos_t = ctx.cos_t if ctx.target_cos is None else ctx.target_cos
     p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
-    g_t = _masked(inside, (p_t - 1.0) * coef * ctx.dz_t)  # dL/dcos at the targets
+    g_t = _target_grad(ctx, inside, coef)
     inv_norm = ops.inv_w_norm[start:end] if margin.normalized else None
     deferred_factor = None
     if margin.linear_nontarget:
@@ -606,9 +627,7 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
             block_radial = ops.passes.linear_softmax_grad(logits, ctx.log_sum_exp, factor, radial is not None,
                                                           exp_floor(_accumulation_dtype(logits.dtype)))
         else:
-            raw = ops.dots_to_logits(start, end, tgt, ctx.z_t) if ops.keeps_raw else None
-            block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None, ops.policy,
-                                                 raw)
+            block_radial = _linear_softmax_grad_(logits, ctx.log_sum_exp, factor, radial is not None, ops.policy)
         if radial is not None:
             # the pass counted dL/dcos * cos = coef * p * z everywhere; fix the targets
             block_radial.mul_(coef)
