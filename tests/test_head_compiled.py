@@ -46,7 +46,7 @@ def _both(rank: int, world_size: int) -> tuple[list, list]:
     # buffer path in test_head_mixed_precision), so the eager side here runs the buffer path
     from fr_trainer.heads import margin_softmax
 
-    margin_softmax.uses_bf16_exponentials = lambda *args: False  # (this rank's own process)
+    margin_softmax.uses_bf16_cosines = lambda *args: False  # (this rank's own process)
     return _results(rank, world_size, False), _results(rank, world_size, True)
 
 

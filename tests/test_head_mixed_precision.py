@@ -198,7 +198,7 @@ def test_the_bf16_exponentials_keep_one_bf16_buffer_and_agree_with_an_fp32_logit
     results = {}
     for exponentials in (True, False):
         if not exponentials:
-            monkeypatch.setattr(margin_softmax, "uses_bf16_exponentials", lambda *args: False)
+            monkeypatch.setattr(margin_softmax, "uses_bf16_cosines", lambda *args: False)
         buffer_pool.clear()
         head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=chunk, sample_rate=rate, seed=SEED,
                          compute_dtype=torch.bfloat16)

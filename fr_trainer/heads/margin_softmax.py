@@ -77,13 +77,21 @@ def exp_floor(dtype: torch.dtype) -> float:
     return math.log(torch.finfo(dtype).tiny) + 0.5
 
 
+def uses_bf16_cosines(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin,
+                      compiled: bool, has_bias: bool) -> bool:
+    """Whether the GEMMs run on a normalised bf16 copy of the centres, so the forward GEMM
+    writes the cosines themselves in bf16, and the backward takes the bf16 epilogue of
+    `fr_trainer.heads.bf16_exponentials`: bf16 GEMMs on fp32 centres, eager, for a normalised
+    margin without bias."""
+    return (compute_dtype == torch.bfloat16 and weight_dtype == torch.float32 and margin.normalized
+            and not has_bias and not compiled)
+
+
 def uses_bf16_exponentials(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin,
                            compiled: bool, has_bias: bool) -> bool:
-    """Whether the head takes the bf16 exponentials path (`fr_trainer.heads.bf16_exponentials`):
-    bf16 GEMMs on fp32 centres, eager, for a normalised margin without bias whose non-target
-    logits are `s cos`."""
-    return (compute_dtype == torch.bfloat16 and weight_dtype == torch.float32 and margin.linear_nontarget
-            and margin.normalized and not has_bias and not compiled)
+    """The bf16 cosines of a margin whose non-target logits are `s cos`: the forward writes
+    their exponentials back over them, and the backward makes no pass over the buffer."""
+    return margin.linear_nontarget and uses_bf16_cosines(compute_dtype, weight_dtype, margin, compiled, has_bias)
 
 
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
@@ -255,6 +263,7 @@ class _Operands:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
         self.xh_c = self.xh.to(self.compute_dtype)
+        self.cosines16 = uses_bf16_cosines(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.exponentials = uses_bf16_exponentials(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
         self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
@@ -268,7 +277,7 @@ class _Operands:
             return self.w
         if out is None:
             out = torch.empty(self.w.shape, dtype=self.compute_dtype, device=self.w.device)
-        if self.exponentials:
+        if self.cosines16:
             return bf16_exponentials.normalized_copy_(out, self.w, self.inv_w_norm, self.policy)
         return out.copy_(self.w)
 
@@ -310,7 +319,7 @@ class _Operands:
     def raw_block(self, start: int, end: int) -> torch.Tensor:
         """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype (with
         the bf16 exponentials: the cosines, in bf16)."""
-        dtype = self.compute_dtype if self.exponentials else self.logits_dtype
+        dtype = self.compute_dtype if self.cosines16 else self.logits_dtype
         block = self.take((self.xh_c.shape[0], end - start), dtype)
         if dtype == self.compute_dtype:
             torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
@@ -322,6 +331,8 @@ class _Operands:
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
         """`scale * cos` [G, end - start] (raw logits if not normalised): a GEMM + one pass."""
         block = self.raw_block(start, end)
+        if self.cosines16:  # the GEMM gave the cosines
+            return block if scale == 1.0 else block.mul_(scale)
         if self.margin.normalized:
             block.mul_(self.inv_w_norm_c[start:end] * scale)
         else:
@@ -358,6 +369,26 @@ class _Operands:
                 logits[a:b].copy_(p)
         return logits, row_max, sum_exp
 
+    def nonlinear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                              target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A non-linear margin on bf16 cosines: the block's cosines [G, c] (bf16, as the GEMM
+        wrote them), and the row maxima and sums of exponentials [G] of its logits, taken
+        a row block at a time in fp32 scratch (the logits are never stored)."""
+        cos = self.raw_block(start, end)
+        inside, cols = tgt.in_block(start, end)
+        floor = exp_floor(torch.float32)
+        row_max, sum_exp = z_t.new_empty(cos.shape[0]), z_t.new_empty(cos.shape[0])
+        blocks = self.policy.row_blocks(*cos.shape)
+        scratch = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
+        for a, b in blocks:
+            t_rows = None if target_cos is None else target_cos[a:b]
+            z = self.margin.nontarget_logits(scratch[: b - a].copy_(cos[a:b]), t_rows)
+            _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
+            row_max[a:b] = z.amax(dim=1)
+            z = z.sub_(row_max[a:b, None]).clamp_min_(floor).exp_()
+            torch.sum(z, dim=1, out=sum_exp[a:b])
+        return cos, row_max, sum_exp
+
     def exponentials_of_block(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
                               relative_to: torch.Tensor) -> torch.Tensor:
         """Backward of a block not kept (chunked, or a second backward): its GEMM again, and
@@ -378,7 +409,7 @@ class _Operands:
     def dots_to_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor) -> _DotsToLogits:
         """How the logits of the centres [start, end) come out of their raw dots x^ . w_j."""
         normalized = self.margin.normalized
-        if self.exponentials:  # the GEMM gave the cosines
+        if self.cosines16:  # the GEMM gave the cosines
             factor = self.margin.scale
         else:
             factor = self.inv_w_norm_c[start:end] * self.margin.scale if normalized else self.b_c[start:end]
@@ -474,11 +505,16 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 cos = None
                 maxima.append(block_max)
                 sums.append(block_sum)
+            elif ops.cosines16:  # (the logits live only in cached row blocks)
+                cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, target_cos)
+                logits = None
+                maxima.append(block_max)
+                sums.append(block_sum)
             else:
                 logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
-            if logits.dtype != z_t.dtype and not ops.exponentials:  # the targets' terms from their fp32 logits
+            if logits is not None and logits.dtype != z_t.dtype and not ops.cosines16:  # the targets' terms
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
             if kept is not logits:
@@ -518,6 +554,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         for start, end in ctx.blocks:
             if ops.exponentials:
                 _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
+                continue
+            if ops.cosines16:
+                _cosines16_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
                 continue
             if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
@@ -595,6 +634,34 @@ def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Te
                                 ops.w[start:end], ops.w_c[start:end], ops.inv_w_norm[start:end], grad_xh, grad_w,
                                 ops.policy, ops.take, ops.give)
     ops.give(e)
+
+
+def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
+                           grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """A non-linear margin on bf16 cosines, the centres [start, end): each row block's
+    dL/dcos (probabilities from the logits rebuilt in fp32 scratch, times the margin's
+    derivative) written over the kept (or recomputed) bf16 cosines, then the bf16
+    epilogue of `bf16_exponentials` (row factor 1, the targets' terms in fp32)."""
+    margin = ops.margin
+    cos = ctx.kept if ctx.kept is not None else ops.raw_block(start, end)
+    ctx.kept = None
+    inside, cols = tgt.in_block(start, end)
+    floor = exp_floor(torch.float32)
+    blocks = ops.policy.row_blocks(*cos.shape)
+    c32 = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
+    z32 = torch.empty_like(c32)
+    for a, b in blocks:
+        t_rows = None if ctx.target_cos is None else ctx.target_cos[a:b]
+        c = c32[: b - a].copy_(cos[a:b])
+        probs = margin.nontarget_logits(z32[: b - a].copy_(c), t_rows)
+        probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
+        probs.mul_(margin.nontarget_grad(c, t_rows)).mul_(coef)
+        cos[a:b].copy_(probs)
+    _put_targets_(cos, inside, cols, torch.zeros_like(ctx.log_sum_exp))  # (their terms are added in fp32)
+    bf16_exponentials.backward_(cos, torch.ones_like(ctx.log_sum_exp), _target_grad(ctx, inside, coef), cols,
+                                ops.xh, ops.w[start:end], ops.w_c[start:end], ops.inv_w_norm[start:end], grad_xh,
+                                grad_w, ops.policy, ops.take, ops.give)
+    ops.give(cos)
 
 
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
