@@ -40,10 +40,12 @@ Mixed precision (`compute_dtype` bf16 or fp16, fp32 master centres): the three G
 on 16-bit copies of x^ and w. The [G, C_local] logit buffer (then the gradient H) is in
 `logits_dtype`: 16-bit halves its memory; fp32 (fed by the 16-bit GEMM in column chunks)
 keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. With bf16
-GEMMs and a margin whose non-target logits are `s cos` (eager) the buffer is neither: the
-GEMMs run on normalised centres, the forward pass reads the bf16 cosines the GEMM wrote
-and writes their exponentials back in bf16, and the backward needs no pass over the
-buffer (`uses_bf16_exponentials`, `fr_trainer.heads.bf16_exponentials`). Everything
+GEMMs and a normalised margin without bias (eager) the buffer is neither: the GEMMs run on
+normalised centres, so the buffer holds the bf16 cosines the GEMM wrote, and the logits
+exist only in fp32 row-block scratch (`uses_bf16_cosines`). A margin whose non-target
+logits are `s cos` then writes its exponentials back over them and its backward makes no
+pass over the buffer (`uses_bf16_exponentials`, `fr_trainer.heads.bf16_exponentials`);
+any other writes dL/dcos back over them in backward. Everything
 that decides the loss's accuracy stays fp32: the norms, the target cosines (row dots of
 the fp32 operands) and target logits, the row maxima, the sums of exponentials
 (exponentials are taken on fp32 scratch blocks), the log-sum-exp, the radial
@@ -217,7 +219,7 @@ class _Targets:
 
 class _DotsToLogits:
     """How a block's dots [G, c] (x^ . w_j, or the cosines themselves with the bf16
-    exponentials) become its logits: scaled by `factor` (s / ||w_j||, or s; the bias when
+    cosines, `uses_bf16_cosines`) become its logits: scaled by `factor` (s / ||w_j||, or s; the bias when
     not normalised) and given the targets' fp32 logits, a row block at a time, in place
     (`scale_`) or widened from a bf16 block into fp32 scratch (`widen`)."""
 
@@ -271,7 +273,7 @@ class _Operands:
         self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
 
     def centres_for_gemms(self, out: torch.Tensor | None) -> torch.Tensor:
-        """The centres in the GEMMs' dtype (normalised with the bf16 exponentials), in `out`
+        """The centres in the GEMMs' dtype (normalised with the bf16 cosines), in `out`
         or a new tensor."""
         if self.compute_dtype == self.w.dtype:
             return self.w
@@ -318,7 +320,7 @@ class _Operands:
 
     def raw_block(self, start: int, end: int) -> torch.Tensor:
         """x^ . w_j [G, end - start] of the centres [start, end), in the logits' dtype (with
-        the bf16 exponentials: the cosines, in bf16)."""
+        the bf16 cosines: the cosines themselves, in bf16)."""
         dtype = self.compute_dtype if self.cosines16 else self.logits_dtype
         block = self.take((self.xh_c.shape[0], end - start), dtype)
         if dtype == self.compute_dtype:
