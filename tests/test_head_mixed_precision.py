@@ -186,12 +186,14 @@ def test_a_bf16_run_trains_its_head_in_bf16(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("margin, chunk, rate", [("arcface", None, 1.0), ("cosface", 300, 1.0),
-                                                  ("arcface", None, 0.5)])
-def test_the_bf16_exponentials_keep_one_bf16_buffer_and_agree_with_an_fp32_logit_buffer(
+                                                  ("arcface", None, 0.5), ("sv_arcface", None, 1.0),
+                                                  ("circle", 300, 1.0)])
+def test_the_bf16_cosines_keep_one_bf16_buffer_and_agree_with_an_fp32_logit_buffer(
         monkeypatch, margin: str, chunk: int | None, rate: float) -> None:
-    """bf16 GEMMs with a linear normalised margin keep the exponentials in the bf16 buffer the
-    cosine GEMM wrote (half an fp32 logit buffer) and give what the fp32-buffer path gives,
-    within the bf16 roundings the two make in different places."""
+    """bf16 GEMMs with a normalised margin keep one bf16 buffer, the one the cosine GEMM wrote
+    (half an fp32 logit buffer; the exponentials of a linear margin, the cosines of another),
+    and give what the fp32-buffer path gives, within the bf16 roundings the two make in
+    different places."""
     from fr_trainer.heads import buffer_pool, margin_softmax
 
     x, y = global_batch(1)
