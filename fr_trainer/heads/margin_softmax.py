@@ -218,10 +218,10 @@ class _Targets:
 
 
 class _DotsToLogits:
-    """How a block's dots [G, c] (x^ . w_j, or the cosines themselves with the bf16
-    cosines, `uses_bf16_cosines`) become its logits: scaled by `factor` (s / ||w_j||, or s; the bias when
-    not normalised) and given the targets' fp32 logits, a row block at a time, in place
-    (`scale_`) or widened from a bf16 block into fp32 scratch (`widen`)."""
+    """How a block's dots [G, c] (x^ . w_j; the cosines themselves under `uses_bf16_cosines`)
+    become its logits: scaled by `factor` (s / ||w_j||, or s; the bias when not normalised)
+    and given the targets' fp32 logits, a row block at a time, in place (`scale_`) or
+    widened from a bf16 block into fp32 scratch (`widen`)."""
 
     def __init__(self, factor: torch.Tensor | float, normalized: bool, inside: torch.Tensor, cols: torch.Tensor,
                  z_t: torch.Tensor) -> None:
@@ -516,7 +516,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
-            if logits is not None and logits.dtype != z_t.dtype and not ops.cosines16:  # the targets' terms
+            if not ops.cosines16 and logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
             if kept is not logits:
@@ -612,9 +612,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
 
 
-def _target_grad(ctx, inside: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """dL/dcos at the targets of the rows `inside` [G] (0 on the other rows)."""
-    p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
+def _target_grad(p_t: torch.Tensor, ctx, inside: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """dL/dcos at the targets of the rows `inside` [G] (0 on the other rows), from the
+    targets' probabilities p_t [G]."""
     return _masked(inside, (p_t - 1.0) * coef * ctx.dz_t)
 
 
@@ -630,12 +630,7 @@ def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Te
     else:
         e = ops.exponentials_of_block(start, end, tgt, ctx.z_t, reference)
     r = torch.exp(reference - ctx.log_sum_exp)
-    inside, cols = tgt.in_block(start, end)
-    _put_targets_(e, inside, cols, torch.zeros_like(r))  # (their terms are added in fp32)
-    bf16_exponentials.backward_(e, coef * ops.margin.scale * r, _target_grad(ctx, inside, coef), cols, ops.xh,
-                                ops.w[start:end], ops.w_c[start:end], ops.inv_w_norm[start:end], grad_xh, grad_w,
-                                ops.policy, ops.take, ops.give)
-    ops.give(e)
+    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, e, coef * ops.margin.scale * r, grad_xh, grad_w)
 
 
 def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
@@ -647,7 +642,6 @@ def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tenso
     margin = ops.margin
     cos = ctx.kept if ctx.kept is not None else ops.raw_block(start, end)
     ctx.kept = None
-    inside, cols = tgt.in_block(start, end)
     floor = exp_floor(torch.float32)
     blocks = ops.policy.row_blocks(*cos.shape)
     c32 = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
@@ -659,11 +653,20 @@ def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tenso
         probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
         probs.mul_(margin.nontarget_grad(c, t_rows)).mul_(coef)
         cos[a:b].copy_(probs)
-    _put_targets_(cos, inside, cols, torch.zeros_like(ctx.log_sum_exp))  # (their terms are added in fp32)
-    bf16_exponentials.backward_(cos, torch.ones_like(ctx.log_sum_exp), _target_grad(ctx, inside, coef), cols,
-                                ops.xh, ops.w[start:end], ops.w_c[start:end], ops.inv_w_norm[start:end], grad_xh,
-                                grad_w, ops.policy, ops.take, ops.give)
-    ops.give(cos)
+    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, cos, torch.ones_like(ctx.log_sum_exp), grad_xh, grad_w)
+
+
+def _bf16_epilogue_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
+                    block: torch.Tensor, row_factor: torch.Tensor, grad_xh: torch.Tensor,
+                    grad_w: torch.Tensor) -> None:
+    """The bf16 block [G, c] of dL/dcos / row_factor, its targets zeroed (their terms are
+    added in fp32), through `bf16_exponentials.backward_`; the block goes back to the pool."""
+    inside, cols = tgt.in_block(start, end)
+    _put_targets_(block, inside, cols, torch.zeros_like(row_factor))
+    g_t = _target_grad(torch.exp(ctx.z_t - ctx.log_sum_exp), ctx, inside, coef)
+    bf16_exponentials.backward_(block, row_factor, g_t, cols, ops.xh, ops.w[start:end], ops.w_c[start:end],
+                                ops.inv_w_norm[start:end], grad_xh, grad_w, ops.policy, ops.take, ops.give)
+    ops.give(block)
 
 
 def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None, start: int,
@@ -684,7 +687,7 @@ def _block_grad_(ops: _Operands, logits: torch.Tensor, cos: torch.Tensor | None,
     inside, cols = tgt.in_block(start, end)
     cos_t = ctx.cos_t if ctx.target_cos is None else ctx.target_cos
     p_t = torch.exp(ctx.z_t - ctx.log_sum_exp)
-    g_t = _target_grad(ctx, inside, coef)
+    g_t = _target_grad(p_t, ctx, inside, coef)
     inv_norm = ops.inv_w_norm[start:end] if margin.normalized else None
     deferred_factor = None
     if margin.linear_nontarget:
