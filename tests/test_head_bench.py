@@ -74,3 +74,11 @@ def test_mixed_precision_bench_keeps_fp32_centres() -> None:
     cfg = BenchConfig(world_size=1, batch=4, dim=8, classes=60, iters=1, warmup=0, dtype="bf16")
     results = run_benchmark(cfg, ["floor", "head"])
     assert [r.mode for r in results] == ["floor", "head"] and all(r.step_ms > 0 for r in results)
+
+
+def test_the_floor_of_a_sub_centre_margin_runs_over_its_k_centres_per_class() -> None:
+    from fr_trainer.heads.bench import floor_centre_rows
+
+    assert floor_centre_rows(BenchConfig(classes=1001, world_size=2), 1) == 500
+    assert floor_centre_rows(BenchConfig(classes=1001, world_size=2, margin="subcenter_arcface"), 1) == 1500
+    assert floor_centre_rows(BenchConfig(classes=1000, world_size=1, sample_rate=0.1), 0) == 100

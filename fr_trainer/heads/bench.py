@@ -6,7 +6,8 @@ memory is its own):
 - floor: the three GEMMs of a linear layer of the same shapes (logits `X W^T`, input grad
   `Z W`, weight grad `Z^T X`) in `--dtype`, the compute a head cannot avoid. Every operand
   and every output buffer is allocated before the clock starts (the GEMMs write with
-  `out=`), so the floor times arithmetic, not first-touch page faults of fresh outputs;
+  `out=`), so the floor times arithmetic, not first-touch page faults of fresh outputs.
+  A sub-centre margin's GEMMs run over its k C_local centre rows, and so do its floor's;
 - head: `PartialFC` forward + backward; with `--dtype bf16|fp16` the centres stay fp32 and
   the head runs its GEMMs and logits in that dtype (`compute_dtype`, mixed precision), fed
   16-bit embeddings as a bf16/fp16 autocast backbone would;
@@ -40,6 +41,7 @@ from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads.partial_fc import PartialFC
 from fr_trainer.heads.sampling import num_sampled
+from fr_trainer.margins import create_margin
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -103,9 +105,15 @@ def _inputs(cfg: BenchConfig, rank: int, device: torch.device):
     return x, y
 
 
-def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
+def floor_centre_rows(cfg: BenchConfig, rank: int) -> int:
+    """The centre rows a rank's GEMMs run over: the shard's classes in use, times the
+    margin's sub-centres per class."""
     shard = ClassShard(cfg.classes, cfg.world_size, rank)
-    used = num_sampled(shard.num_local, cfg.sample_rate)
+    return num_sampled(shard.num_local, cfg.sample_rate) * create_margin(cfg.margin, num_classes=cfg.classes).subcenters
+
+
+def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
+    used = floor_centre_rows(cfg, rank)
     dtype = DTYPES[cfg.dtype]
     rows = cfg.batch * cfg.world_size
     x = torch.randn(rows, cfg.dim, device=device, dtype=dtype)

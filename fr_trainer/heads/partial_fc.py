@@ -157,12 +157,12 @@ class PartialFC(nn.Module):
             index = sample_present(present, self.num_sample, self._sampling_generator(), local.numel())
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
+        compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
         if self.margin.subcenters > 1:
             check_subcenter_margin(self.margin)
             return SubcenterSoftmaxCrossEntropy.apply(all_embeddings, self.weight, local, self.margin, group,
                                                       self.interclass_filtering_threshold,
-                                                      policy_for(self.weight.device, self.block_policy))
-        compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
+                                                      policy_for(self.weight.device, self.block_policy), compute)
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
                                                self._call_margin(), group, self.chunk_size, compute, logits,
