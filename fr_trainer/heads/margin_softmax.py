@@ -96,6 +96,16 @@ def uses_bf16_exponentials(compute_dtype: torch.dtype, weight_dtype: torch.dtype
     return margin.linear_nontarget and uses_bf16_cosines(compute_dtype, weight_dtype, margin, compiled, has_bias)
 
 
+def uses_cosine_rows(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin, compiled: bool,
+                     has_bias: bool) -> bool:
+    """Whether a non-linear margin in the centres' own dtype keeps only its cosines: eager,
+    normalised, no bias. Its logits then exist only in row-block scratch (forward: maxima
+    and sums of exponentials; backward: dL/dcos written back over the cosines), one
+    [G, C] buffer instead of a cosine and a logit buffer."""
+    return (compute_dtype == weight_dtype and not margin.linear_nontarget and margin.normalized
+            and not has_bias and not compiled)
+
+
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
     step = num_cols if not chunk_size else max(1, chunk_size)
     return [(start, min(start + step, num_cols)) for start in range(0, num_cols, step)]
@@ -267,6 +277,7 @@ class _Operands:
         self.xh_c = self.xh.to(self.compute_dtype)
         self.cosines16 = uses_bf16_cosines(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.exponentials = uses_bf16_exponentials(self.compute_dtype, w.dtype, margin, compiled, b is not None)
+        self.cosine_rows = uses_cosine_rows(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
         self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
         self.b_c = None if b is None else b.to(self.logits_dtype)
@@ -373,15 +384,16 @@ class _Operands:
 
     def nonlinear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
                               target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A non-linear margin on bf16 cosines: the block's cosines [G, c] (bf16, as the GEMM
-        wrote them), and the row maxima and sums of exponentials [G] of its logits, taken
-        a row block at a time in fp32 scratch (the logits are never stored)."""
-        cos = self.raw_block(start, end)
+        """A non-linear margin on bf16 cosines or with `cosine_rows`: the block's cosines
+        [G, c] (bf16 as the GEMM wrote them, or in the centres' dtype), and the row maxima
+        and sums of exponentials [G] of its logits, taken a row block at a time in scratch
+        of z_t's dtype (the logits are never stored)."""
+        cos = self.block_cosines(start, end)
         inside, cols = tgt.in_block(start, end)
-        floor = exp_floor(torch.float32)
+        floor = exp_floor(z_t.dtype)
         row_max, sum_exp = z_t.new_empty(cos.shape[0]), z_t.new_empty(cos.shape[0])
         blocks = self.policy.row_blocks(*cos.shape)
-        scratch = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
+        scratch = cos.new_empty(blocks[0][1], cos.shape[1], dtype=z_t.dtype)
         for a, b in blocks:
             t_rows = None if target_cos is None else target_cos[a:b]
             z = self.margin.nontarget_logits(scratch[: b - a].copy_(cos[a:b]), t_rows)
@@ -508,7 +520,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 cos = None
                 maxima.append(block_max)
                 sums.append(block_sum)
-            elif ops.cosines16:  # (the logits live only in cached row blocks)
+            elif ops.cosines16 or ops.cosine_rows:  # (the logits live only in cached row blocks)
                 cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, target_cos)
                 logits = None
                 maxima.append(block_max)
@@ -517,7 +529,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
-            if not ops.cosines16 and logits.dtype != z_t.dtype:  # the targets' terms from their fp32 logits
+            if logits is not None and not ops.cosines16 and logits.dtype != z_t.dtype:  # (targets: fp32 logits)
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
             if kept is not logits:
@@ -561,6 +573,13 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             if ops.cosines16:
                 _cosines16_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
                 continue
+            if ops.cosine_rows:  # H over the kept (or recomputed) cosines, the logits rebuilt per row block
+                cos = ctx.kept if ctx.kept is not None else ops.block_cosines(start, end)
+                ctx.kept = None
+                h = _cosine_rows_grad_(ops, cos, tgt, ctx, coef, start, end, radial[start:end])
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_w)
+                ops.give(h)
+                continue
             if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
                 ctx.kept = None
@@ -575,18 +594,13 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                                                         deferred)
             # the block's radial coefficients are complete: the centres' gradient is
             # sum_i H_ij x^_i minus its radial part w_j * radial_j / ||w_j||^2
-            radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
             if not mixed:
-                grad_xh.addmm_(h, ops.w[start:end])
-                if radial_part is None:
-                    torch.mm(h.t(), ops.xh, out=grad_w[start:end])
-                else:  # (an accumulating GEMM onto the radial part: one [c, D] pass fewer)
-                    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_w[start:end])
-                    grad_w[start:end].addmm_(h.t(), ops.xh)
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_w)
                 if grad_b is not None:
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
                 _put_targets_(h, inside, cols, torch.zeros_like(h_t))
+                radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
                 _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w, radial_part)
                 # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
                 grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
@@ -611,6 +625,45 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             if grad_b is not None:
                 grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+def _fp32_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, radial: torch.Tensor | None,
+                 grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+    """The two backward GEMMs of H [G, c] in the centres' dtype for the centres [start, end):
+    into grad_xh, and grad_w[start:end] = H^T x^ minus the radial part w_j radial_j / ||w_j||^2
+    (an accumulating GEMM onto the radial part: one [c, D] pass fewer)."""
+    grad_xh.addmm_(h, ops.w[start:end])
+    if radial is None:
+        torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+        return
+    radial_part = radial[start:end] * ops.inv_w_norm[start:end].square()
+    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_w[start:end])
+    grad_w[start:end].addmm_(h.t(), ops.xh)
+
+
+def _cosine_rows_grad_(ops: _Operands, cos: torch.Tensor, tgt: _Targets, ctx, coef: torch.Tensor, start: int,
+                       end: int, radial: torch.Tensor) -> torch.Tensor:
+    """`cosine_rows`: the cosines [G, c] of the centres [start, end) turned in place, a row
+    block at a time, into H = dL/dcos / ||w_j|| (the logits rebuilt in scratch, the targets'
+    dL/dcos put in), adding sum_i dL/dcos_ij cos_ij into `radial` [c]. Returns H."""
+    margin = ops.margin
+    inside, cols = tgt.in_block(start, end)
+    g_t = _target_grad(torch.exp(ctx.z_t - ctx.log_sum_exp), ctx, inside, coef)
+    inv_norm = ops.inv_w_norm[start:end]
+    floor = exp_floor(cos.dtype)
+    blocks = ops.policy.row_blocks(*cos.shape)
+    scratch = cos.new_empty(blocks[0][1], cos.shape[1])
+    products = torch.empty_like(scratch)
+    for a, b in blocks:
+        c = cos[a:b]
+        t_rows = None if ctx.target_cos is None else ctx.target_cos[a:b]
+        probs = margin.nontarget_logits(scratch[: b - a].copy_(c), t_rows)
+        probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
+        probs.mul_(margin.nontarget_grad(c, t_rows)).mul_(coef)
+        _put_targets_(probs, inside[a:b], cols[a:b], g_t[a:b])
+        radial += torch.mul(probs, c, out=products[: b - a]).sum(0)
+        torch.mul(probs, inv_norm, out=c)
+    return cos
 
 
 def _target_grad(p_t: torch.Tensor, ctx, inside: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
