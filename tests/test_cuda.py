@@ -1,5 +1,5 @@
 """What only a GPU can show, run by scripts/gpu_check.sh (skipped without CUDA): the head on
-CUDA in fp32, bf16 and fp16 against the fp64 CPU reference, the sparse update on CUDA,
+CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the sparse update on CUDA,
 NCCL on one rank, and an optimizer state resumed from a CPU checkpoint stepping on CUDA."""
 
 from __future__ import annotations
@@ -48,6 +48,31 @@ def test_head_on_cuda_matches_the_fp64_cpu_reference(dtype, margin, chunk):
         reference = extra_reference_loss(margin, xr, wr, y)[0]
     else:
         reference = reference_loss(margin, xr, wr, y)
+    reference.backward()
+    tolerance = 1e-5 if dtype == "fp32" else 5e-3
+    assert abs(float(loss) - float(reference)) <= tolerance * abs(float(reference))
+    assert _cosine(xc.grad, xr.grad) >= 0.999 and _cosine(head.weight.grad, wr.grad) >= 0.999
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_sub_centre_head_on_cuda_matches_the_fp64_cpu_plain_path(dtype):
+    from fr_trainer.heads.subcenter import subcenter_loss
+    from fr_trainer.margins import create_margin
+
+    generator = torch.Generator().manual_seed(1)
+    k = 3
+    centres = torch.randn(CLASSES, k, DIM, generator=generator) * 0.01
+    y = torch.randint(0, CLASSES, (BATCH,), generator=generator)
+    noise = torch.randn(BATCH, DIM, generator=generator)
+    x = 0.6 * F.normalize(centres[y, 0], dim=1) + 0.8 * F.normalize(noise, dim=1)
+    head = PartialFC(CLASSES, DIM, margin="subcenter_arcface", seed=0, device="cuda", compute_dtype=DTYPES[dtype])
+    with torch.no_grad():
+        head.weight.copy_(centres)
+    xc = x.cuda().requires_grad_()
+    loss = head(xc, y.cuda())
+    loss.backward()
+    xr, wr = x.double().requires_grad_(), centres.double().requires_grad_()
+    reference = subcenter_loss(xr, wr, y, create_margin("subcenter_arcface"), None)
     reference.backward()
     tolerance = 1e-5 if dtype == "fp32" else 5e-3
     assert abs(float(loss) - float(reference)) <= tolerance * abs(float(reference))
