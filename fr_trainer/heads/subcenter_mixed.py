@@ -68,11 +68,14 @@ def cosines(xh: torch.Tensor, w_c: torch.Tensor, k: int, policy: BlockPolicy,
     num_rows, num_classes = xh.shape[0], w_c.shape[0] // k
     cos_k = torch.mm(xh.to(w_c.dtype), w_c.t(), out=take((num_rows, w_c.shape[0]), w_c.dtype))
     slots = cos_k.view(num_rows, k, num_classes)
-    narrow = take((num_rows, num_classes), w_c.dtype).copy_(slots[:, 0])
-    for j in range(1, k):
-        torch.maximum(narrow, slots[:, j], out=narrow)
-    wide = take((num_rows, num_classes), xh.dtype).copy_(narrow)
-    give(policy, narrow)
+    wide = take((num_rows, num_classes), xh.dtype)
+    blocks = policy.row_blocks(num_rows, num_classes)
+    narrow_rows = w_c.new_empty(blocks[0][1], num_classes)  # (a row block's 16-bit maxima)
+    for start, end in blocks:
+        narrow = narrow_rows[: end - start].copy_(slots[start:end, 0])
+        for j in range(1, k):
+            torch.maximum(narrow, slots[start:end, j], out=narrow)
+        wide[start:end].copy_(narrow)
     return cos_k, wide
 
 
