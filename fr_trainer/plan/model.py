@@ -9,11 +9,12 @@ Persistent (alive all step):
     weights          the shard [C_local, D] (+ a bias [C_local] for the plain softmax)
     optimizer_state  SGD momentum: 1 x weights; AdamW: 2 x weights + an int64 step per row
 Phase 1, forward + backward (peak inside the backward's block loop):
-    logits           one [G, C_used] buffer (linear non-target margins, one block), two
-                     [G, chunk] blocks when chunked (the next is built while the previous
-                     is alive); non-linear margins: the cosines kept from forward and
-                     the logits rebuilt from them (NONLINEAR_BUFFERS; their formulas run
-                     in row blocks, whose temporaries are part of the workspace)
+    logits           one [G, C_used] buffer (one block), two [G, chunk] blocks when
+                     chunked (the next is built while the previous is alive). Non-linear
+                     margins (normalised, no bias: all registered ones) keep only their
+                     cosines and rebuild their logits a row block at a time in scratch
+                     (`uses_cosine_rows`), so they hold as many; one that kept its logits
+                     too would hold NONLINEAR_BUFFERS
     weight_grad      dense [C_used, D], or the sampled rows [S, D] + their int64 indices
     features         the gathered embeddings' normalised copy, its gradient and the
                      normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
@@ -194,24 +195,27 @@ def head_collectives(world_size: int, batch_per_rank: int, embedding_size: int, 
     return tuple(Collective(name, op, size, _ring(op, size, world_size)) for name, op, size in rows)
 
 
-# Live [G, cols] buffers of a non-linear margin at its peak, in its backward: the cosines
-# (kept from forward, or rebuilt per block when chunked) and the logits rebuilt from them,
-# which become the gradient in place. The margin's formula runs in row blocks of the
-# device policy, so its own temporaries are ~1 MB.
+# Live [G, cols] buffers of a non-linear margin that is not normalised or has a bias (none
+# is registered) at its peak, in its backward: the cosines and the logits rebuilt from
+# them, which become the gradient in place. A normalised one without bias keeps only the
+# cosines: its logits live in row-block scratch (two blocks: the logits, the radial
+# products) and the gradient is written over the cosines. The margin's formula runs in
+# row blocks of the device policy, so its own temporaries are ~1 MB.
 NONLINEAR_BUFFERS = 2
 
 
 def _logit_bytes(g: int, used: int, chunk_size: int | None, traits: MarginTraits, item: int) -> tuple[int, int]:
     """(bytes of the live logit-sized buffers, columns of one block).
 
-    Linear non-target margins keep one [G, cols] buffer (two while the chunked backward
-    builds the next block). Non-linear ones (SV, MV, Curricular, Circle) hold the cosines,
-    the logits rebuilt from them (`NONLINEAR_BUFFERS`), plus the previous block's cosines
-    and logits when chunked.
+    One [G, cols] buffer (two while the chunked backward builds the next block), for linear
+    non-target margins and for the non-linear ones on cosine rows (SV, MV, Curricular,
+    Circle). A non-linear one that is not normalised or has a bias would hold the cosines
+    and the logits rebuilt from them (`NONLINEAR_BUFFERS`), plus the previous block's
+    when chunked.
     """
     cols = used if not chunk_size else min(chunk_size, used)
     chunked = cols < used
-    if traits.linear_nontarget:
+    if traits.linear_nontarget or (traits.normalized and not traits.has_bias):
         per_element = (2 if chunked else 1) * item
     else:
         per_element = (NONLINEAR_BUFFERS + (2 if chunked else 0)) * item
@@ -269,7 +273,8 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
     vectors = 6 * used * item
-    workspace = _scratch_bytes(g, cols, item) + vectors
+    scratch_blocks = 1 if traits.linear_nontarget else 2  # (cosine rows: the logits and the radial products)
+    workspace = scratch_blocks * _scratch_bytes(g, cols, item) + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
     optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
