@@ -171,16 +171,18 @@ def test_head_dtype_auto_follows_the_autocast_dtype() -> None:
 
 
 
-def test_a_bf16_run_trains_its_head_in_bf16(tmp_path) -> None:
+@pytest.mark.parametrize("margin", ["arcface", "subcenter_arcface"])
+def test_a_bf16_run_trains_its_head_in_bf16(tmp_path, margin: str) -> None:
     from test_train_support import config_dict, make_data, make_trainer
 
     data = make_data(tmp_path / "data")
-    cfg = config_dict(data, tmp_path / "run", train={"max_steps": 3, "precision": "bf16"})
+    head = {"margin": margin, "margin_args": {"s": 16.0, "m": 0.3}}
+    cfg = config_dict(data, tmp_path / "run", train={"max_steps": 3, "precision": "bf16"}, head=head)
     trainer = make_trainer(0, 1, cfg)
     assert trainer.head.compute_dtype is torch.bfloat16 and trainer.head.weight.dtype is torch.float32
     losses = trainer.fit()["losses"]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    fp32 = make_trainer(0, 1, config_dict(data, tmp_path / "fp32", train={"max_steps": 3}))
+    fp32 = make_trainer(0, 1, config_dict(data, tmp_path / "fp32", train={"max_steps": 3}, head=head))
     reference = fp32.fit()["losses"]
     assert abs(losses[0] - reference[0]) <= 5e-3 * reference[0]  # same weights, first step
 
