@@ -4,7 +4,7 @@
   on the number of classes (2,000 vs 100,000, small G), for fp32 and bf16, chunked (the
   same number of chunks) or not, sampled or not; under the CPU policy it grows (its
   cache-sized row blocks and 16-bit GEMM column chunks), so the count can tell.
-- Both policies give the same loss and gradients.
+- Both policies give the same loss and gradients (the sub-centre head's too).
 - One step syncs with the host at most once (the input check's one read) unsampled, and
   sampled when the sample is at least the batch (a sample smaller than the batch adds one),
   for every registered margin.
@@ -80,6 +80,14 @@ def test_cuda_policy_equals_cpu_policy(dtype, chunked, rate):
 def test_cuda_policy_equals_cpu_policy_for_a_nonlinear_margin(dtype):
     cpu, cuda = (_step(LARGE, dtype, False, 1.0, policy, "sv_arcface") for policy in ("cpu", "cuda"))
     _assert_same_results(cpu, cuda, dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_the_sub_centre_head_under_the_cuda_policy_is_flat_in_classes_and_equals_the_cpu_policy(dtype):
+    small = _step(SMALL, dtype, False, 1.0, "cuda", "subcenter_arcface")[0]
+    cuda = _step(LARGE, dtype, False, 1.0, "cuda", "subcenter_arcface")
+    assert small == cuda[0], (small, cuda[0])
+    _assert_same_results(_step(LARGE, dtype, False, 1.0, "cpu", "subcenter_arcface"), cuda, dtype)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

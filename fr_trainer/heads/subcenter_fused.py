@@ -32,6 +32,7 @@ from fr_trainer.distributed.collectives import all_reduce_
 from fr_trainer.heads import buffer_pool, subcenter_mixed
 from fr_trainer.heads.device_policy import BlockPolicy, policy_for
 from fr_trainer.heads.margin_softmax import NORM_EPS, _masked, _put_targets_, _sum_exp_rows, _Targets, exp_floor
+from fr_trainer.heads.subcenter_routing import route_whole_
 from fr_trainer.margins.base import Margin
 
 
@@ -143,6 +144,8 @@ def _route_to_subcenters_(cos_k: torch.Tensor, h: torch.Tensor, k: int, policy: 
     the ties are counted by adding the k slices (a reduction over an inner dimension of 3
     is slower still)."""
     num_rows, num_classes = h.shape
+    if policy.row_block_elements is None:  # (CUDA: whole-buffer ops, no full-size fp32 scratch)
+        return route_whole_(cos_k, h, k, subcentre_major=False)
     radial = cos_k.new_zeros(cos_k.shape[1])
     blocks = policy.row_blocks(num_rows, cos_k.shape[1])
     routed_rows = cos_k.new_empty(blocks[0][1], num_classes, k)

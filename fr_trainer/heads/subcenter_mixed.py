@@ -26,6 +26,7 @@ import torch
 from fr_trainer.heads import buffer_pool
 from fr_trainer.heads.device_policy import BlockPolicy
 from fr_trainer.heads.margin_softmax import _masked, _put_targets_, _Targets, exp_floor
+from fr_trainer.heads.subcenter_routing import route_whole_
 
 Take = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 
@@ -136,11 +137,12 @@ def _route_(cos_k: torch.Tensor, p: torch.Tensor, k: int, policy: BlockPolicy) -
     (fp32, sub-centre-major). Each block is widened into fp32 scratch [n, k, C] whose k slots
     are contiguous rows: the max, the indicator (a float comparison against the max broadcast
     over the slots), its count over the slots, the share and the radial products are passes
-    over contiguous memory. A policy without row blocks (CUDA) takes `_route_whole_`, whose
-    temporaries are a boolean [G, k C] and [G, C]s instead of two fp32 [G, k C]."""
+    over contiguous memory. A policy without row blocks (CUDA) takes `route_whole_`, whose
+    temporaries are a boolean [G, k C] and [G, C]s instead of two fp32 [G, k C]
+    (`fr_trainer.heads.subcenter_routing`)."""
     num_rows, num_classes = p.shape
     if policy.row_block_elements is None:
-        return _route_whole_(cos_k, p, k)
+        return route_whole_(cos_k, p, k, subcentre_major=True)
     radial = p.new_zeros(k, num_classes)
     blocks = policy.row_blocks(num_rows, cos_k.shape[1])
     wide_rows = p.new_empty(blocks[0][1], k, num_classes)
@@ -161,22 +163,6 @@ def _route_(cos_k: torch.Tensor, p: torch.Tensor, k: int, policy: BlockPolicy) -
         else:
             radial += values.mul_(routed).sum(0)
         cos_k[start:end].view(n, k, num_classes).copy_(routed)
-    return radial.view(-1)
-
-
-def _route_whole_(cos_k: torch.Tensor, p: torch.Tensor, k: int) -> torch.Tensor:
-    """`_route_` in whole-buffer ops (a device whose elementwise kernels are launches, not
-    cache passes): the comparison kept as a boolean [G, k, C] (1 byte an element), the share
-    and the radial products one [G, C] of p's dtype at a time, and the routed values written
-    into the 16-bit buffer by one mixed-dtype multiply. The same numbers as the row blocks'."""
-    num_rows, num_classes = p.shape
-    slots = cos_k.view(num_rows, k, num_classes)
-    top = slots.amax(dim=1, keepdim=True)
-    at_max = slots == top
-    share = p[:, None, :] / at_max.sum(dim=1, keepdim=True, dtype=p.dtype)  # the class's share per maximum
-    weighted = share[:, 0] * top[:, 0]  # share_i cos_ir wherever r attains the max
-    radial = torch.stack([torch.where(at_max[:, j], weighted, 0.0).sum(0) for j in range(k)])
-    torch.mul(at_max, share, out=slots)
     return radial.view(-1)
 
 
