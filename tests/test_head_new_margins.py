@@ -211,6 +211,8 @@ def test_option_errors_name_the_value() -> None:
         PartialFC(10, 4, margin="softmax", interclass_filtering_threshold=0.5)
     with pytest.raises(ValueError, match="sample_rate=0.5 is not supported with 3 sub-centres"):
         PartialFC(10, 4, margin="subcenter_arcface", sample_rate=0.5)
+    with pytest.raises(ValueError, match="chunk_size=3 is not supported with 3 sub-centres.*chunk_size=None"):
+        PartialFC(10, 4, margin="subcenter_arcface", chunk_size=3)
     with pytest.raises(ValueError, match="k=0"):
         PartialFC(10, 4, margin="subcenter_arcface", k=0)
     with pytest.raises(ValueError, match="t_alpha=0"):

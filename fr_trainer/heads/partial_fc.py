@@ -122,6 +122,10 @@ class PartialFC(nn.Module):
         if self.sampling:
             raise ValueError(f"sample_rate={self.sample_rate} is not supported with {k} sub-centres per class; "
                              "use sample_rate=1.0")
+        if self.chunk_size is not None:
+            raise ValueError(f"chunk_size={self.chunk_size} is not supported with {k} sub-centres per class (the "
+                             f"sub-centre head holds its [G, C_local x {k}] cosines at once); use chunk_size=None "
+                             "and shard the classes over more ranks to bound the memory")
         centres = init_centres(self.shard, self.embedding_size * k, self.seed, init_std, device=device)
         return centres.view(self.shard.num_local, k, self.embedding_size)
 
