@@ -198,9 +198,9 @@ def head_collectives(world_size: int, batch_per_rank: int, embedding_size: int, 
 # Live [G, cols] buffers of a non-linear margin that is not normalised or has a bias (none
 # is registered) at its peak, in its backward: the cosines and the logits rebuilt from
 # them, which become the gradient in place. A normalised one without bias keeps only the
-# cosines: its logits live in row-block scratch (two blocks: the logits, the radial
-# products) and the gradient is written over the cosines. The margin's formula runs in
-# row blocks of the device policy, so its own temporaries are ~1 MB.
+# cosines: its logits live in a row-block scratch and the gradient is written over the
+# cosines. The margin's formula runs in row blocks of the device policy, so its own
+# temporaries are ~1 MB.
 NONLINEAR_BUFFERS = 2
 
 
@@ -273,7 +273,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
     vectors = 6 * used * item
-    scratch_blocks = 1 if traits.linear_nontarget else 2  # (cosine rows: the logits and the radial products)
+    scratch_blocks = 1 if traits.linear_nontarget else 2  # (cosine rows: the logits and the formula's temporaries)
     workspace = scratch_blocks * _scratch_bytes(g, cols, item) + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
