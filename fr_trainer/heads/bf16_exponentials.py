@@ -29,18 +29,26 @@ import torch
 from fr_trainer.heads.device_policy import BlockPolicy
 
 
-def normalized_copy_(out: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, policy: BlockPolicy) -> torch.Tensor:
-    """out (bf16) = w / ||w|| row-wise. CPU: fp32 row blocks in cache, then a plain conversion
-    (CPU mixed-dtype arithmetic is slow); other devices: one mixed-dtype multiply."""
+def normalized_copy_(out: torch.Tensor, w: torch.Tensor, eps: float, policy: BlockPolicy) -> torch.Tensor:
+    """out (bf16) = w / ||w|| row-wise; returns 1 / ||w|| [C] (w's dtype; norms clamped at
+    `eps`). CPU: one read of w, a row block at a time, its norms and its scaled fp32 copy
+    taken while it is in cache, then a plain conversion (CPU mixed-dtype arithmetic is
+    slow; the norms as a pass of their own cost a second read of w, ~4 ms at 50,000 x 512);
+    other devices: the norms, then one mixed-dtype multiply."""
+    inv_norm = w.new_empty(w.shape[0])
     if policy.row_block_elements is None:
-        return torch.mul(w, inv_norm[:, None], out=out)
+        torch.linalg.vector_norm(w, dim=1, out=inv_norm)
+        inv_norm.clamp_min_(eps).reciprocal_()
+        torch.mul(w, inv_norm[:, None], out=out)
+        return inv_norm
     blocks = policy.row_blocks(*w.shape)
     scratch = w.new_empty(blocks[0][1], w.shape[1])
     for start, end in blocks:
-        rows = scratch[: end - start]
-        torch.mul(w[start:end], inv_norm[start:end, None], out=rows)
-        out[start:end].copy_(rows)
-    return out
+        rows, inv = w[start:end], inv_norm[start:end]
+        torch.linalg.vector_norm(rows, dim=1, out=inv)
+        inv.clamp_min_(eps).reciprocal_()
+        out[start:end].copy_(torch.mul(rows, inv[:, None], out=scratch[: end - start]))
+    return inv_norm
 
 
 def backward_(e: torch.Tensor, row_factor: torch.Tensor, g_t: torch.Tensor, cols: torch.Tensor,

@@ -270,7 +270,6 @@ class _Operands:
         if margin.normalized:
             self.x_norm = torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS)
             self.xh = x / self.x_norm[:, None]
-            self.inv_w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
         else:
             self.x_norm = self.inv_w_norm = None
             self.xh = x
@@ -278,20 +277,23 @@ class _Operands:
         self.cosines16 = uses_bf16_cosines(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.exponentials = uses_bf16_exponentials(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.cosine_rows = uses_cosine_rows(self.compute_dtype, w.dtype, margin, compiled, b is not None)
+        if margin.normalized and not self.cosines16:  # (the bf16 cosines' copy takes them in its pass)
+            self.inv_w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
         self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
         self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
         self.b_c = None if b is None else b.to(self.logits_dtype)
         self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
 
     def centres_for_gemms(self, out: torch.Tensor | None) -> torch.Tensor:
-        """The centres in the GEMMs' dtype (normalised with the bf16 cosines), in `out`
-        or a new tensor."""
+        """The centres in the GEMMs' dtype, in `out` or a new tensor; with the bf16 cosines,
+        normalised, and their inverse norms (`inv_w_norm`) taken in the same pass."""
         if self.compute_dtype == self.w.dtype:
             return self.w
         if out is None:
             out = torch.empty(self.w.shape, dtype=self.compute_dtype, device=self.w.device)
         if self.cosines16:
-            return bf16_exponentials.normalized_copy_(out, self.w, self.inv_w_norm, self.policy)
+            self.inv_w_norm = bf16_exponentials.normalized_copy_(out, self.w, NORM_EPS, self.policy)
+            return out
         return out.copy_(self.w)
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
