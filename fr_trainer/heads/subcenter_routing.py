@@ -27,6 +27,7 @@ def route_whole_(cos_k: torch.Tensor, h: torch.Tensor, k: int, subcentre_major: 
     at_max = slots == top
     share = h.unsqueeze(slot_dim) / at_max.sum(dim=slot_dim, keepdim=True, dtype=h.dtype)  # per maximum
     weighted = (share * top).squeeze(slot_dim)  # share_i cos_ir wherever r attains the max
+    del top  # (at most three [G, C] temporaries live at once)
     radial = torch.stack([torch.where(at_max.select(slot_dim, j), weighted, 0.0).sum(0) for j in range(k)],
                          dim=0 if subcentre_major else 1)
     torch.mul(at_max, share, out=slots)
