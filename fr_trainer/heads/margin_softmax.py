@@ -691,9 +691,9 @@ def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Te
 def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
                            grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
     """A non-linear margin on bf16 cosines, the centres [start, end): each row block's
-    dL/dcos (probabilities from the logits rebuilt in fp32 scratch, times the margin's
-    derivative) written over the kept (or recomputed) bf16 cosines, then the bf16
-    epilogue of `bf16_exponentials` (row factor 1, the targets' terms in fp32)."""
+    dL/dcos / coef (probabilities from the logits rebuilt in fp32 scratch, times the
+    margin's derivative) written over the kept (or recomputed) bf16 cosines, then the bf16
+    epilogue of `bf16_exponentials` (row factor coef, the targets' terms in fp32)."""
     margin = ops.margin
     cos = ctx.kept if ctx.kept is not None else ops.raw_block(start, end)
     ctx.kept = None
@@ -706,9 +706,10 @@ def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tenso
         c = c32[: b - a].copy_(cos[a:b])
         probs = margin.nontarget_logits(z32[: b - a].copy_(c), t_rows)
         probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c, t_rows)).mul_(coef)
+        probs.mul_(margin.nontarget_grad(c, t_rows))
         cos[a:b].copy_(probs)
-    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, cos, torch.ones_like(ctx.log_sum_exp), grad_xh, grad_w)
+    # coef goes into the row factor, a [G] vector, instead of a pass over the block
+    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, cos, coef.expand_as(ctx.log_sum_exp), grad_xh, grad_w)
 
 
 def _bf16_epilogue_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
