@@ -8,9 +8,13 @@ log-sum-exp, target logits and the gradients handed back stay fp32
 
 The logit buffer: fp16 logits keep enough precision (10-bit mantissa: at s = 64 a logit
 is off by at most 0.03), so an fp16 head keeps them in fp16; bf16's 8-bit mantissa puts
-the logits of a well-classified batch off by up to 0.25 and its loss by about 1%, so a
-bf16 head keeps an fp32 buffer unless `logits_dtype=bfloat16` is asked for (half the
-memory, for shards whose logits bound memory).
+bf16 *logits* of a well-classified batch off by up to 0.25 and the loss by about 1%. So a
+bf16 head with a normalised margin and no bias (eager) keeps the bf16 *cosines* the GEMM
+wrote (rounded as they come out of any bf16 GEMM) and builds the logits from them only in
+fp32 row-block scratch (`uses_bf16_cosines`: one bf16 buffer, half an fp32 one); the
+others (the plain softmax with a bias, the compiled passes) keep an fp32 logit buffer
+unless `logits_dtype=bfloat16` is asked for (half the memory, for shards whose logits
+bound memory).
 
 `head.dtype = "auto"` follows the backbone's autocast: bf16 autocast runs the head in bf16,
 fp16 autocast in fp16 (as arcface_torch's fp16 head does), anything else in the centres'
