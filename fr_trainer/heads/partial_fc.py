@@ -51,7 +51,10 @@ class PartialFC(nn.Module):
             torch.float16 for mixed precision over fp32 centres; None: the centres' dtype).
             See `fr_trainer.heads.precision`.
         logits_dtype: dtype of the [G, C_local] logit buffer under a 16-bit compute_dtype
-            (None: fp16 for fp16, fp32 for bf16; torch.bfloat16 halves the buffer).
+            where the head keeps logits (None: fp16 for fp16, fp32 for bf16; torch.bfloat16
+            halves the buffer). An eager bf16 head with a normalised margin and no bias
+            keeps the GEMM's bf16 cosines instead (`fr_trainer.heads.precision`), and the
+            sub-centre head its 16-bit sub-centre cosines.
         block_policy: how the elementwise passes are cut ("cpu": cache-sized row blocks;
             "cuda": one op per pass; a `BlockPolicy`); None: the centres' device's, see
             `fr_trainer.heads.device_policy` (which also reads $FR_HEAD_BLOCK_POLICY).
