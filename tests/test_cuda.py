@@ -1,6 +1,7 @@
 """What only a GPU can show, run by scripts/gpu_check.sh (skipped without CUDA): the head on
-CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the sparse update on CUDA,
-NCCL on one rank, and an optimizer state resumed from a CPU checkpoint stepping on CUDA."""
+CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the
+sparse update on CUDA, NCCL on one rank, and an optimizer state resumed from a CPU
+checkpoint stepping on CUDA."""
 
 from __future__ import annotations
 

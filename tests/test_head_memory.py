@@ -1,4 +1,5 @@
-"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated."""
+"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated. A
+non-linear margin in fp32: one [G, C_local] buffer in a step (its cosines)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,35 @@ def test_chunked_logits_stay_within_the_chunk() -> None:
         chunked_largest, _ = largest_allocation(500, margin)
         weight_bytes = 3000 * 8 * 4
         assert chunked_largest <= max(64 * 500 * 4, weight_bytes) < logits_bytes
+
+
+class LogitSizedStorages(TorchDispatchMode):
+    """The distinct storages of at least `nbytes` among the outputs of every aten op."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes, self.pointers = nbytes, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse:
+                storage = tensor.untyped_storage()
+                if storage.nbytes() >= self.nbytes:
+                    self.pointers.add(storage.data_ptr())
+        return out
+
+
+def test_a_non_linear_margin_in_fp32_holds_one_logit_sized_buffer() -> None:
+    """The cosines are the only [G, C] buffer of a step (the logits live in row-block scratch),
+    where a cosine buffer and a logit buffer used to be two. (Classes enough for the CPU
+    policy's row blocks to be a fraction of the buffer.)"""
+    batch, dim, classes = 64, 8, 20_000
+    for margin in ("sv_arcface", "curricularface", "circle"):
+        head = PartialFC(classes, dim, margin=margin, seed=0, block_policy="cpu")
+        x = torch.randn(batch, dim, requires_grad=True)
+        y = torch.randint(0, classes, (batch,))
+        head(x, y).backward()  # the buffer pool's first step
+        with LogitSizedStorages(batch * classes * 4) as watch:
+            head(x, y).backward()
+        assert len(watch.pointers) == 1, (margin, len(watch.pointers))
