@@ -44,6 +44,12 @@ def take_if(reuse: bool, shape: tuple[int, ...], dtype: torch.dtype, device: tor
     return take(shape, dtype, device) if reuse else torch.empty(shape, dtype=dtype, device=device)
 
 
+def give_if(reuse: bool, tensor: torch.Tensor | None) -> None:
+    """`give` when `reuse` (a policy's `reuse_buffers`; the tensor came from `take_if`)."""
+    if reuse:
+        give(tensor)
+
+
 def give(tensor: torch.Tensor | None) -> None:
     """Return a tensor from `take` (its user must hold no other reference it still uses)."""
     if tensor is None or not tensor.is_contiguous() or tensor.requires_grad:

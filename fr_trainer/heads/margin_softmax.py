@@ -307,8 +307,7 @@ class _Operands:
 
     def give(self, tensor: torch.Tensor | None) -> None:
         """Done with a tensor from `take` (or `block_cosines`)."""
-        if self.policy.reuse_buffers:
-            buffer_pool.give(tensor)
+        buffer_pool.give_if(self.policy.reuse_buffers, tensor)
 
     def release(self) -> None:
         """Backward is done: the 16-bit copy of the centres goes back to the pool."""

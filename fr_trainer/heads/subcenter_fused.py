@@ -100,28 +100,36 @@ class SubcenterSoftmaxCrossEntropy(torch.autograd.Function):
             (w_c, target_k), ctx.mixed = ctx.mixed, None
             grad_xh, grad_w = subcenter_mixed.backward(xh, w, inv_norm, w_c, cos_k, target_k, logits, log_sum_exp,
                                                        z_t, dz_t, filtered, tgt, margin.scale, coef, policy)
-            grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / x_norm[:, None]
-            return grad_x, grad_w.view(ctx.shape), None, None, None, None, None, None
-        # H = dL/dcos: s coef p on non-targets, 0 where filtered, coef (p_t - 1) dz_t at targets
-        h = logits.sub_(log_sum_exp[:, None]).clamp_min_(exp_floor(logits.dtype)).exp_().mul_(coef * margin.scale)
-        if filtered is not None:
-            h.masked_fill_(filtered, 0.0)
-        p_t = torch.exp(z_t - log_sum_exp)
-        _put_targets_(h, tgt.owned, tgt.cols, _masked(tgt.owned, coef * (p_t - 1.0) * dz_t))
-        radial = _route_to_subcenters_(cos_k, h, k, policy)  # cos_k now holds dL/dcos_r
-        if policy.reuse_buffers:
-            buffer_pool.give(h)
-        cos_k.mul_(inv_norm)  # the chain through 1/||w_r||
-        grad_xh = torch.mm(cos_k, w)
-        # sum_i dL/dcos_ir x^_i / ||w_r|| minus the radial part, onto pages of an earlier
-        # gradient nobody holds (as in the one-centre head)
-        grad_w = buffer_pool.take_outgoing_if(policy.reuse_buffers, tuple(w.shape), w.dtype, w.device)
-        torch.mul(w, (radial * inv_norm.square()).neg_()[:, None], out=grad_w)
-        grad_w.addmm_(cos_k.t(), xh)
-        if policy.reuse_buffers:
-            buffer_pool.give(cos_k)
+        else:
+            grad_xh, grad_w = _backward(xh, w, inv_norm, cos_k, logits, log_sum_exp, z_t, dz_t, filtered, tgt,
+                                        margin.scale, coef, policy, k)
         grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / x_norm[:, None]
         return grad_x, grad_w.view(ctx.shape), None, None, None, None, None, None
+
+
+def _backward(xh: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, cos_k: torch.Tensor,
+              logits: torch.Tensor, log_sum_exp: torch.Tensor, z_t: torch.Tensor, dz_t: torch.Tensor,
+              filtered: torch.Tensor | None, tgt: _Targets, scale: float, coef: torch.Tensor, policy: BlockPolicy,
+              k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx^ [G, D], dL/dw [C k, D]) of the forward in the centres' dtype; `logits` and
+    `cos_k` are overwritten, then pooled."""
+    # H = dL/dcos: s coef p on non-targets, 0 where filtered, coef (p_t - 1) dz_t at targets
+    h = logits.sub_(log_sum_exp[:, None]).clamp_min_(exp_floor(logits.dtype)).exp_().mul_(coef * scale)
+    if filtered is not None:
+        h.masked_fill_(filtered, 0.0)
+    p_t = torch.exp(z_t - log_sum_exp)
+    _put_targets_(h, tgt.owned, tgt.cols, _masked(tgt.owned, coef * (p_t - 1.0) * dz_t))
+    radial = _route_to_subcenters_(cos_k, h, k, policy)  # cos_k now holds dL/dcos_r
+    buffer_pool.give_if(policy.reuse_buffers, h)
+    cos_k.mul_(inv_norm)  # the chain through 1/||w_r||
+    grad_xh = torch.mm(cos_k, w)
+    # sum_i dL/dcos_ir x^_i / ||w_r|| minus the radial part, onto pages of an earlier
+    # gradient nobody holds (as in the one-centre head)
+    grad_w = buffer_pool.take_outgoing_if(policy.reuse_buffers, tuple(w.shape), w.dtype, w.device)
+    torch.mul(w, (radial * inv_norm.square()).neg_()[:, None], out=grad_w)
+    grad_w.addmm_(cos_k.t(), xh)
+    buffer_pool.give_if(policy.reuse_buffers, cos_k)
+    return grad_xh, grad_w
 
 
 def _max_over_subcentres(cos_k: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -36,12 +36,6 @@ def taker(policy: BlockPolicy, device: torch.device) -> Take:
     return lambda shape, dtype: buffer_pool.take_if(policy.reuse_buffers, tuple(shape), dtype, device)
 
 
-def give(policy: BlockPolicy, tensor: torch.Tensor | None) -> None:
-    """Done with a tensor from `taker`."""
-    if policy.reuse_buffers:
-        buffer_pool.give(tensor)
-
-
 def subcentre_major_copy(w: torch.Tensor, inv_norm: torch.Tensor, k: int, dtype: torch.dtype,
                          policy: BlockPolicy, take: Take) -> torch.Tensor:
     """[k C, D] in `dtype`: row j C + c = w_(c, j) / ||w_(c, j)|| (w [C k, D] class-major).
@@ -101,15 +95,15 @@ def backward(xh: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, w_c: tor
         p.masked_fill_(filtered, 0.0)
     _put_targets_(p, tgt.owned, tgt.cols, torch.zeros_like(z_t))  # the targets' terms come in fp32 below
     radial = _route_(cos_k, p, k, policy)  # cos_k: the routed p; radial: sum_i p_ir cos_ir, [k C]
-    give(policy, p)
+    buffer_pool.give_if(policy.reuse_buffers, p)
     factor = coef * scale
     grad_xh = torch.mm(cos_k, w_c).to(xh.dtype).mul_(factor)
-    give(policy, w_c)
+    buffer_pool.give_if(policy.reuse_buffers, w_c)
     grad_w = buffer_pool.take_outgoing_if(policy.reuse_buffers, tuple(w.shape), w.dtype, w.device)
     column_factor = factor * inv_norm  # class-major, as the centres
     radial = radial.view(k, -1).t().reshape(-1).mul_(column_factor * inv_norm)
     _projected_centre_grad_(grad_w, cos_k, xh.to(cos_k.dtype), w, column_factor, radial, k, policy, take)
-    give(policy, cos_k)
+    buffer_pool.give_if(policy.reuse_buffers, cos_k)
     _add_target_terms_(grad_xh, grad_w, xh, w, inv_norm, target_k, tgt,
                        _masked(tgt.owned, coef * (torch.exp(z_t - log_sum_exp) - 1.0) * dz_t))
     return grad_xh, grad_w
@@ -185,4 +179,4 @@ def _projected_centre_grad_(grad_w: torch.Tensor, routed: torch.Tensor, xh_c: to
         for c, d in policy.row_blocks(b - a, k * dim):
             rows = grads[a + c:a + d].copy_(part[:, c:d].transpose(0, 1))
             rows.mul_(factors[a + c:a + d]).addcmul_(centres[a + c:a + d], radials[a + c:a + d], value=-1.0)
-    give(policy, part)
+    buffer_pool.give_if(policy.reuse_buffers, part)
