@@ -1,4 +1,5 @@
-"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated. A
+"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated, and the
+backward rebuilds every chunk but the last (kept, and whole). A
 non-linear margin in fp32: one [G, C_local] buffer in a step (its cosines)."""
 
 from __future__ import annotations
@@ -74,3 +75,39 @@ def test_a_non_linear_margin_in_fp32_holds_one_logit_sized_buffer() -> None:
         with LogitSizedStorages(batch * classes * 4) as watch:
             head(x, y).backward()
         assert len(watch.pointers) == 1, (margin, len(watch.pointers))
+
+
+class GemmWork(TorchDispatchMode):
+    """Multiply-adds of every matrix product (mm / addmm, with or without out=)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        packet = func.overloadpacket
+        if packet in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            a, b = args[-2:] if packet is not torch.ops.aten.mm else args[:2]
+            self.macs += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def gemm_work(chunk_size: int | None, margin: str, compute_dtype: torch.dtype | None) -> int:
+    head = PartialFC(3000, 8, margin=margin, chunk_size=chunk_size, seed=0, compute_dtype=compute_dtype)
+    x = torch.randn(64, 8, requires_grad=True)
+    y = torch.randint(0, 3000, (64,))
+    with GemmWork() as work:
+        head(x, y).backward()
+    return work.macs
+
+
+def test_a_chunked_step_rebuilds_every_chunk_but_the_last_and_the_last_is_whole() -> None:
+    """3,000 classes in chunks of 700: a ragged 200 first, then four whole chunks; the backward
+    runs the forward's GEMM again over all but the last (kept) one: 2,300 classes, not 3,000."""
+    batch, dim, classes, chunk = 64, 8, 3000, 700
+    for margin in ("arcface", "sv_arcface"):
+        for compute_dtype in (None, torch.bfloat16):
+            full = gemm_work(None, margin, compute_dtype)
+            assert full == 3 * batch * dim * classes, (margin, compute_dtype)
+            rebuilt = gemm_work(chunk, margin, compute_dtype) - full
+            assert rebuilt == batch * dim * (classes - chunk), (margin, compute_dtype)

@@ -26,7 +26,9 @@ logits of a margin whose non-target logits are `s cos`, or the cosines of any ot
 (its logits are rebuilt from them in backward, an elementwise pass, not a GEMM). With
 `chunk_size` the logits are built block by block (forward) and rebuilt block by block
 (backward), so the [G, C_local] buffer is never allocated: peak logit memory is one
-[G, chunk] block, at the price of a fourth GEMM.
+[G, chunk] block, at the price of a fourth GEMM over all blocks but the last, which the
+forward keeps in the same way (the backward starts with it; the ragged remainder of the
+classes is the first block, so the kept one is a whole chunk).
 
 The centres' gradient, which autograd hands on to `weight.grad`, is written on the pages of
 an earlier one nobody holds any more under a policy that reuses buffers
@@ -107,8 +109,13 @@ def uses_cosine_rows(compute_dtype: torch.dtype, weight_dtype: torch.dtype, marg
 
 
 def _column_blocks(num_cols: int, chunk_size: int | None) -> list[tuple[int, int]]:
+    """The column blocks [start, end) of `chunk_size` centres (one block without), the ragged
+    remainder first: the forward keeps its last block for the backward, so that one is whole."""
     step = num_cols if not chunk_size else max(1, chunk_size)
-    return [(start, min(start + step, num_cols)) for start in range(0, num_cols, step)]
+    ragged = num_cols % step
+    starts = ([0] if ragged else []) + list(range(ragged, num_cols, step))
+    ends = starts[1:] + [num_cols]
+    return list(zip(starts, ends, strict=True))
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -511,11 +518,12 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                                                   None if norm_terms is None else norm_terms.norms)
 
         blocks = _column_blocks(num_cols, chunk_size)
-        # one block: keep what backward needs instead of a fourth GEMM, the logits of a
-        # linear margin, or the cosines of a non-linear one (its logits are rebuilt from them)
-        keep = len(blocks) == 1
+        # the last block keeps what backward needs instead of a fourth GEMM over it: the
+        # logits of a linear margin, or the cosines of a non-linear one (its logits are
+        # rebuilt from them); chunked, the backward rebuilds only the blocks before it
         maxima, sums, kept = [], [], None
         for start, end in blocks:
+            keep = end == num_cols
             if margin.linear_nontarget and ops.passes is None:
                 logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t, keep)
                 cos = None
@@ -553,7 +561,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         ctx.index, ctx.weight_shape, ctx.has_bias = index, weight.shape, bias is not None
         ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos = cos_t, z_t, dz_t, target_cos
         ctx.log_sum_exp = log_sum_exp
-        ctx.kept_max = local_max if keep else None  # the maxima the kept exponentials are relative to
+        ctx.kept_block = blocks[-1]
+        ctx.kept_max = maxima[-1]  # the maxima the kept block's exponentials are relative to
         ctx.norm_terms = norm_terms
         return loss
 
@@ -567,7 +576,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         grad_w = ops.take_outgoing(ops.w.shape, ops.w.dtype)  # what becomes weight.grad
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
-        for start, end in ctx.blocks:
+        for start, end in reversed(ctx.blocks):  # the kept block first
             if ops.exponentials:
                 _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
                 continue
@@ -677,8 +686,9 @@ def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Te
     """The bf16 exponentials' backward of the centres [start, end): add into `grad_xh`,
     write `grad_w` (this block's rows), from exponentials e_ij = exp(z_ij - ref_i), p = e r
     with r = exp(ref - lse): the kept ones (ref: the forward's maxima), or recomputed the
-    same way (a second backward), or, chunked, the probabilities themselves (ref = lse, r = 1)."""
-    reference = ctx.log_sum_exp if ctx.kept_max is None else ctx.kept_max
+    same way (a second backward), or, for the blocks before the kept one (chunked), the
+    probabilities themselves (ref = lse, r = 1)."""
+    reference = ctx.kept_max if (start, end) == ctx.kept_block else ctx.log_sum_exp
     if ctx.kept is not None:
         e, ctx.kept = ctx.kept, None
     else:
