@@ -59,15 +59,17 @@ def test_sv_mask_selects_exactly_the_classes_that_beat_the_target() -> None:
     expected = torch.tensor([[False, True, False, True, False],
                              [False, True, False, True, True]])
     margin = create_margin("sv_softmax", s=2.0, t=1.5)
-    assert torch.equal(margin.support_vector_mask(cos, target_cos), expected.to(cos.dtype))  # a float mask
-    logits = margin.nontarget_logits(cos.clone(), target_cos)
+    rows = margin.nontarget_rows(target_cos)  # the boundary of each row: cos_y itself
+    assert torch.equal(margin.support_vector_mask(cos, rows), expected.to(cos.dtype))  # a float mask
+    logits = margin.nontarget_logits(cos.clone(), rows)
     want = torch.where(expected, 2.0 * (1.5 * cos + 0.5), 2.0 * cos)
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-15)
-    grad = margin.nontarget_grad(cos, target_cos)
+    grad = margin.nontarget_grad(cos, rows)
     torch.testing.assert_close(grad, torch.where(expected, 3.0, 2.0).to(torch.float64), rtol=0, atol=0)
     # SV-AM: the boundary is cos_y - m, so more classes are support vectors
     am = create_margin("sv_cosface", m=0.25)
-    assert torch.equal(am.support_vector_mask(cos, target_cos),
+    torch.testing.assert_close(am.nontarget_rows(target_cos), target_cos - 0.25, rtol=0, atol=0)
+    assert torch.equal(am.support_vector_mask(cos, am.nontarget_rows(target_cos)),
                        torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0]], dtype=cos.dtype))
 
 
@@ -155,11 +157,13 @@ def test_curricular_hard_examples_hand_built() -> None:
     margin.t.fill_(0.25)  # exact in the float32 buffer
     target_cos = torch.tensor([math.cos(1.0)], dtype=torch.float64)  # cos(theta + m) = cos(1.5)
     cos = torch.tensor([[math.cos(1.5) - 1e-9, math.cos(1.5) + 1e-9, 0.9]], dtype=torch.float64)
-    logits = margin.nontarget_logits(cos.clone(), target_cos)
+    rows = margin.nontarget_rows(target_cos)  # the threshold cos(theta_y + m)
+    torch.testing.assert_close(rows, torch.tensor([math.cos(1.5)], dtype=torch.float64), rtol=0, atol=1e-15)
+    logits = margin.nontarget_logits(cos.clone(), rows)
     c0, c1 = cos[0, 0].item(), cos[0, 1].item()
     want = torch.tensor([2.0 * c0, 2.0 * c1 * (0.25 + c1), 2.0 * 0.9 * 1.15], dtype=torch.float64)
     torch.testing.assert_close(logits[0], want, rtol=0, atol=1e-15)
-    torch.testing.assert_close(margin.nontarget_grad(cos, target_cos)[0],
+    torch.testing.assert_close(margin.nontarget_grad(cos, rows)[0],
                                torch.tensor([2.0, 2.0 * (0.25 + 2 * c1), 2.0 * 2.05], dtype=torch.float64))
 
 

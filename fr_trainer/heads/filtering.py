@@ -45,9 +45,9 @@ class InterclassFiltered:
         """[N, c] in cos's dtype: 0 at the cosines the filter zeroes, 1 elsewhere."""
         return 1.0 - indicator_above(cos, self.threshold)
 
-    def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        return self.inner.nontarget_logits(cos.mul_(self.kept(cos)), target_cos)
+    def nontarget_logits(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        return self.inner.nontarget_logits(cos.mul_(self.kept(cos)), rows)
 
-    def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+    def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         kept = self.kept(cos)
-        return self.inner.nontarget_grad(cos * kept, target_cos) * kept
+        return self.inner.nontarget_grad(cos * kept, rows) * kept

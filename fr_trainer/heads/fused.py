@@ -31,10 +31,10 @@ def sum_exp_rows(logits: torch.Tensor, row_max: torch.Tensor, floor: float) -> t
     return (logits.to(row_max.dtype) - row_max[:, None]).clamp_min(floor).exp().sum(1)
 
 
-def nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None,
+def nontarget_logits(margin: Margin, cos: torch.Tensor, rows: torch.Tensor | None,
                      dtype: torch.dtype) -> torch.Tensor:
     """The margin's logits of cosines `cos` [G, c], computed in `dtype`, stored in cos's."""
-    return margin.nontarget_logits(cos.to(dtype).clone(), target_cos).to(cos.dtype)
+    return margin.nontarget_logits(cos.to(dtype).clone(), rows).to(cos.dtype)
 
 
 def linear_softmax_grad(logits: torch.Tensor, log_sum_exp: torch.Tensor, factor: torch.Tensor,
@@ -49,13 +49,13 @@ def linear_softmax_grad(logits: torch.Tensor, log_sum_exp: torch.Tensor, factor:
 
 def nonlinear_grad(margin: Margin, logits: torch.Tensor, cos: torch.Tensor, inside: torch.Tensor,
                    cols: torch.Tensor, g_t: torch.Tensor, log_sum_exp: torch.Tensor,
-                   target_cos: torch.Tensor | None, coef: torch.Tensor, inv_norm: torch.Tensor | None,
+                   rows: torch.Tensor | None, coef: torch.Tensor, inv_norm: torch.Tensor | None,
                    radial: torch.Tensor | None, deferred: bool, floor: float) -> None:
     """In place: logits -> dL/dcos of a non-linear margin (see margin_softmax._nonlinear_grad_);
     the targets (row i, column cols[i] where inside[i]) take g_t, or 0 when `deferred`."""
     c = cos.to(log_sum_exp.dtype)
     probs = (logits.to(log_sum_exp.dtype) - log_sum_exp[:, None]).clamp_min(floor).exp()
-    probs = probs * margin.nontarget_grad(c, target_cos)
+    probs = probs * margin.nontarget_grad(c, rows)
     columns = torch.arange(logits.shape[1], device=logits.device)
     is_target = inside[:, None] & (columns[None, :] == cols[:, None])
     if deferred:  # the column factor coef / ||w_j|| stays out; the caller adds the targets
@@ -84,9 +84,9 @@ class CompiledPasses:
     def sum_exp_rows(self, logits: torch.Tensor, row_max: torch.Tensor, floor: float) -> torch.Tensor:
         return self._sum_exp_rows(logits, row_max, floor)
 
-    def nontarget_logits(self, margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+    def nontarget_logits(self, margin: Margin, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         dtype = torch.float32 if cos.dtype in (torch.float16, torch.bfloat16) else cos.dtype
-        return self._nontarget_logits(margin, cos, target_cos, dtype)
+        return self._nontarget_logits(margin, cos, rows, dtype)
 
 
 @functools.cache

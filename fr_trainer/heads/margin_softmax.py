@@ -391,7 +391,7 @@ class _Operands:
         return logits, row_max, sum_exp
 
     def nonlinear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
-                              target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A non-linear margin on bf16 cosines or with `cosine_rows`: the block's cosines
         [G, c] (bf16 as the GEMM wrote them, or in the centres' dtype), and the row maxima
         and sums of exponentials [G] of its logits, taken a row block at a time in scratch
@@ -403,8 +403,8 @@ class _Operands:
         blocks = self.policy.row_blocks(*cos.shape)
         scratch = cos.new_empty(blocks[0][1], cos.shape[1], dtype=z_t.dtype)
         for a, b in blocks:
-            t_rows = None if target_cos is None else target_cos[a:b]
-            z = self.margin.nontarget_logits(scratch[: b - a].copy_(cos[a:b]), t_rows)
+            r = None if rows is None else rows[a:b]
+            z = self.margin.nontarget_logits(scratch[: b - a].copy_(cos[a:b]), r)
             _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
             row_max[a:b] = z.amax(dim=1)
             z = z.sub_(row_max[a:b, None]).clamp_min_(floor).exp_()
@@ -438,7 +438,7 @@ class _Operands:
         return _DotsToLogits(factor, normalized, *tgt.in_block(start, end), z_t)
 
     def block_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
-                     target_cos: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the centres [start, end) with the target logits in place, and (for
         margins with non-linear non-target logits) the cosines they came from."""
         if self.margin.linear_nontarget:
@@ -446,16 +446,16 @@ class _Operands:
             _put_targets_(logits, *tgt.in_block(start, end), z_t)
             return logits, None
         cos = self.block_cosines(start, end)
-        return self.logits_of_cosines(cos, start, end, tgt, z_t, target_cos), cos
+        return self.logits_of_cosines(cos, start, end, tgt, z_t, rows), cos
 
     def logits_of_cosines(self, cos: torch.Tensor, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
-                          target_cos: torch.Tensor | None) -> torch.Tensor:
+                          rows: torch.Tensor | None) -> torch.Tensor:
         """A margin with non-linear non-target logits: its logits [G, c] of a block of
         cosines (which it does not modify), with the target logits in place."""
         if self.passes is not None:
-            logits = self.passes.nontarget_logits(self.margin, cos, target_cos)
+            logits = self.passes.nontarget_logits(self.margin, cos, rows)
         else:
-            logits = _nontarget_logits(self.margin, cos, target_cos, self.policy, self.take(cos.shape, cos.dtype))
+            logits = _nontarget_logits(self.margin, cos, rows, self.policy, self.take(cos.shape, cos.dtype))
         _put_targets_(logits, *tgt.in_block(start, end), z_t)
         return logits
 
@@ -465,7 +465,7 @@ class _Operands:
         return _sum_exp_rows(logits, row_max, self.policy)
 
 
-def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tensor | None,
+def _nontarget_logits(margin: Margin, cos: torch.Tensor, rows: torch.Tensor | None,
                       policy: BlockPolicy, logits: torch.Tensor) -> torch.Tensor:
     """The margin's non-target logits of a block of cosines, written into `logits` (a
     buffer of cos's shape and dtype), one row block of the policy at a time (on a CPU the
@@ -473,12 +473,12 @@ def _nontarget_logits(margin: Margin, cos: torch.Tensor, target_cos: torch.Tenso
     computed in fp32."""
     dtype = _accumulation_dtype(cos.dtype)
     for start, end in policy.row_blocks(*cos.shape):
-        rows = None if target_cos is None else target_cos[start:end]
+        r = None if rows is None else rows[start:end]
         out = logits[start:end]
         if dtype == cos.dtype:
-            done = margin.nontarget_logits(out.copy_(cos[start:end]), rows)
+            done = margin.nontarget_logits(out.copy_(cos[start:end]), r)
         else:
-            done = margin.nontarget_logits(cos[start:end].to(dtype), rows)
+            done = margin.nontarget_logits(cos[start:end].to(dtype), r)
         if done is not out:
             out.copy_(done)
     return logits
@@ -516,6 +516,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         norm_terms = _NormTerms(margin, ops.x_norm) if margin.needs_norms else None
         z_t, dz_t, dz_dnorm = margin.target_terms(cos_t if target_cos is None else target_cos,
                                                   None if norm_terms is None else norm_terms.norms)
+        rows = margin.nontarget_rows(target_cos)  # (per-row terms of the non-target formula, once)
 
         blocks = _column_blocks(num_cols, chunk_size)
         # the last block keeps what backward needs instead of a fourth GEMM over it: the
@@ -530,12 +531,12 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 maxima.append(block_max)
                 sums.append(block_sum)
             elif ops.cosines16 or ops.cosine_rows:  # (the logits live only in cached row blocks)
-                cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, target_cos)
+                cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, rows)
                 logits = None
                 maxima.append(block_max)
                 sums.append(block_sum)
             else:
-                logits, cos = ops.block_logits(start, end, tgt, z_t, target_cos)
+                logits, cos = ops.block_logits(start, end, tgt, z_t, rows)
                 maxima.append(logits.amax(dim=1).to(z_t.dtype))
                 sums.append(ops.sum_exp_rows(logits, maxima[-1]))
             if logits is not None and not ops.cosines16 and logits.dtype != z_t.dtype:  # (targets: fp32 logits)
@@ -559,7 +560,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
 
         ctx.ops, ctx.tgt, ctx.blocks, ctx.kept = ops, tgt, blocks, kept
         ctx.index, ctx.weight_shape, ctx.has_bias = index, weight.shape, bias is not None
-        ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos = cos_t, z_t, dz_t, target_cos
+        ctx.cos_t, ctx.z_t, ctx.dz_t, ctx.target_cos, ctx.rows = cos_t, z_t, dz_t, target_cos, rows
         ctx.log_sum_exp = log_sum_exp
         ctx.kept_block = blocks[-1]
         ctx.kept_max = maxima[-1]  # the maxima the kept block's exponentials are relative to
@@ -595,9 +596,9 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 ctx.kept = None
             elif ctx.kept is not None:
                 cos, ctx.kept = ctx.kept, None
-                logits = ops.logits_of_cosines(cos, start, end, tgt, ctx.z_t, ctx.target_cos)
+                logits = ops.logits_of_cosines(cos, start, end, tgt, ctx.z_t, ctx.rows)
             else:
-                logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.target_cos)
+                logits, cos = ops.block_logits(start, end, tgt, ctx.z_t, ctx.rows)
             mixed = ops.compute_dtype != grad_xh.dtype
             deferred = mixed and ops.compute_dtype == torch.float16  # (see _mixed_gemms_)
             h, inside, cols, h_t, factor = _block_grad_(ops, logits, cos, start, end, tgt, ctx, coef, radial,
@@ -665,10 +666,10 @@ def _cosine_rows_grad_(ops: _Operands, cos: torch.Tensor, tgt: _Targets, ctx, co
     scratch = cos.new_empty(blocks[0][1], cos.shape[1])
     for a, b in blocks:
         c = cos[a:b]
-        t_rows = None if ctx.target_cos is None else ctx.target_cos[a:b]
-        probs = margin.nontarget_logits(scratch[: b - a].copy_(c), t_rows)
+        r = None if ctx.rows is None else ctx.rows[a:b]
+        probs = margin.nontarget_logits(scratch[: b - a].copy_(c), r)
         probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c, t_rows)).mul_(coef)
+        probs.mul_(margin.nontarget_grad(c, r)).mul_(coef)
         _put_targets_(probs, inside[a:b], cols[a:b], g_t[a:b])
         radial += c.mul_(probs).sum(0)  # (the cosines are done with: their rows take dL/dcos cos, then H)
         torch.mul(probs, inv_norm, out=c)
@@ -711,11 +712,11 @@ def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tenso
     c32 = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
     z32 = torch.empty_like(c32)
     for a, b in blocks:
-        t_rows = None if ctx.target_cos is None else ctx.target_cos[a:b]
+        r = None if ctx.rows is None else ctx.rows[a:b]
         c = c32[: b - a].copy_(cos[a:b])
-        probs = margin.nontarget_logits(z32[: b - a].copy_(c), t_rows)
+        probs = margin.nontarget_logits(z32[: b - a].copy_(c), r)
         probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c, t_rows))
+        probs.mul_(margin.nontarget_grad(c, r))
         cos[a:b].copy_(probs)
     # coef goes into the row factor, a [G] vector, instead of a pass over the block
     _bf16_epilogue_(ops, tgt, ctx, coef, start, end, cos, coef.expand_as(ctx.log_sum_exp), grad_xh, grad_w)
@@ -792,15 +793,15 @@ def _nonlinear_grad_(logits: torch.Tensor, cos: torch.Tensor, inside: torch.Tens
     lse = ctx.log_sum_exp
     floor = exp_floor(_accumulation_dtype(logits.dtype))
     if ops.passes is not None:
-        ops.passes.nonlinear_grad(margin, logits, cos, inside, cols, g_t, lse, ctx.target_cos, coef,
+        ops.passes.nonlinear_grad(margin, logits, cos, inside, cols, g_t, lse, ctx.rows, coef,
                                   inv_norm, radial, deferred, floor)
         return
     for start, end in ops.policy.row_blocks(*logits.shape):  # (temporaries in cache, as above)
         block, c = logits[start:end], cos[start:end]
         rows_in, cols_in, g_in = inside[start:end], cols[start:end], g_t[start:end]
-        t_cos = None if ctx.target_cos is None else ctx.target_cos[start:end]
+        r = None if ctx.rows is None else ctx.rows[start:end]
         probs = block.to(lse.dtype).sub_(lse[start:end, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c.to(lse.dtype), t_cos))
+        probs.mul_(margin.nontarget_grad(c.to(lse.dtype), r))
         if deferred:  # without the column factor coef / ||w_j||; targets added by the caller
             _put_targets_(probs, rows_in, cols_in, torch.zeros_like(g_in))
             if radial is not None:

@@ -3,7 +3,8 @@
 A softmax-type head produces a logit row `z` per sample and applies cross-entropy. A
 margin says how the target cosine becomes the target logit and how the other cosines
 become their logits (`nontarget_logits`, with `nontarget_grad` for the fused head's
-backward). Margins are pure functions of local tensors: they never communicate.
+backward; what they read of each row, a threshold from the target cosine, say, comes from
+`nontarget_rows`, once per step). Margins are pure functions of local tensors: they never communicate.
 
 A new margin needs only its formula. It overrides `target_value(cos_t) -> logit`, a
 row-wise function of the [G] target cosines written with torch operations; the
@@ -157,15 +158,22 @@ class Margin(nn.Module):
         (AdaFace's running statistics); no-op by default."""
 
     # ---- non-target logits ---------------------------------------------------------------
-    def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        """Logits of a block of cosines [N, c]; may work in place on `cos`.
+    def nontarget_rows(self, target_cos: torch.Tensor | None) -> torch.Tensor | None:
+        """What the non-target formula reads of each row [N] (a threshold, say), from the
+        target cosines [N] when `needs_global_target` (None otherwise): the head computes it
+        once per step for the whole batch and passes row slices of it to `nontarget_logits`
+        and `nontarget_grad` as `rows`, which then never redo per-row work block by block.
+        By default the target cosines themselves. Carries no gradient."""
+        return target_cos
 
-        `target_cos` [N] is the target cosine of each row when `needs_global_target`.
-        """
+    def nontarget_logits(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Logits of a block of cosines [N, c]; may work in place on `cos`. `rows` [N]: the
+        block's rows of `nontarget_rows(target_cos)`."""
         return cos.mul_(self.scale)
 
-    def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor | float:
-        """d(logit)/d(cos) for a block of non-target cosines [N, c] (or a scalar)."""
+    def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | float:
+        """d(logit)/d(cos) for a block of non-target cosines [N, c] (or a scalar); `rows` as
+        for `nontarget_logits`."""
         return self.scale
 
     def update_state(self, target_cos: torch.Tensor) -> None:

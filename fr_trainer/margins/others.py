@@ -89,11 +89,11 @@ class CircleClassLevel(Margin):
         a_p = (1.0 + self.m - cos_t.detach()).clamp_min(0.0)  # self-paced weight, detached
         return self.gamma * a_p * (cos_t - (1.0 - self.m))
 
-    def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+    def nontarget_logits(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         a_n = (cos + self.m).clamp_min_(0.0)
         return cos.sub_(self.m).mul_(a_n).mul_(self.gamma)
 
-    def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
+    def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         return (cos + self.m).clamp_min_(0.0).mul_(self.gamma)
 
     def extra_repr(self) -> str:
@@ -141,22 +141,29 @@ class CurricularFace(Margin):
     def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * arcface_value(cos_t, self.m)
 
-    def hard_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
-        """[N, c] in cos's dtype, 1 where cos_ij > cos(theta_{y_i} + m), else 0, from [N, c]
-        cosines and [N] targets."""
+    def nontarget_rows(self, target_cos: torch.Tensor | None) -> torch.Tensor | None:
+        """The hard/easy threshold cos(theta_y + m) of each row [N]."""
         if target_cos is None:
+            return None
+        with torch.no_grad():
+            return cos_plus_m(target_cos.detach(), self.m)
+
+    def hard_mask(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """[N, c] in cos's dtype, 1 where cos_ij > cos(theta_{y_i} + m), else 0, from [N, c]
+        cosines and the rows' thresholds [N] (`nontarget_rows`)."""
+        if rows is None:
             raise ValueError("curricularface needs the target cosine of every row "
                              "(needs_global_target); call it through the head")
-        return indicator_above(cos, cos_plus_m(target_cos, self.m))
+        return indicator_above(cos, rows)
 
-    def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        hard = self.hard_mask(cos, target_cos)
+    def nontarget_logits(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        hard = self.hard_mask(cos, rows)
         t = self.t.to(cos.dtype)
         bump = hard.mul_(cos + (t - 1.0)).mul_(cos)  # cos (t + cos) - cos on hard classes
         return cos.add_(bump).mul_(self.scale)
 
-    def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        hard = self.hard_mask(cos, target_cos)
+    def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        hard = self.hard_mask(cos, rows)
         t = self.t.to(cos.dtype)
         bump = hard.mul_(torch.add(t - 1.0, cos, alpha=2.0))  # (t + 2 cos) - 1 on hard classes
         return bump.add_(1.0).mul_(self.scale)

@@ -54,25 +54,32 @@ class SupportVectorMargin(Margin):
     def target_value(self, cos_t: torch.Tensor, norms: torch.Tensor | None = None) -> torch.Tensor:
         return self.scale * self.boundary(cos_t)
 
-    def support_vector_mask(self, cos: torch.Tensor, target_cos: torch.Tensor) -> torch.Tensor:
+    def nontarget_rows(self, target_cos: torch.Tensor | None) -> torch.Tensor | None:
+        """The support-vector boundary f(m, theta_y) of each row [N]."""
+        if target_cos is None:
+            return None
+        with torch.no_grad():
+            return self.boundary(target_cos.detach())
+
+    def support_vector_mask(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """[N, c] in cos's dtype, 1 where cos_ij > f(m, theta_{y_i}), else 0, from cosines
-        [N, c] and target cosines [N].
+        [N, c] and the rows' boundaries [N] (`nontarget_rows`).
 
         (Also true at a row's own target column when f(cos_y) < cos_y; the head replaces
         that column by the target logit.)
         """
-        if target_cos is None:
+        if rows is None:
             raise ValueError(f"{type(self).__name__} needs the target cosine of every row "
                              "(needs_global_target); call it through the head")
-        return indicator_above(cos, self.boundary(target_cos))
+        return indicator_above(cos, rows)
 
-    def nontarget_logits(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        bump = self.support_vector_mask(cos, target_cos)
+    def nontarget_logits(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        bump = self.support_vector_mask(cos, rows)
         bump.addcmul_(bump, cos)  # cos + 1 on support vectors, 0 elsewhere
         return cos.add_(bump, alpha=self.t - 1.0).mul_(self.scale)
 
-    def nontarget_grad(self, cos: torch.Tensor, target_cos: torch.Tensor | None) -> torch.Tensor:
-        mask = self.support_vector_mask(cos, target_cos)
+    def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        mask = self.support_vector_mask(cos, rows)
         return mask.mul_(self.scale * (self.t - 1.0)).add_(self.scale)
 
     def extra_repr(self) -> str:
