@@ -1,5 +1,6 @@
 """Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated, and the
-backward rebuilds every chunk but the last (kept, and whole). A
+backward rebuilds every chunk but the last (kept, and whole). The bf16 backward reads its
+kept buffer only through the GEMMs, for every normalised margin. A
 non-linear margin in fp32: one [G, C_local] buffer in a step (its cosines)."""
 
 from __future__ import annotations
@@ -111,3 +112,35 @@ def test_a_chunked_step_rebuilds_every_chunk_but_the_last_and_the_last_is_whole(
             assert full == 3 * batch * dim * classes, (margin, compute_dtype)
             rebuilt = gemm_work(chunk, margin, compute_dtype) - full
             assert rebuilt == batch * dim * (classes - chunk), (margin, compute_dtype)
+
+
+class BufferTouches(TorchDispatchMode):
+    """The aten ops (by name) that read or write a tensor on a storage of `nbytes` bf16 bytes."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__()
+        self.nbytes, self.ops = nbytes, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for tensor in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.bfloat16 \
+                    and tensor.untyped_storage().nbytes() == self.nbytes:
+                self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# reading the buffer through a GEMM, its views, and the G target entries put / read
+GEMM_AND_TARGETS = {"mm", "t", "slice", "transpose", "as_strided", "alias", "view", "index", "index_put_"}
+
+
+def test_the_bf16_backward_reads_its_kept_buffer_only_through_the_gemms_for_every_normalised_margin() -> None:
+    """bf16 GEMMs: the forward folds dz/dcos of a non-linear margin into the exponentials it
+    keeps, so the backward makes no elementwise pass over the [G, C] buffer for any margin."""
+    batch, dim, classes = 8, 64, 1003  # [8, 1003] bf16: no other tensor of the step has its size
+    for margin in ("arcface", "cosface", "sv_arcface", "sv_softmax", "mv_softmax", "curricularface", "circle"):
+        head = PartialFC(classes, dim, margin=margin, seed=0, compute_dtype=torch.bfloat16)
+        x = torch.randn(batch, dim, requires_grad=True)
+        loss = head(x, torch.randint(0, classes, (batch,)))
+        with BufferTouches(batch * classes * 2) as watch:
+            loss.backward()
+        assert watch.ops and watch.ops <= GEMM_AND_TARGETS, (margin, watch.ops - GEMM_AND_TARGETS)

@@ -1,12 +1,16 @@
-"""The bf16 head's backward from its kept exponentials, for margins whose non-target logits
-are `s cos` (`fr_trainer.heads.margin_softmax`, `uses_bf16_exponentials`).
+"""The bf16 head's backward from its kept exponentials (`fr_trainer.heads.margin_softmax`,
+`uses_bf16_cosines`).
 
 With bf16 GEMMs over normalised centres w^ (a bf16 copy made once per step), the forward's
 GEMM gives the cosines x^ . w^ directly, and its row-blocked pass (fp32 scratch: scaled
 logits, target logits, row maxima m_i, exponentials, their sums) writes the exponentials
 e_ij = exp(z_ij - m_i) back over the bf16 block it read. Once the shards are joined,
 p_ij = e_ij r_i with r_i = exp(m_i - lse_i), so the non-target part of dL/dcos is
-coef s r_i e_ij: a row factor times the stored block. The backward then needs no pass over
+coef s r_i e_ij: a row factor times the stored block. A margin whose non-target logits
+are not `s cos` (SV-X, MV, CurricularFace, Circle) has dz_ij/dcos_ij = s_ij instead of s,
+a function of the cosine and of per-row terms known before the shards are joined, so its
+forward stores e_ij s_ij and the row factor is coef r_i (below, read s E as that block).
+The backward then needs no pass over
 the [G, C] buffer at all (only its G target entries are zeroed): the row factor goes into
 the [G, D] operand and the column factors into the [C, D] result,
 

@@ -44,10 +44,12 @@ on 16-bit copies of x^ and w. The [G, C_local] logit buffer (then the gradient H
 keeps the logits' precision, which bf16's 8-bit mantissa does not at s = 64. With bf16
 GEMMs and a normalised margin without bias (eager) the buffer is neither: the GEMMs run on
 normalised centres, so the buffer holds the bf16 cosines the GEMM wrote, and the logits
-exist only in fp32 row-block scratch (`uses_bf16_cosines`). A margin whose non-target
-logits are `s cos` then writes its exponentials back over them and its backward makes no
-pass over the buffer (`uses_bf16_exponentials`, `fr_trainer.heads.bf16_exponentials`);
-any other writes dL/dcos back over them in backward. Everything
+exist only in fp32 row-block scratch (`uses_bf16_cosines`). The forward writes each
+row's exponentials exp(z_ij - m_i) back over them, times dz_ij/dcos_ij for a margin
+whose non-target logits are not `s cos` (a derivative of the cosine alone, known before
+the shards are joined): the softmax's gradient is then a row factor times the stored
+block, and the backward makes no pass over the buffer (`fr_trainer.heads.bf16_exponentials`).
+Everything
 that decides the loss's accuracy stays fp32: the norms, the target cosines (row dots of
 the fp32 operands) and target logits, the row maxima, the sums of exponentials
 (exponentials are taken on fp32 scratch blocks), the log-sum-exp, the radial
@@ -89,13 +91,6 @@ def uses_bf16_cosines(compute_dtype: torch.dtype, weight_dtype: torch.dtype, mar
     margin without bias."""
     return (compute_dtype == torch.bfloat16 and weight_dtype == torch.float32 and margin.normalized
             and not has_bias and not compiled)
-
-
-def uses_bf16_exponentials(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin,
-                           compiled: bool, has_bias: bool) -> bool:
-    """The bf16 cosines of a margin whose non-target logits are `s cos`: the forward writes
-    their exponentials back over them, and the backward makes no pass over the buffer."""
-    return margin.linear_nontarget and uses_bf16_cosines(compute_dtype, weight_dtype, margin, compiled, has_bias)
 
 
 def uses_cosine_rows(compute_dtype: torch.dtype, weight_dtype: torch.dtype, margin: Margin, compiled: bool,
@@ -282,7 +277,6 @@ class _Operands:
             self.xh = x
         self.xh_c = self.xh.to(self.compute_dtype)
         self.cosines16 = uses_bf16_cosines(self.compute_dtype, w.dtype, margin, compiled, b is not None)
-        self.exponentials = uses_bf16_exponentials(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         self.cosine_rows = uses_cosine_rows(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         if margin.normalized and not self.cosines16:  # (the bf16 cosines' copy takes them in its pass)
             self.inv_w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
@@ -360,17 +354,14 @@ class _Operands:
             block.add_(self.b_c[start:end])
         return block
 
-    def linear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
-                           keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A margin whose non-target logits are `s cos`, eager: the block's logits [G, c]
-        with the targets in place, their row maxima [G] and sums of exponentials [G]
-        (fp32 for 16-bit logits). After the GEMM, one pass over the buffer: each row block
-        is scaled, gets its targets, and gives its maxima and sum-exp while in cache (the
-        same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after the other).
-
-        With the bf16 exponentials the block is the GEMM's bf16 cosines, read into fp32
-        scratch a row block at a time; when it is `keep`-t for backward, the exponentials
-        exp(z_ij - m_i) are written back over it (in bf16) instead of logits."""
+    def linear_block_stats(self, start: int, end: int, tgt: _Targets,
+                           z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A margin whose non-target logits are `s cos`, eager, without the bf16 cosines: the
+        block's logits [G, c] with the targets in place, their row maxima [G] and sums of
+        exponentials [G] (fp32 for 16-bit logits). After the GEMM, one pass over the buffer:
+        each row block is scaled, gets its targets, and gives its maxima and sum-exp while
+        in cache (the same numbers as `block_cosines`, `amax` and `_sum_exp_rows` one after
+        the other)."""
         logits = self.raw_block(start, end)
         rows = self.dots_to_logits(start, end, tgt, z_t)
         floor = exp_floor(_accumulation_dtype(logits.dtype))
@@ -378,24 +369,64 @@ class _Operands:
         blocks = self.policy.row_blocks(*logits.shape)
         scratch = logits.new_empty(blocks[0][1], logits.shape[1], dtype=_accumulation_dtype(logits.dtype))
         for a, b in blocks:
-            if self.exponentials:  # widened into the scratch block, whose exponentials then replace it
-                z = p = rows.widen(logits, a, b, scratch)
-            else:  # scaled in place
-                z, p = rows.scale_(logits[a:b], a, b), scratch[: b - a]
+            z, p = rows.scale_(logits[a:b], a, b), scratch[: b - a]
             row_max[a:b] = z.amax(dim=1)
             torch.sub(z, row_max[a:b, None], out=p)
             p.clamp_min_(floor).exp_()
             torch.sum(p, dim=1, out=sum_exp[a:b])
-            if self.exponentials and keep:
-                logits[a:b].copy_(p)
         return logits, row_max, sum_exp
+
+    def exponential_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                                rows: torch.Tensor | None, keep: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bf16 cosines (`uses_bf16_cosines`): the block's GEMM into bf16, then one pass
+        a row block at a time in fp32 scratch giving the row maxima m_i [G] and the sums of
+        exponentials [G] of its logits; when it is `keep`-t for backward, the exponentials
+        exp(z_ij - m_i) (times dz_ij/dcos_ij for a non-linear margin, `_exponential_rows`)
+        written back over the block in bf16. Returns (block, maxima, sums)."""
+        block = self.raw_block(start, end)
+        row_max, sum_exp = z_t.new_empty(block.shape[0]), z_t.new_empty(block.shape[0])
+        self._exponential_rows(block, start, end, tgt, z_t, rows, None, keep, row_max, sum_exp)
+        return block, row_max, sum_exp
+
+    def _exponential_rows(self, block: torch.Tensor, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
+                          rows: torch.Tensor | None, relative_to: torch.Tensor | None, write: bool,
+                          row_max: torch.Tensor | None = None, sum_exp: torch.Tensor | None = None) -> None:
+        """Over the bf16 cosines `block` [G, c] of the centres [start, end), a row block at a
+        time in fp32 scratch: the logits (targets in place), then exp(z_ij - ref_i) with ref
+        `relative_to` [G], or (None) the row maxima, written into `row_max`, and their sums
+        into `sum_exp` (when given); with `write`, those exponentials, times the margin's
+        dz/dcos where it is not the constant s (taken from the cosines before the logits
+        replace them), go back over the block in bf16."""
+        margin, linear = self.margin, self.margin.linear_nontarget
+        to_logits = self.dots_to_logits(start, end, tgt, z_t)
+        inside, cols = to_logits.inside, to_logits.cols
+        floor = exp_floor(torch.float32)
+        blocks = self.policy.row_blocks(*block.shape)
+        scratch = block.new_empty(blocks[0][1], block.shape[1], dtype=torch.float32)
+        for a, b in blocks:
+            slope = None
+            if linear:
+                z = to_logits.widen(block, a, b, scratch)
+            else:
+                c, r = scratch[: b - a].copy_(block[a:b]), None if rows is None else rows[a:b]
+                slope = margin.nontarget_grad(c, r) if write else None  # (a new tensor: c becomes z)
+                z = margin.nontarget_logits(c, r)
+                _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
+            reference = relative_to[a:b] if relative_to is not None else z.amax(dim=1)
+            if row_max is not None:
+                row_max[a:b] = reference
+            z = z.sub_(reference[:, None]).clamp_min_(floor).exp_()
+            if sum_exp is not None:
+                torch.sum(z, dim=1, out=sum_exp[a:b])
+            if write:
+                block[a:b].copy_(z if slope is None else z.mul_(slope))
 
     def nonlinear_block_stats(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
                               rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A non-linear margin on bf16 cosines or with `cosine_rows`: the block's cosines
-        [G, c] (bf16 as the GEMM wrote them, or in the centres' dtype), and the row maxima
-        and sums of exponentials [G] of its logits, taken a row block at a time in scratch
-        of z_t's dtype (the logits are never stored)."""
+        """A non-linear margin with `cosine_rows`: the block's cosines [G, c] (in the centres'
+        dtype), and the row maxima and sums of exponentials [G] of its logits, taken a row
+        block at a time in scratch (the logits are never stored)."""
         cos = self.block_cosines(start, end)
         inside, cols = tgt.in_block(start, end)
         floor = exp_floor(z_t.dtype)
@@ -412,20 +443,13 @@ class _Operands:
         return cos, row_max, sum_exp
 
     def exponentials_of_block(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor,
-                              relative_to: torch.Tensor) -> torch.Tensor:
+                              rows: torch.Tensor | None, relative_to: torch.Tensor) -> torch.Tensor:
         """Backward of a block not kept (chunked, or a second backward): its GEMM again, and
-        in each row block exp(z_ij - relative_to_i) written over it in bf16, the same numbers
-        as the forward's for the same `relative_to` (its maxima: a block it kept; the
-        log-sum-exp: the probabilities themselves)."""
+        exp(z_ij - relative_to_i) (times dz/dcos, as in the forward) written over it in bf16,
+        the same numbers as the forward's for the same `relative_to` (its maxima: a block it
+        kept; the log-sum-exp: the probabilities themselves)."""
         block = self.raw_block(start, end)
-        rows = self.dots_to_logits(start, end, tgt, z_t)
-        floor = exp_floor(torch.float32)
-        blocks = self.policy.row_blocks(*block.shape)
-        scratch = block.new_empty(blocks[0][1], block.shape[1], dtype=torch.float32)
-        for a, b in blocks:
-            z = rows.widen(block, a, b, scratch)
-            z.sub_(relative_to[a:b, None]).clamp_min_(floor).exp_()
-            block[a:b].copy_(z)
+        self._exponential_rows(block, start, end, tgt, z_t, rows, relative_to, True)
         return block
 
     def dots_to_logits(self, start: int, end: int, tgt: _Targets, z_t: torch.Tensor) -> _DotsToLogits:
@@ -525,12 +549,17 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         maxima, sums, kept = [], [], None
         for start, end in blocks:
             keep = end == num_cols
-            if margin.linear_nontarget and ops.passes is None:
-                logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t, keep)
+            if ops.cosines16:  # (the block becomes its exponentials when kept)
+                logits, block_max, block_sum = ops.exponential_block_stats(start, end, tgt, z_t, rows, keep)
                 cos = None
                 maxima.append(block_max)
                 sums.append(block_sum)
-            elif ops.cosines16 or ops.cosine_rows:  # (the logits live only in cached row blocks)
+            elif margin.linear_nontarget and ops.passes is None:
+                logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t)
+                cos = None
+                maxima.append(block_max)
+                sums.append(block_sum)
+            elif ops.cosine_rows:  # (the logits live only in cached row blocks)
                 cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, rows)
                 logits = None
                 maxima.append(block_max)
@@ -578,11 +607,8 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in reversed(ctx.blocks):  # the kept block first
-            if ops.exponentials:
-                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
-                continue
             if ops.cosines16:
-                _cosines16_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
+                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
                 continue
             if ops.cosine_rows:  # H over the kept (or recomputed) cosines, the logits rebuilt per row block
                 cos = ctx.kept if ctx.kept is not None else ops.block_cosines(start, end)
@@ -685,41 +711,21 @@ def _target_grad(p_t: torch.Tensor, ctx, inside: torch.Tensor, coef: torch.Tenso
 def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
                               grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
     """The bf16 exponentials' backward of the centres [start, end): add into `grad_xh`,
-    write `grad_w` (this block's rows), from exponentials e_ij = exp(z_ij - ref_i), p = e r
-    with r = exp(ref - lse): the kept ones (ref: the forward's maxima), or recomputed the
-    same way (a second backward), or, for the blocks before the kept one (chunked), the
-    probabilities themselves (ref = lse, r = 1)."""
+    write `grad_w` (this block's rows), from exponentials e_ij = exp(z_ij - ref_i) (times
+    dz_ij/dcos_ij for a non-linear margin), p = e r with r = exp(ref - lse): the kept ones
+    (ref: the forward's maxima), or recomputed the same way (a second backward), or, for
+    the blocks before the kept one (chunked), the probabilities themselves (ref = lse, r =
+    1). dL/dcos off the targets is then coef r_i e_ij (times s for a linear margin, whose
+    dz/dcos = s stays out of the block): a row factor."""
     reference = ctx.kept_max if (start, end) == ctx.kept_block else ctx.log_sum_exp
     if ctx.kept is not None:
         e, ctx.kept = ctx.kept, None
     else:
-        e = ops.exponentials_of_block(start, end, tgt, ctx.z_t, reference)
-    r = torch.exp(reference - ctx.log_sum_exp)
-    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, e, coef * ops.margin.scale * r, grad_xh, grad_w)
-
-
-def _cosines16_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
-                           grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
-    """A non-linear margin on bf16 cosines, the centres [start, end): each row block's
-    dL/dcos / coef (probabilities from the logits rebuilt in fp32 scratch, times the
-    margin's derivative) written over the kept (or recomputed) bf16 cosines, then the bf16
-    epilogue of `bf16_exponentials` (row factor coef, the targets' terms in fp32)."""
-    margin = ops.margin
-    cos = ctx.kept if ctx.kept is not None else ops.raw_block(start, end)
-    ctx.kept = None
-    floor = exp_floor(torch.float32)
-    blocks = ops.policy.row_blocks(*cos.shape)
-    c32 = cos.new_empty(blocks[0][1], cos.shape[1], dtype=torch.float32)
-    z32 = torch.empty_like(c32)
-    for a, b in blocks:
-        r = None if ctx.rows is None else ctx.rows[a:b]
-        c = c32[: b - a].copy_(cos[a:b])
-        probs = margin.nontarget_logits(z32[: b - a].copy_(c), r)
-        probs = probs.sub_(ctx.log_sum_exp[a:b, None]).clamp_min_(floor).exp_()
-        probs.mul_(margin.nontarget_grad(c, r))
-        cos[a:b].copy_(probs)
-    # coef goes into the row factor, a [G] vector, instead of a pass over the block
-    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, cos, coef.expand_as(ctx.log_sum_exp), grad_xh, grad_w)
+        e = ops.exponentials_of_block(start, end, tgt, ctx.z_t, ctx.rows, reference)
+    row_factor = coef * torch.exp(reference - ctx.log_sum_exp)
+    if ops.margin.linear_nontarget:
+        row_factor = row_factor * ops.margin.scale
+    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, e, row_factor, grad_xh, grad_w)
 
 
 def _bf16_epilogue_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
