@@ -161,6 +161,24 @@ def test_logit_buffer_is_16_bit_and_loss_scaling_scales_only_the_gradients() -> 
     assert _cosine(grads[1.0][2], grads[1024.0][2]) > 0.99999
 
 
+@pytest.mark.parametrize("margin", ["arcface", "sv_arcface", "curricularface", "circle"])
+def test_a_loss_scale_scales_only_the_bf16_gradients(margin: str) -> None:
+    """bf16 GEMMs (the kept exponentials, times dz/dcos for a non-linear margin): a loss
+    scale of 2^20 (a GradScaler's) leaves the loss alone and scales the gradients exactly
+    (a power of two through fp32 row factors), so unscaled they agree to fp32 rounding."""
+    x, y = global_batch(2)
+    grads = {}
+    for scale in (1.0, 2.0**20):
+        head = PartialFC(NUM_CLASSES, DIM, margin=margin, seed=SEED, compute_dtype=torch.bfloat16)
+        xs = x.clone().requires_grad_()
+        loss = head(xs, y)
+        (loss * scale).backward()
+        grads[scale] = (float(loss), xs.grad / scale, head.weight.grad / scale)
+    assert grads[1.0][0] == grads[2.0**20][0]
+    torch.testing.assert_close(grads[2.0**20][1], grads[1.0][1], rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(grads[2.0**20][2], grads[1.0][2], rtol=1e-5, atol=1e-9)
+
+
 def test_head_dtype_auto_follows_the_autocast_dtype() -> None:
     assert resolve_head_dtype("auto", torch.bfloat16) is torch.bfloat16
     assert resolve_head_dtype("auto", torch.float16) is torch.float16
