@@ -2,7 +2,9 @@
 
 Two gloo ranks on CPU run PartialFC + its optimizer (`fr_trainer.plan.measure`); torch's
 profiler records every allocation of the CPU allocator, so the measured peak is the bytes
-of the head's own tensors. The plan must lie within 10% of it.
+of the head's own tensors. The plan must lie within 10% of it: the CPU plan (backend gloo)
+against the CPU head, and the GPU plan (backend nccl) against the head run under the CUDA
+block policy (whole-buffer passes, no buffer pool: what it allocates on a GPU).
 """
 
 from __future__ import annotations
@@ -25,9 +27,26 @@ CASES = [
 ]
 
 
+# the GPU policy's whole-buffer scratch: a linear margin, two non-linear ones (one, two
+# formula temporaries), chunked, sampled, and one bound by its optimizer
+GPU_CASES = [
+    Case(**LOGITS_BOUND),
+    Case(**LOGITS_BOUND, margin="sv_arcface"),
+    Case(**LOGITS_BOUND, margin="curricularface"),
+    Case(**LOGITS_BOUND, margin="curricularface", chunk_size=2048),
+    Case(**LOGITS_BOUND, margin="sv_arcface", sample_rate=0.25),
+    Case(**WEIGHT_BOUND, optimizer="adamw", sample_rate=0.1),
+]
+
+
 @pytest.fixture(scope="module")
 def measured() -> list[int]:
     return measure_peaks(CASES, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def measured_gpu_policy() -> list[int]:
+    return measure_peaks(GPU_CASES, world_size=2, policy="cuda")
 
 
 @pytest.mark.parametrize("index", range(len(CASES)),
@@ -46,3 +65,14 @@ def test_measured_phases_differ_as_planned(measured):
     """The figures move the way the plan says: sampling and chunking shrink the peak."""
     dense, sampled, chunked = measured[0], measured[1], measured[2]
     assert sampled < 0.6 * dense and chunked < 0.7 * dense
+
+
+@pytest.mark.parametrize("index", range(len(GPU_CASES)),
+                         ids=[f"{c.margin}-{c.optimizer}-sr{c.sample_rate}-chunk{c.chunk_size}-B{c.batch_per_rank}"
+                              for c in GPU_CASES])
+def test_gpu_plan_within_10_percent_of_the_cuda_policy_peak(measured_gpu_policy, index):
+    case = GPU_CASES[index]
+    plan = plan_head(world_size=2, backend="nccl", **case.plan_kwargs())
+    assert plan.peak == pytest.approx(measured_gpu_policy[index], rel=0.10), (
+        f"{case}: planned {plan.peak / 2**20:.2f} MB ({plan.peak_phase}), "
+        f"measured under the CUDA policy {measured_gpu_policy[index] / 2**20:.2f} MB")

@@ -66,10 +66,10 @@ def test_collectives_sizes():
 
 def test_gpus_needed_is_the_smallest_fitting_world_size():
     budget = 80 * 10**9
-    plan = gpus_needed(100_000_000, budget, embedding_size=512)
+    plan = gpus_needed(30_000_000, budget, embedding_size=512)
     assert plan.peak <= budget
-    assert plan_head(100_000_000, world_size=plan.world_size - 1).peak > budget
-    sampled = gpus_needed(100_000_000, budget, sample_rate=0.1)
+    assert plan_head(30_000_000, world_size=plan.world_size - 1).peak > budget
+    sampled = gpus_needed(30_000_000, budget, sample_rate=0.1)
     assert sampled.world_size < plan.world_size
 
 
@@ -102,9 +102,9 @@ def test_parse_sizes():
 
 
 def test_cli_answers_how_many_gpus(capsys):
-    assert main(["--classes", "10M", "100M", "--gpu-memory", "80GB", "--json"]) == 0
+    assert main(["--classes", "10M", "30M", "--gpu-memory", "80GB", "--json"]) == 0
     plans = json.loads(capsys.readouterr().out)
-    assert [p["classes"] for p in plans] == [10**7, 10**8]
+    assert [p["classes"] for p in plans] == [10**7, 3 * 10**7]
     for p in plans:
         assert p["peak"] <= 80 * 10**9
         assert p["world_size"] == 1 or plan_head(p["classes"], world_size=p["world_size"] - 1).peak > 80 * 10**9

@@ -66,6 +66,10 @@ class Margin(nn.Module):
         norm_gradient: the target and `norm_penalty` carry a gradient to the norms (MagFace).
         subcenters: centres per class (Sub-center ArcFace's k); the class cosine is the max
             over them. 1 for every other margin.
+        formula_temporaries: block-sized tensors that `nontarget_logits` or `nontarget_grad`
+            (a non-linear margin's) holds at once besides its input and result; under the
+            CUDA block policy a block is the whole [G, C] buffer, so the memory planner
+            (`fr_trainer.plan`) counts them.
     """
 
     normalized: bool = True
@@ -75,6 +79,7 @@ class Margin(nn.Module):
     needs_norms: bool = False
     norm_gradient: bool = False
     subcenters: int = 1
+    formula_temporaries: int = 1
 
     def __init__(self, scale: float, gradient: str = "exact") -> None:
         super().__init__()

@@ -1,7 +1,7 @@
 """`fr-trainer plan`: per-GPU memory of the head and collective volume per step.
 
     fr-trainer plan --classes 10M --world-size 64                # one plan
-    fr-trainer plan --classes 10M 100M --gpu-memory 80GB         # how many GPUs
+    fr-trainer plan --classes 10M 30M --gpu-memory 80GB          # how many GPUs
     fr-trainer plan --classes 10M 100M --gpu-memory 80GB --sample-rate 0.1
     fr-trainer plan --classes 20000 --dim 64 --batch 256 --world-size 2 --measure   # check
 

@@ -11,7 +11,9 @@ optimizer state), the peak of the bytes the head allocated is recorded:
   the interpreter, gloo's own buffers and the allocator's caching);
 - CUDA: `torch.cuda.max_memory_allocated()` minus the bytes allocated before.
 
-The result is the maximum over ranks (rank 0 owns the most classes).
+The result is the maximum over ranks (rank 0 owns the most classes). `policy="cuda"` runs
+the CPU head under the CUDA block policy (`fr_trainer.heads.device_policy`: whole-buffer
+passes, no buffer pool), so that a CPU measures what the head allocates on a GPU.
 """
 
 from __future__ import annotations
@@ -99,7 +101,13 @@ def _cuda_peak(run, device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str, steps: int) -> list[int]:
+def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str, steps: int,
+                policy: str | None = None) -> list[int]:
+    if policy is not None:
+        from fr_trainer.heads.device_policy import forced_policy
+
+        with forced_policy(policy):
+            return _rank_peaks(rank, world_size, cases, device_type, steps)
     device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -121,14 +129,15 @@ def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str,
 
 
 def measure_peaks(cases: list[Case], world_size: int = 2, device: str = "cpu", steps: int = 2,
-                  timeout_s: float = 600.0) -> list[int]:
-    """Measured peak bytes of the head per case (max over ranks), in the order of `cases`."""
+                  timeout_s: float = 600.0, policy: str | None = None) -> list[int]:
+    """Measured peak bytes of the head per case (max over ranks), in the order of `cases`;
+    `policy`: the head's block policy (None: the device's own)."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and torch.cuda.device_count() < world_size:
         raise ValueError(f"world_size={world_size} needs as many GPUs, found "
                          f"{torch.cuda.device_count()}; lower --world-size")
     backend = "nccl" if device == "cuda" else "gloo"
-    per_rank = run_ranks(_rank_peaks, world_size, list(cases), device, steps, backend=backend,
+    per_rank = run_ranks(_rank_peaks, world_size, list(cases), device, steps, policy, backend=backend,
                          timeout_s=timeout_s)
     return [max(rank[i] for rank in per_rank) for i in range(len(cases))]

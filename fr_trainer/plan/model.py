@@ -18,8 +18,12 @@ Phase 1, forward + backward (peak inside the backward's block loop):
     weight_grad      dense [C_used, D], or the sampled rows [S, D] + their int64 indices
     features         the gathered embeddings' normalised copy, its gradient and the
                      normalisation temporaries: 5 x [G, D] (3 for the un-normalised softmax)
-    workspace        sampled-weight copy [S, D] (sample_rate < 1), the ~1 MB elementwise
-                     scratch, per-centre vectors (norms, radial coefficients, factors)
+    workspace        sampled-weight copy [S, D] (sample_rate < 1), the elementwise scratch
+                     (a ~1 MB row block per live temporary on a CPU; on a GPU, backend
+                     nccl, whose passes each run over the whole buffer, a [G, cols] block
+                     per temporary: one for a linear margin, 1 + the margin's
+                     `formula_temporaries` for a non-linear one), per-centre vectors
+                     (norms, radial coefficients, factors)
 On a CPU (backend gloo) the head gives its logit buffers back to its buffer pool after the
 backward and takes them again in the next step, so they stay allocated through phases 2
 and 3 (`pooled`).
@@ -61,6 +65,7 @@ class MarginTraits:
     has_bias: bool = False
     linear_nontarget: bool = True
     needs_global_target: bool = False
+    formula_temporaries: int = 1
 
     @classmethod
     def of(cls, margin: str) -> MarginTraits:
@@ -69,7 +74,13 @@ class MarginTraits:
 
         kind = MARGINS.get(margin)
         return cls(bool(kind.normalized), bool(kind.has_bias), bool(kind.linear_nontarget),
-                   bool(kind.needs_global_target))
+                   bool(kind.needs_global_target), int(kind.formula_temporaries))
+
+    @property
+    def scratch_blocks(self) -> int:
+        """Scratch blocks an elementwise pass holds at its peak: one (the exponentials of a
+        linear margin), or the logits rebuilt in scratch plus the formula's temporaries."""
+        return 1 if self.linear_nontarget else 1 + self.formula_temporaries
 
 
 @dataclass(frozen=True)
@@ -222,8 +233,10 @@ def _logit_bytes(g: int, used: int, chunk_size: int | None, traits: MarginTraits
     return per_element * g * cols, cols
 
 
-def _scratch_bytes(g: int, cols: int, item: int) -> int:
-    rows = min(g, max(1, BLOCK_ELEMENTS // max(1, cols)))
+def _scratch_bytes(g: int, cols: int, item: int, whole_buffer: bool) -> int:
+    """One scratch block of an elementwise pass over [G, cols]: a ~1 MB row block under the
+    CPU policy, the whole [G, cols] under the CUDA one (`fr_trainer/heads/device_policy.py`)."""
+    rows = g if whole_buffer else min(g, max(1, BLOCK_ELEMENTS // max(1, cols)))
     return rows * cols * item
 
 
@@ -273,8 +286,8 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
     vectors = 6 * used * item
-    scratch_blocks = 1 if traits.linear_nontarget else 2  # (cosine rows: the logits and the formula's temporaries)
-    workspace = scratch_blocks * _scratch_bytes(g, cols, item) + vectors
+    whole_buffer = backend == "nccl"  # a GPU head: each pass is one op over the whole buffer
+    workspace = traits.scratch_blocks * _scratch_bytes(g, cols, item, whole_buffer) + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
     optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
@@ -318,7 +331,8 @@ def gpus_needed(classes: int, memory_budget_bytes: int, max_gpus: int = 1 << 20,
         raise ValueError(
             f"{classes} classes do not fit {memory_budget_bytes / 1e9:.2f} GB per GPU on up to "
             f"{high} GPUs: at {high} GPUs the head needs {best.peak / 1e9:.2f} GB, of which the "
-            f"logits take {best.logits / 1e9:.2f} GB (batch_per_rank x classes x dtype, the same "
+            f"logits take {best.logits / 1e9:.2f} GB and their elementwise scratch "
+            f"{best.workspace / 1e9:.2f} GB (batch_per_rank x classes x dtype each, the same "
             "at any world size); set a chunk size (--chunk-size 65536) or a sample rate "
             "(--sample-rate 0.1), or a smaller batch per GPU")
     low = high // 2  # does not fit (or 0)
