@@ -178,7 +178,8 @@ class Margin(nn.Module):
 
     def nontarget_grad(self, cos: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | float:
         """d(logit)/d(cos) for a block of non-target cosines [N, c] (or a scalar); `rows` as
-        for `nontarget_logits`."""
+        for `nontarget_logits`. A new tensor or a number, never a view of `cos`: the bf16
+        head takes it first and then writes the logits over the same cosines."""
         return self.scale
 
     def update_state(self, target_cos: torch.Tensor) -> None:

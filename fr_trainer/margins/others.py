@@ -125,7 +125,7 @@ class CurricularFace(Margin):
 
     linear_nontarget = False
     needs_global_target = True
-    formula_temporaries = 2  # the hard mask and (t + 2 cos) - 1 / cos + (t - 1)
+    formula_temporaries = 2  # nontarget_grad holds the hard mask and 2 cos + t - 1 at once
     momentum = 0.01
 
     def __init__(self, s: float = 64.0, m: float = 0.5, gradient: str = "exact") -> None:
