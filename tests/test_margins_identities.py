@@ -206,3 +206,20 @@ def test_keyword_errors_name_the_value() -> None:
         create_margin("circle", s=64.0)
     with pytest.raises(ValueError, match="needs the target cosine"):
         create_margin("sv_softmax").nontarget_logits(torch.zeros(2, 3), None)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_the_per_row_terms_of_a_non_target_formula_are_computed_once_per_step(monkeypatch, compute_dtype) -> None:
+    """sv_arcface's boundary f(m, theta_y): once for the target logits and once for the
+    non-target mask (`nontarget_rows`), not once per row block of every pass (64 x 9,000
+    cosines are ~3 row blocks of the CPU policy, each pass over them)."""
+    from fr_trainer.heads import PartialFC
+    from fr_trainer.margins.support_vector import SVArcFace
+
+    calls = []
+    plain = SVArcFace.boundary
+    monkeypatch.setattr(SVArcFace, "boundary", lambda self, cos_t: calls.append(cos_t.shape) or plain(self, cos_t))
+    head = PartialFC(9000, 16, margin="sv_arcface", seed=0, compute_dtype=compute_dtype)
+    x = torch.randn(64, 16, requires_grad=True)
+    head(x, torch.randint(0, 9000, (64,))).backward()
+    assert len(calls) == 2 and all(shape == (64,) for shape in calls), calls
