@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 
 from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
-DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # PartialFC rejects 16-bit centres (AMP keeps it fp32)
+DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # the centres' dtype (PartialFC rejects 16-bit centres)
 OPTIMIZERS = ("sgd", "adamw")
 BLOCK_ELEMENTS = 1 << 18  # device_policy.CPU_BLOCK_ELEMENTS: elements per elementwise block (CPU policy)
 INT64 = 8
@@ -171,8 +171,13 @@ def _check(classes: int, embedding_size: int, world_size: int, batch_per_rank: i
     if not 0.0 < sample_rate <= 1.0:
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
     if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}: the head keeps its "
-                         "centres and logits in fp32 or fp64 (under AMP too); use dtype='fp32'")
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}: it is the centres' dtype, "
+                         "fp32 or fp64 (a bf16 run keeps fp32 centres); use dtype='fp32'. The plan "
+                         "models heads that compute in that dtype; one with 16-bit GEMMs "
+                         "(PartialFC(compute_dtype=bf16)) is not modelled yet: it holds a 16-bit copy of "
+                         "the centres besides half-size logits, so it needs more than the fp32 plan "
+                         "when the embedding size outweighs the global batch, less when the logits "
+                         "dominate; measure it (--measure)")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZERS)}")
     if chunk_size is not None and chunk_size < 1:
@@ -265,7 +270,8 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     """Bytes per GPU of the head's tensors in one training step (see the module docstring).
 
     Args mirror `PartialFC` and the trainer's optimizer settings; `dtype` is the head's
-    parameter dtype (fp32 or fp64; AMP leaves the head in fp32); `clip_grad` adds the trainer's global-norm
+    parameter dtype (fp32 or fp64; a bf16 run keeps fp32 centres, and a 16-bit compute dtype is
+    not modelled: see `_check`); `clip_grad` adds the trainer's global-norm
     clipping; `backend` decides the backward collective (nccl: reduce-scatter).
     """
     _check(classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, optimizer, chunk_size)
