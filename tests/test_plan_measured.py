@@ -76,3 +76,14 @@ def test_gpu_plan_within_10_percent_of_the_cuda_policy_peak(measured_gpu_policy,
     assert plan.peak == pytest.approx(measured_gpu_policy[index], rel=0.10), (
         f"{case}: planned {plan.peak / 2**20:.2f} MB ({plan.peak_phase}), "
         f"measured under the CUDA policy {measured_gpu_policy[index] / 2**20:.2f} MB")
+
+
+def test_the_cli_measures_a_gpu_plan_under_the_cuda_policy(capsys):
+    from fr_trainer.plan.cli import main
+
+    assert main(["--classes", "20000", "--dim", "64", "--batch", "256", "--world-size", "2", "--measure",
+                 "--margin", "sv_arcface"]) == 0
+    out = capsys.readouterr().out
+    assert "under the CUDA block policy" in out
+    ratio = float(out.rsplit("planned/measured", 1)[1].split()[0])
+    assert ratio == pytest.approx(1.0, abs=0.10)
