@@ -39,6 +39,22 @@ GPU_CASES = [
 ]
 
 
+# the bf16 head (bf16 GEMMs on fp32 centres): logits-bound, a non-linear margin, chunked,
+# and bound by its 16-bit centre copy and backward chunk temporaries (D 512 > G)
+BF16_CASES = [
+    Case(**LOGITS_BOUND, compute_dtype="bf16"),
+    Case(**LOGITS_BOUND, margin="sv_arcface", compute_dtype="bf16"),
+    Case(**LOGITS_BOUND, chunk_size=2048, compute_dtype="bf16"),
+    Case(classes=20_000, embedding_size=512, batch_per_rank=64, compute_dtype="bf16"),
+]
+
+
+@pytest.fixture(scope="module")
+def measured_bf16() -> dict[str, list[int]]:
+    return {"gloo": measure_peaks(BF16_CASES, world_size=2),
+            "nccl": measure_peaks(BF16_CASES, world_size=2, policy="cuda")}
+
+
 @pytest.fixture(scope="module")
 def measured() -> list[int]:
     return measure_peaks(CASES, world_size=2)
@@ -87,3 +103,15 @@ def test_the_cli_measures_a_gpu_plan_under_the_cuda_policy(capsys):
     assert "under the CUDA block policy" in out
     ratio = float(out.rsplit("planned/measured", 1)[1].split()[0])
     assert ratio == pytest.approx(1.0, abs=0.10)
+
+
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+@pytest.mark.parametrize("index", range(len(BF16_CASES)),
+                         ids=[f"{c.margin}-chunk{c.chunk_size}-D{c.embedding_size}" for c in BF16_CASES])
+def test_bf16_plan_within_10_percent_of_measured_peak(measured_bf16, index, backend):
+    """gloo: the CPU head; nccl: the head under the CUDA block policy (a GPU's allocations)."""
+    case = BF16_CASES[index]
+    plan = plan_head(world_size=2, backend=backend, **case.plan_kwargs())
+    assert plan.peak == pytest.approx(measured_bf16[backend][index], rel=0.10), (
+        f"{case} {backend}: planned {plan.peak / 2**20:.2f} MB ({plan.peak_phase}), "
+        f"measured {measured_bf16[backend][index] / 2**20:.2f} MB")

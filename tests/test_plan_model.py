@@ -116,3 +116,16 @@ def test_cli_answers_how_many_gpus(capsys):
 def test_cli_rejects_impossible_budget(capsys):
     assert main(["--classes", "100M", "--gpu-memory", "40GB"]) == 2
     assert "--chunk-size" in capsys.readouterr().err
+
+
+def test_the_bf16_plan_halves_the_logits_and_adds_the_16_bit_centres():
+    fp32 = plan_head(1_000_000, world_size=8)
+    bf16 = plan_head(1_000_000, world_size=8, compute_dtype="bf16")
+    assert bf16.logits * 2 == fp32.logits
+    assert bf16.workspace >= bf16.classes_used * bf16.embedding_size * 2  # the bf16 copy of the centres
+    assert bf16.weights == fp32.weights and bf16.weight_grad == fp32.weight_grad  # fp32 master and gradient
+    with pytest.raises(ValueError, match="'fp16' is not modelled"):
+        plan_head(1000, world_size=2, compute_dtype="fp16")
+    with pytest.raises(ValueError, match="margin='softmax'"):
+        plan_head(1000, world_size=2, margin="softmax", compute_dtype="bf16")
+    assert main(["--classes", "1M", "--world-size", "8", "--compute-dtype", "bf16"]) == 0

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reserve", type=parse_bytes, default=0, help="per-GPU memory kept for the backbone (e.g. 20GB)")
     p.add_argument("--sample-rate", type=float, default=1.0)
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="fp32")
+    p.add_argument("--compute-dtype", choices=["bf16"], default=None,
+                   help="the head's GEMMs in bf16 on fp32 centres (PartialFC(compute_dtype=torch.bfloat16))")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
     p.add_argument("--margin", default="arcface")
     p.add_argument("--chunk-size", type=int, default=None, help="classes per logit block")
@@ -79,7 +81,7 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
                 "dtype": args.dtype, "optimizer": args.optimizer, "margin": args.margin,
                 "chunk_size": args.chunk_size, "momentum": not args.no_momentum,
                 "weight_decay": not args.no_weight_decay, "nesterov": args.nesterov,
-                "clip_grad": args.clip_grad, "backend": args.backend}
+                "clip_grad": args.clip_grad, "backend": args.backend, "compute_dtype": args.compute_dtype}
 
 
 def make_plans(args: argparse.Namespace) -> list[HeadPlan]:
@@ -98,7 +100,8 @@ def _gb(value: float) -> str:
 def format_plans(plans: list[HeadPlan], args: argparse.Namespace) -> str:
     first = plans[0]
     lines = [(f"PartialFC head per GPU: D {first.embedding_size}, batch {first.batch_per_rank}/GPU, "
-             f"sample_rate {first.sample_rate}, {first.dtype}, {first.optimizer}, {first.margin}, "
+             f"sample_rate {first.sample_rate}, {first.dtype}"
+             f"{' centres, bf16 GEMMs' if first.compute_dtype else ''}, {first.optimizer}, {first.margin}, "
              f"chunk {first.chunk_size}{', clipping' if args.clip_grad else ''} (GB = 1e9 bytes)")]
     if args.gpu_memory is not None:
         lines.append(f"budget {_gb(args.gpu_memory)} GB per GPU - reserve {_gb(args.reserve)} GB "
@@ -152,7 +155,7 @@ def _measure(plans: list[HeadPlan], args: argparse.Namespace) -> str:
     from fr_trainer.plan.measure import Case, measure_peaks
 
     cases = [Case(p.classes, p.embedding_size, p.batch_per_rank, p.sample_rate, p.dtype, p.optimizer,
-                  p.margin, p.chunk_size, args.clip_grad) for p in plans]
+                  p.margin, p.chunk_size, args.clip_grad, p.compute_dtype) for p in plans]
     # a GPU plan measured on CPU ranks: the head under the CUDA block policy, as on a GPU
     policy = "cuda" if args.device == "cpu" and args.backend == "nccl" else None
     measured = measure_peaks(cases, world_size=plans[0].world_size, device=args.device, policy=policy)

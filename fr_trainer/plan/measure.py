@@ -41,6 +41,7 @@ class Case:
     margin: str = "arcface"
     chunk_size: int | None = None
     clip_grad: bool = False
+    compute_dtype: str | None = None  # "bf16": 16-bit GEMMs on fp32 centres, bf16 embeddings
 
     def plan_kwargs(self) -> dict:
         return asdict(self)
@@ -59,8 +60,9 @@ def _train_steps(case: Case, rank: int, device: torch.device, x: torch.Tensor, y
     from fr_trainer.heads import PartialFC
     from fr_trainer.train.grads import clip_global_norm
 
+    compute = None if case.compute_dtype is None else TORCH_DTYPES[case.compute_dtype]
     head = PartialFC(case.classes, case.embedding_size, margin=case.margin,
-                     sample_rate=case.sample_rate, chunk_size=case.chunk_size, seed=0)
+                     sample_rate=case.sample_rate, chunk_size=case.chunk_size, seed=0, compute_dtype=compute)
     head = head.to(device=device, dtype=TORCH_DTYPES[case.dtype])
     optimizer = _optimizer(case, head.parameters())
 
@@ -114,7 +116,7 @@ def _rank_peaks(rank: int, world_size: int, cases: list[Case], device_type: str,
     peaks = []
     for case in cases:
         generator = torch.Generator().manual_seed(100 + rank)
-        dtype = TORCH_DTYPES[case.dtype]
+        dtype = TORCH_DTYPES[case.compute_dtype or case.dtype]  # (a bf16 backbone's embeddings)
         x = torch.randn(case.batch_per_rank, case.embedding_size, generator=generator)
         x = x.to(device=device, dtype=dtype).requires_grad_()
         y = torch.randint(0, case.classes, (case.batch_per_rank,), generator=generator).to(device)

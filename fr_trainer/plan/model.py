@@ -36,6 +36,9 @@ Phase 3 (optional, `clip_grad=True`): the trainer's global-norm clipping, which 
 
     peak = weights + optimizer_state + max(phase 1, phase 2, phase 3)
 
+With `compute_dtype="bf16"` (bf16 GEMMs on fp32 centres) the logits, the workspace and the
+pool are the bf16 head's (`fr_trainer/plan/mixed.py`).
+
 G = batch_per_rank * world_size; C_local = ceil(classes / world_size) (rank 0 owns the
 remainder); C_used = C_local, or S = max(ceil(sample_rate * C_local), min(G, C_local)) with
 sampling (every positive is kept; the worst case is the whole batch on one shard).
@@ -49,6 +52,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fr_trainer.plan.mixed import bf16_terms
 from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
 DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # the centres' dtype (PartialFC rejects 16-bit centres)
@@ -120,6 +124,7 @@ class HeadPlan:
     collectives: tuple[Collective, ...] = field(default=())
     gemm_flops: int = 0
     pooled: int = 0  # CPU: the logit buffers the head's buffer pool keeps for the next step
+    compute_dtype: str | None = None  # "bf16": 16-bit GEMMs (`PartialFC(compute_dtype=)`)
 
     @property
     def global_batch(self) -> int:
@@ -266,14 +271,18 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
               sample_rate: float = 1.0, dtype: str = "fp32", optimizer: str = "sgd",
               margin: str = "arcface", chunk_size: int | None = None, momentum: bool = True,
               weight_decay: bool = True, nesterov: bool = False, clip_grad: bool = False,
-              backend: str = "nccl") -> HeadPlan:
+              backend: str = "nccl", compute_dtype: str | None = None) -> HeadPlan:
     """Bytes per GPU of the head's tensors in one training step (see the module docstring).
 
     Args mirror `PartialFC` and the trainer's optimizer settings; `dtype` is the head's
     parameter dtype (fp32 or fp64; a bf16 run keeps fp32 centres, and a 16-bit compute dtype is
     not modelled: see `_check`); `clip_grad` adds the trainer's global-norm
-    clipping; `backend` decides the backward collective (nccl: reduce-scatter).
+    clipping; `backend` decides the backward collective (nccl: reduce-scatter) and the
+    block policy (nccl: a GPU's whole-buffer passes); `compute_dtype="bf16"`: the head's
+    GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`).
     """
+    if compute_dtype not in (None, "bf16"):
+        raise ValueError(f"compute_dtype {compute_dtype!r} is not modelled; use None (the centres' dtype) or 'bf16'")
     _check(classes, embedding_size, world_size, batch_per_rank, sample_rate, dtype, optimizer, chunk_size)
     traits = MarginTraits.of(margin)
     item, d = DTYPE_BYTES[dtype], embedding_size
@@ -294,6 +303,14 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     vectors = 6 * used * item
     whole_buffer = backend == "nccl"  # a GPU head: each pass is one op over the whole buffer
     workspace = traits.scratch_blocks * _scratch_bytes(g, cols, item, whole_buffer) + vectors
+    pooled = logits if backend == "gloo" else 0  # gloo: a CPU head, whose policy reuses buffers
+    if compute_dtype == "bf16":
+        if dtype != "fp32" or not traits.normalized or traits.has_bias:
+            raise ValueError(f"compute_dtype='bf16' is modelled for fp32 centres and a normalised margin "
+                             f"without bias, not dtype={dtype!r} with margin={margin!r}")
+        mixed = bf16_terms(g, used, cols, d, cols < used, traits.scratch_blocks, traits.linear_nontarget,
+                           weight_grad, whole_buffer, BLOCK_ELEMENTS)
+        logits, pooled, workspace = mixed.logits, mixed.pooled, mixed.workspace + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
     optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
@@ -307,7 +324,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         workspace=workspace, optimizer_temp=optimizer_temp, clip_temp=clip_temp,
         collectives=head_collectives(world_size, batch_per_rank, d, item, traits, backend),
         gemm_flops=gemms * 2 * g * used * d,
-        pooled=logits if backend == "gloo" else 0,  # gloo: a CPU head, whose policy reuses buffers
+        pooled=pooled, compute_dtype=compute_dtype,
     )
 
 
