@@ -177,12 +177,8 @@ def _check(classes: int, embedding_size: int, world_size: int, batch_per_rank: i
         raise ValueError(f"sample_rate must lie in (0, 1], got {sample_rate}")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPE_BYTES)}: it is the centres' dtype, "
-                         "fp32 or fp64 (a bf16 run keeps fp32 centres); use dtype='fp32'. The plan "
-                         "models heads that compute in that dtype; one with 16-bit GEMMs "
-                         "(PartialFC(compute_dtype=bf16)) is not modelled yet: it holds a 16-bit copy of "
-                         "the centres besides half-size logits, so it needs more than the fp32 plan "
-                         "when the embedding size outweighs the global batch, less when the logits "
-                         "dominate; measure it (--measure)")
+                         "fp32 or fp64 (a bf16 run keeps fp32 centres); for 16-bit GEMMs use "
+                         "dtype='fp32' with compute_dtype='bf16' (--compute-dtype bf16)")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} is not one of {list(OPTIMIZERS)}")
     if chunk_size is not None and chunk_size < 1:
@@ -275,8 +271,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     """Bytes per GPU of the head's tensors in one training step (see the module docstring).
 
     Args mirror `PartialFC` and the trainer's optimizer settings; `dtype` is the head's
-    parameter dtype (fp32 or fp64; a bf16 run keeps fp32 centres, and a 16-bit compute dtype is
-    not modelled: see `_check`); `clip_grad` adds the trainer's global-norm
+    parameter dtype (fp32 or fp64; a bf16 run keeps fp32 centres); `clip_grad` adds the trainer's global-norm
     clipping; `backend` decides the backward collective (nccl: reduce-scatter) and the
     block policy (nccl: a GPU's whole-buffer passes); `compute_dtype="bf16"`: the head's
     GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`).
