@@ -549,25 +549,19 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         maxima, sums, kept = [], [], None
         for start, end in blocks:
             keep = end == num_cols
+            logits = cos = None
             if ops.cosines16:  # (the block becomes its exponentials when kept)
                 logits, block_max, block_sum = ops.exponential_block_stats(start, end, tgt, z_t, rows, keep)
-                cos = None
-                maxima.append(block_max)
-                sums.append(block_sum)
             elif margin.linear_nontarget and ops.passes is None:
                 logits, block_max, block_sum = ops.linear_block_stats(start, end, tgt, z_t)
-                cos = None
-                maxima.append(block_max)
-                sums.append(block_sum)
             elif ops.cosine_rows:  # (the logits live only in cached row blocks)
                 cos, block_max, block_sum = ops.nonlinear_block_stats(start, end, tgt, z_t, rows)
-                logits = None
-                maxima.append(block_max)
-                sums.append(block_sum)
             else:
                 logits, cos = ops.block_logits(start, end, tgt, z_t, rows)
-                maxima.append(logits.amax(dim=1).to(z_t.dtype))
-                sums.append(ops.sum_exp_rows(logits, maxima[-1]))
+                block_max = logits.amax(dim=1).to(z_t.dtype)
+                block_sum = ops.sum_exp_rows(logits, block_max)
+            maxima.append(block_max)
+            sums.append(block_sum)
             if logits is not None and not ops.cosines16 and logits.dtype != z_t.dtype:  # (targets: fp32 logits)
                 _exact_target_terms_(sums[-1], logits, maxima[-1], z_t, *tgt.in_block(start, end))
             kept = (logits if cos is None else cos) if keep else None
