@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fr_trainer.heads.device_policy import CPU_MM_COLUMNS
+
 BF16, FP32 = 2, 4
-MM_COLUMNS = 1 << 12  # device_policy.CPU_MM_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def bf16_terms(g: int, used: int, cols: int, dim: int, chunked: bool, scratch_bl
     centres = used * dim * BF16
     rows = g if whole_buffer else min(g, max(1, block_elements // max(1, cols)))
     forward = rows * cols * FP32 * (scratch_blocks + (0 if linear else 1))
-    chunk = cols if whole_buffer else min(MM_COLUMNS, cols)
+    chunk = cols if whole_buffer else min(CPU_MM_COLUMNS, cols)
     product_rows = chunk if whole_buffer else min(chunk, max(1, block_elements // dim))
     backward = chunk * dim * BF16 + product_rows * dim * FP32
     workspace = centres + max(forward - weight_grad, backward)

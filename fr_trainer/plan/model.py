@@ -52,12 +52,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS as BLOCK_ELEMENTS
 from fr_trainer.plan.mixed import bf16_terms
 from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
 DTYPE_BYTES = {"fp32": 4, "fp64": 8}  # the centres' dtype (PartialFC rejects 16-bit centres)
 OPTIMIZERS = ("sgd", "adamw")
-BLOCK_ELEMENTS = 1 << 18  # device_policy.CPU_BLOCK_ELEMENTS: elements per elementwise block (CPU policy)
 INT64 = 8
 
 
