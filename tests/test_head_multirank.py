@@ -94,6 +94,17 @@ def test_initial_centres_do_not_depend_on_world_size() -> None:
     assert not torch.equal(init_centres(ClassShard(NUM_CLASSES, 1, 0), DIM, SEED + 1), full)
 
 
+def test_initial_centres_do_not_depend_on_the_number_of_drawing_threads() -> None:
+    from fr_trainer.heads.init import INIT_BLOCK
+
+    classes = 3 * INIT_BLOCK + 17  # shards that start and end inside blocks
+    for world_size, rank in ((1, 0), (3, 1)):
+        shard = ClassShard(classes, world_size, rank)
+        serial = init_centres(shard, 8, SEED, threads=1)
+        assert torch.equal(init_centres(shard, 8, SEED, threads=3), serial)
+        assert torch.equal(init_centres(shard, 8, SEED, threads=16), serial)  # more threads than blocks
+
+
 def _bad_label_on_rank_one(rank: int, world_size: int) -> None:
     head = PartialFC(NUM_CLASSES, DIM, margin="arcface", seed=SEED)
     labels = torch.zeros(BATCH, dtype=torch.int64)
