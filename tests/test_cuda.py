@@ -1,9 +1,15 @@
 """What only a GPU can show, run by scripts/gpu_check.sh (skipped without CUDA): the head on
 CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the
 sparse update on CUDA, NCCL on one rank, and an optimizer state resumed from a CPU
-checkpoint stepping on CUDA."""
+checkpoint stepping on CUDA.
+
+FR_CUDA_TESTS_DEVICE=cpu (with FR_HEAD_BLOCK_POLICY=cuda) runs the same tests on the CPU as a
+dry run of this file's code, at smaller class counts (tests/test_cuda_dry_run.py does that in
+every suite, so that a GPU, when one is lent, does not spend its minutes on a broken test)."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -13,7 +19,10 @@ from head_reference import reference_loss
 from fr_trainer.heads import PartialFC
 from fr_trainer.train.optim import SGD, AdamW
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+DEVICE = os.environ.get("FR_CUDA_TESTS_DEVICE", "cuda")  # "cpu": the dry run
+ON_GPU = DEVICE == "cuda"
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(ON_GPU and not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+STEP_CLASSES = (100_000, 1_000_000) if ON_GPU else (10_000, 40_000)  # the op-count test's two class counts
 
 CLASSES, DIM, BATCH = 5003, 128, 64
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -35,7 +44,7 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize(("margin", "chunk"), [("arcface", None), ("cosface", 1000), ("sv_arcface", None)])
 def test_head_on_cuda_matches_the_fp64_cpu_reference(dtype, margin, chunk):
     x, y, centres = _batch()
-    head = PartialFC(CLASSES, DIM, margin=margin, chunk_size=chunk, seed=0, device="cuda",
+    head = PartialFC(CLASSES, DIM, margin=margin, chunk_size=chunk, seed=0, device=DEVICE,
                      compute_dtype=DTYPES[dtype])
     if margin == "sv_arcface":
         from margin_reference_extra import extra_reference_loss
@@ -50,14 +59,14 @@ def _check_against_fp64(head, centres, x, y, dtype, reference_fn) -> None:
     of the fp64 CPU `reference_fn(x, w)`, gradients at cosine >= 0.999."""
     with torch.no_grad():
         head.weight.copy_(centres)
-    xc = x.cuda().requires_grad_()
-    loss = head(xc, y.cuda())
+    xc = x.to(DEVICE, copy=True).requires_grad_()
+    loss = head(xc, y.to(DEVICE, copy=True))
     loss.backward()
     xr, wr = x.double().requires_grad_(), centres.double().requires_grad_()
     reference = reference_fn(xr, wr)
     reference.backward()
     tolerance = 1e-5 if dtype == "fp32" else 5e-3
-    assert abs(float(loss) - float(reference)) <= tolerance * abs(float(reference))
+    assert abs(float(loss.detach()) - float(reference)) <= tolerance * abs(float(reference))
     assert _cosine(xc.grad, xr.grad) >= 0.999 and _cosine(head.weight.grad, wr.grad) >= 0.999
 
 
@@ -72,21 +81,21 @@ def test_the_sub_centre_head_on_cuda_matches_the_fp64_cpu_plain_path(dtype):
     y = torch.randint(0, CLASSES, (BATCH,), generator=generator)
     noise = torch.randn(BATCH, DIM, generator=generator)
     x = 0.6 * F.normalize(centres[y, 0], dim=1) + 0.8 * F.normalize(noise, dim=1)
-    head = PartialFC(CLASSES, DIM, margin="subcenter_arcface", seed=0, device="cuda", compute_dtype=DTYPES[dtype])
+    head = PartialFC(CLASSES, DIM, margin="subcenter_arcface", seed=0, device=DEVICE, compute_dtype=DTYPES[dtype])
     margin = create_margin("subcenter_arcface")
     _check_against_fp64(head, centres, x, y, dtype, lambda xr, wr: subcenter_loss(xr, wr, y, margin, None))
 
 
 def test_sparse_update_on_cuda_touches_only_sampled_rows():
     x, y, _ = _batch(1)
-    head = PartialFC(CLASSES, DIM, margin="cosface", sample_rate=0.1, seed=0, device="cuda")
+    head = PartialFC(CLASSES, DIM, margin="cosface", sample_rate=0.1, seed=0, device=DEVICE)
     optimizer = SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     before = head.weight.detach().clone()
-    head(x.cuda(), y.cuda()).backward()
+    head(x.to(DEVICE, copy=True), y.to(DEVICE, copy=True)).backward()
     assert head.weight.grad.is_sparse
     optimizer.step()
     moved = (head.weight.detach() != before).any(dim=1)
-    used = torch.zeros(CLASSES, dtype=torch.bool, device="cuda")
+    used = torch.zeros(CLASSES, dtype=torch.bool, device=DEVICE)
     used[head.last_index] = True
     assert torch.equal(moved, used)
 
@@ -95,20 +104,23 @@ def test_nccl_on_one_rank_equals_the_single_process_head(tmp_path):
     import torch.distributed as dist
 
     x, y, _ = _batch(2)
-    plain = PartialFC(CLASSES, DIM, seed=0, device="cuda")
-    expected = plain(x.cuda(), y.cuda())
+    plain = PartialFC(CLASSES, DIM, seed=0, device=DEVICE)
+    expected = plain(x.to(DEVICE, copy=True), y.to(DEVICE, copy=True))
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    if ON_GPU:
+        dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=torch.device("cuda", 0))
+    else:
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        grouped = PartialFC(CLASSES, DIM, seed=0, device="cuda", process_group=dist.group.WORLD)
-        torch.testing.assert_close(grouped(x.cuda(), y.cuda()), expected)
+        grouped = PartialFC(CLASSES, DIM, seed=0, device=DEVICE, process_group=dist.group.WORLD)
+        torch.testing.assert_close(grouped(x.to(DEVICE, copy=True), y.to(DEVICE, copy=True)), expected)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("kind", [SGD, AdamW])
 def test_optimizer_state_from_a_cpu_checkpoint_steps_on_cuda(kind):
-    weight = torch.nn.Parameter(torch.randn(10, 4, device="cuda"))
+    weight = torch.nn.Parameter(torch.randn(10, 4, device=DEVICE))
     optimizer = kind([weight], lr=0.1)
     weight.grad = torch.randn_like(weight)
     optimizer.step()
@@ -119,7 +131,7 @@ def test_optimizer_state_from_a_cpu_checkpoint_steps_on_cuda(kind):
     resumed.load_state_dict(saved)
     weight.grad = torch.randn_like(weight)
     resumed.step()  # a CPU `step` tensor would make this fail
-    assert all(t.device.type == "cuda" for s in resumed.state.values() for t in s.values() if torch.is_tensor(t))
+    assert all(t.device.type == DEVICE for s in resumed.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -127,7 +139,7 @@ def test_optimizer_state_from_a_cpu_checkpoint_steps_on_cuda(kind):
 def test_cuda_op_count_does_not_grow_with_classes_and_a_step_syncs_at_most_once(dtype, chunk, rate):
     from fr_trainer.heads.step_count import count_step
 
-    small, large = (count_step(classes, 128, 64, dtype, "cuda", chunk, rate) for classes in (100_000, 1_000_000))
+    small, large = (count_step(classes, 128, 64, dtype, DEVICE, chunk, rate) for classes in STEP_CLASSES)
     assert small["ops"] == large["ops"], (small, large)
     for row in (small, large):
         assert row["syncs"] <= 1 and row["cuda_reported_syncs"] <= 1, row
