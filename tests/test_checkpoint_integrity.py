@@ -191,6 +191,49 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     assert ckpt.load_file(tmp_path / "old.pt", mmap=True)["numpy"][0] == "MT19937"
 
 
+
+class _FakeCudaRng:
+    """torch.cuda's RNG calls on a node of three GPUs, this rank's being GPU 1 (current)."""
+
+    def __init__(self) -> None:
+        self.states = [torch.full((16,), i, dtype=torch.uint8) for i in range(3)]
+        self.current = 1
+
+    def install(self, monkeypatch) -> None:
+        cuda = torch.cuda
+        for name, fn in {"is_available": lambda: True, "is_initialized": lambda: True,
+                         "current_device": lambda: self.current, "get_rng_state": self.get,
+                         "set_rng_state": self.set, "get_rng_state_all": self.refuse,
+                         "set_rng_state_all": self.refuse}.items():
+            monkeypatch.setattr(cuda, name, fn)
+
+    def get(self, device="cuda") -> torch.Tensor:
+        assert device == "cuda", device  # the current device
+        return self.states[self.current].clone()
+
+    def set(self, state: torch.Tensor, device="cuda") -> None:
+        assert device == "cuda", device
+        self.states[self.current] = state.clone()
+
+    def refuse(self, *args):
+        raise AssertionError("a rank must not read or write the other GPUs' generators")
+
+
+def test_the_checkpoint_saves_and_restores_only_the_ranks_own_gpu_generator(monkeypatch):
+    fake = _FakeCudaRng()
+    fake.install(monkeypatch)
+    state = ckpt.rng_state()
+    assert torch.equal(state["cuda"], torch.full((16,), 1, dtype=torch.uint8))
+    fake.states = [torch.zeros(16, dtype=torch.uint8)] * 3
+    ckpt.set_rng_state(state)
+    assert [int(s[0]) for s in fake.states] == [0, 1, 0]  # GPUs 0 and 2 (other ranks') untouched
+    # an older checkpoint's list of every visible GPU's state: the current GPU's entry
+    ckpt.set_rng_state({**state, "cuda": [torch.full((16,), 7 + i, dtype=torch.uint8) for i in range(3)]})
+    assert [int(s[0]) for s in fake.states] == [0, 8, 0]
+    fake.current = 2  # a GPU the old list does not cover keeps its state
+    ckpt.set_rng_state({**state, "cuda": [torch.full((16,), 9, dtype=torch.uint8)]})
+    assert [int(s[0]) for s in fake.states] == [0, 8, 0]
+
 def rank_save_with_a_full_disk_on_rank_0(rank: int, world_size: int, cfg: dict) -> dict:
     trainer = make_trainer(rank, world_size, cfg)
     trainer.fit(stop_after=1)

@@ -95,6 +95,47 @@ def test_centres_are_created_on_the_target_device():
     assert cpu.weight.device.type == "cpu"
 
 
+
+@pytest.mark.parametrize("margin", ["curricularface", "adaface"])
+def test_the_margins_buffers_are_created_on_the_centres_device(margin):
+    head = partial_fc.PartialFC(NUM_CLASSES, DIM, margin=margin, seed=SEED, device="meta")
+    buffers = dict(head.margin.named_buffers())
+    assert buffers, f"{margin} keeps no buffer: this test checks nothing"
+    assert {b.device.type for b in buffers.values()} == {"meta"}, buffers
+
+
+def _sampled_step(head: partial_fc.PartialFC) -> None:
+    embeddings = torch.randn(6, DIM, generator=torch.Generator().manual_seed(3))
+    head(embeddings, torch.arange(6) % NUM_CLASSES).backward()
+
+
+def _next_stream(state: dict) -> torch.Tensor:
+    head = partial_fc.PartialFC(NUM_CLASSES, DIM, margin="softmax", sample_rate=0.5, seed=SEED)
+    head.load_state_dict(state)
+    return head._sampling_generator().get_state()
+
+
+def test_a_stream_saved_on_another_device_restarts_from_the_number_of_sampled_steps():
+    head = partial_fc.PartialFC(NUM_CLASSES, DIM, margin="softmax", sample_rate=0.5, seed=SEED)
+    for _ in range(3):
+        _sampled_step(head)
+    state = head.state_dict()
+    assert state["_extra_state"]["draws"] == 3 and state["_extra_state"]["sampling_device"] == "cpu"
+    # the same device: the stream goes on exactly
+    assert torch.equal(_next_stream(state), head._sampling_generator().get_state())
+    # a CPU state from before the device was recorded is recognised as a CPU one
+    old = {**state, "_extra_state": {"sampling_rng": state["_extra_state"]["sampling_rng"]}}
+    assert torch.equal(_next_stream(old), head._sampling_generator().get_state())
+    # a CUDA generator's state (16 bytes: seed and offset), named or not, cannot be set on
+    # a CPU generator: the stream restarts from (seed, draws, rank, world size)
+    cuda_rng = torch.zeros(16, dtype=torch.uint8)
+    expected = torch.Generator().manual_seed(partial_fc.sampling_seed(SEED, head.shard, 3)).get_state()
+    for extra in ({"sampling_rng": cuda_rng, "sampling_device": "cuda", "draws": 3},
+                  {"sampling_rng": cuda_rng, "draws": 3}):
+        restarted = _next_stream({**state, "_extra_state": extra})
+        assert torch.equal(restarted, expected)
+        assert not torch.equal(restarted, head._sampling_generator().get_state())
+
 # ------------------------------------------------------------------ memory at scale
 BIG_CLASSES, BIG_DIM = 200_000, 128  # fp32: ~102 MB per old shard file (weights + momentum)
 

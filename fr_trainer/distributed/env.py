@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fr_trainer.devices import local_cuda_device
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -69,8 +71,7 @@ def init_distributed(
     local_rank = int(variables["LOCAL_RANK"])
     backend = default_backend(device_type)
     if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+        device = local_cuda_device(local_rank)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from fr_trainer.devices import local_cuda_device
+
 START_METHOD = "spawn"  # run_ranks' default; tests/conftest.py sets "forkserver"
 FORKSERVER_PRELOAD = ("torch", "torch.distributed", "fr_trainer.heads", "fr_trainer.margins")
 START_METHODS = ("spawn", "forkserver")
@@ -56,9 +58,12 @@ def _worker(
         os.environ.update(environ)
     torch.set_num_threads(threads)
     try:
+        # NCCL: rank r on GPU r (one node), current before the group exists, or its
+        # communicators and every tensor made without a device go to GPU 0
+        kwargs = {"device_id": local_cuda_device(rank)} if backend == "nccl" else {}
         store = dist.FileStore(store_path, world_size)
         dist.init_process_group(
-            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120)
+            backend, store=store, rank=rank, world_size=world_size, timeout=timedelta(seconds=120), **kwargs
         )
         try:
             value = fn(rank, world_size, *args)

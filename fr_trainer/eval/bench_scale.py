@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fr_trainer.devices import synchronize
+
 
 def _rss_anon_kb() -> int:
     try:
@@ -91,11 +93,6 @@ def write_gallery(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 6553
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _search_floor(gallery: np.ndarray, probes: np.ndarray, plan, device: str = "cpu") -> float:
     """The search's GEMMs alone: gallery in (device) memory, outputs allocated before the
     clock starts."""
@@ -108,13 +105,13 @@ def _search_floor(gallery: np.ndarray, probes: np.ndarray, plan, device: str = "
     outs = {shape: torch.empty(shape, device=device) for shape in shapes}
     for out in outs.values():
         out.zero_()  # touch the pages before the clock
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for p0, g0 in blocks:
         pb = p[p0 : p0 + plan.probe_chunk]
         chunk = in_ram[g0 : g0 + plan.gallery_chunk]
         torch.mm(pb, chunk.T, out=outs[(pb.shape[0], chunk.shape[0])])
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -137,7 +134,7 @@ def bench_search(args: argparse.Namespace) -> dict:
             t0 = time.perf_counter()
             topk_search(probes, gallery, args.k, memory_budget=args.budget, progress=not args.quiet,
                         device=args.device)
-            _sync(args.device)
+            synchronize(args.device)
             search = time.perf_counter() - t0
         after = _search_floor(gallery, probes, plan, args.device)
         floor = (before + after) / 2

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fr_trainer.devices import local_cuda_device, synchronize
 from fr_trainer.distributed.collectives import all_gather_tensor, all_gather_with_grad
 from fr_trainer.distributed.shard import ClassShard
 from fr_trainer.distributed.spawn import run_ranks
@@ -79,19 +80,14 @@ def _peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time_steps(step, cfg: BenchConfig, device: torch.device) -> list[float]:
     times = []
     for i in range(cfg.warmup + cfg.iters):
         dist.barrier()
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
-        _sync(device)
+        synchronize(device)
         if i >= cfg.warmup:
             times.append(time.perf_counter() - start)
     return times
@@ -206,9 +202,7 @@ _BUILDERS = {"floor": _floor_step, "head": _head_step, "compiled": _compiled_ste
 
 
 def _run_mode(rank: int, world_size: int, mode: str, cfg: BenchConfig) -> dict:
-    device = torch.device("cuda", rank) if cfg.device == "cuda" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = local_cuda_device(rank) if cfg.device == "cuda" else torch.device("cpu")
     base = _peak_mb(device)
     step = _BUILDERS[mode](cfg, rank, device)
     times = _time_steps(step, cfg, device)

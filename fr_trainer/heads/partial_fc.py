@@ -32,6 +32,15 @@ from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
 
 
+def saved_generator_device(state: dict) -> str:
+    """The device type a head's saved sampling stream came from. Checkpoints before the
+    key was written hold a CPU generator's state (5,056 bytes; a CUDA one's is 16)."""
+    saved = state.get("sampling_device")
+    if saved is not None:
+        return str(saved)
+    return "cpu" if state["sampling_rng"].numel() == torch.Generator().get_state().numel() else "cuda"
+
+
 class PartialFC(nn.Module):
     """Sharded margin-softmax head.
 
@@ -99,6 +108,8 @@ class PartialFC(nn.Module):
             self.margin = margin
         else:
             self.margin = create_margin(margin, num_classes=num_classes, **margin_kwargs)
+        if device is not None:
+            self.margin.to(device)  # its buffers (CurricularFace's t, AdaFace's norm EMA) beside the centres
         self.interclass_filtering_threshold = check_threshold(interclass_filtering_threshold, self.margin)
         self.sample_rate = float(sample_rate)
         self.num_sample = num_sampled(self.shard.num_local, self.sample_rate)
@@ -112,6 +123,7 @@ class PartialFC(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(self.shard.num_local, device=device))
                      if self.margin.has_bias else None)
         self._generator: torch.Generator | None = None
+        self._draws = 0  # sampled steps drawn so far: seeds a new stream when a saved one cannot be used
         self._reseed_step: int | None = None  # set when a resharded checkpoint had no stream for this rank
         self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
 
@@ -162,6 +174,7 @@ class PartialFC(nn.Module):
         if self.sampling:
             present = present_classes(local, owned, self.shard.num_local)
             index = sample_present(present, self.num_sample, self._sampling_generator(), local.numel())
+            self._draws += 1
             local = torch.where(owned, torch.searchsorted(index, local.clamp_min(0)), local)
             self.last_index = index
         compute = check_compute_dtype(self.compute_dtype, self.weight.dtype)
@@ -183,19 +196,26 @@ class PartialFC(nn.Module):
 
     def get_extra_state(self) -> dict:
         generator = self._generator
-        return {"sampling_rng": None if generator is None else generator.get_state()}
+        if generator is None:
+            return {"sampling_rng": None, "draws": self._draws}
+        return {"sampling_rng": generator.get_state(), "sampling_device": generator.device.type,
+                "draws": self._draws}
 
     def set_extra_state(self, state: dict) -> None:
         """The saved sampling stream; a checkpoint resharded to another world size has none
         (`sampling_rng` None: the old streams do not map onto the new shards, and copying
         one to two new ranks would give them the same negatives) and names its step in
-        `reseed_step`: the stream restarts from (seed, step, rank, world size)."""
+        `reseed_step`: the stream restarts from (seed, step, rank, world size). A stream
+        saved on another kind of device (a CUDA generator's state is not a CPU one's) cannot
+        be restored either: the stream restarts from the number of sampled steps drawn."""
         state = state if isinstance(state, dict) else {}
+        self._draws = int(state.get("draws", 0))
         rng = state.get("sampling_rng")
-        if rng is not None:
+        if rng is not None and saved_generator_device(state) == self.weight.device.type:
+            self._generator = None
             self._sampling_generator().set_state(rng)
             return
-        step = state.get("reseed_step")
+        step = state.get("reseed_step", self._draws if rng is not None else None)
         self._reseed_step = None if step is None else int(step)
         self._generator = None  # drawn afresh from the seed on the next sampled step
 

@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from fr_trainer.devices import local_cuda_device, synchronize
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fr-trainer bench train", description=__doc__.split("\n")[0])
@@ -59,11 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone, as model.compile")
     p.add_argument("--json", default=None, help="also write the result here")
     return p
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def process_cpu_seconds() -> float:
@@ -151,7 +148,7 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(args.threads)
     device_type = resolve_device(args.device)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    device = local_cuda_device(rank) if device_type == "cuda" else torch.device("cpu")
     precision = resolve_precision(args.precision, device_type)
     data_only = data_pass(args, rank, world_size, device) if args.data and args.data_batches else None
     next_batch, num_classes = _batches(args, rank, world_size, device)
@@ -180,25 +177,25 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             parts = {k: 0.0 for k in parts}
-            _sync(device)
+            synchronize(device)
             total_start, cpu_start = time.perf_counter(), process_cpu_seconds()
         t0 = time.perf_counter()
         images, labels = next_batch()
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        _sync(device)
+        synchronize(device)
         t1 = time.perf_counter()
         with precision.autocast(device):
             embeddings = model(images)
-        _sync(device)
+        synchronize(device)
         t2 = time.perf_counter()
         features = embeddings.detach().float().requires_grad_()
         loss = head(features, labels)
         (scaler.scale(loss) if scaler else loss).backward()
-        _sync(device)
+        synchronize(device)
         t3 = time.perf_counter()
         scale_backbone_grad(embeddings, world_size).backward(features.grad.to(embeddings.dtype))
-        _sync(device)
+        synchronize(device)
         t4 = time.perf_counter()
         if scaler:
             scaler.step(optimizer)
@@ -206,7 +203,7 @@ def bench_rank(rank: int, world_size: int, args: argparse.Namespace) -> dict:
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        synchronize(device)
         t5 = time.perf_counter()
         for name, seconds in (
             ("data", t1 - t0),

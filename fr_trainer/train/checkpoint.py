@@ -102,8 +102,18 @@ def rng_state() -> dict:
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's own (current) GPU only
     return state
+
+
+def _own_cuda_rng(saved: torch.Tensor | list | tuple) -> torch.Tensor | None:
+    """The saved CUDA generator state of this rank's current GPU. Checkpoints before
+    session 10 hold a list, one per visible GPU (the saving rank's among them, at its
+    index); a GPU beyond that list keeps its seeded state."""
+    if isinstance(saved, torch.Tensor):
+        return saved
+    index = torch.cuda.current_device()
+    return saved[index] if index < len(saved) else None
 
 
 def set_rng_state(state: dict) -> None:
@@ -115,7 +125,9 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(saved)  # older checkpoints: the tuple of np.random.get_state()
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        own = _own_cuda_rng(state["cuda"])
+        if own is not None:
+            torch.cuda.set_rng_state(own)  # the current device: set_rng_state_all would seed other ranks' GPUs
 
 
 # --------------------------------------------------------------------------- writing
