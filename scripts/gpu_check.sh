@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The device check, one script, at most 8 minutes on one H100/H200 (per-step limits add up to 440 s, the probe and the summary 20 s each) (scripts/README: run it
+# The device check, one script, at most 8 minutes on one H100/H200 (per-step limits add up to 440 s, the probe and
+# the summary 20 s each) (scripts/README: run it
 # whenever a GPU is lent; record the figures in docs/benchmarks.md with the GPU named):
 #   1. the CUDA tests (tests/test_cuda.py, marker `cuda`): the head on CUDA in fp32/bf16/fp16
 #      against the fp64 CPU reference, the sparse update, NCCL on one rank, resumed
@@ -16,6 +17,10 @@
 #   4. `fr-trainer bench train --device cuda`: the full step (random images on the GPU, so the
 #      data path is not in it), iresnet50 in bf16 autocast, channels_last, the head in bf16,
 #      batch 256, 100k classes; eager and compiled (target >= 5,000 samples/s on one H200);
+#   4b. the same eager step fed by the torch loader from a synthetic train.rec made there
+#      (7,200 images, 240 identities), JPEGs decoded on the GPU by torchvision's nvJPEG: the
+#      nearest real thing to DALI GPU data, which the device image lacks and cannot carry
+#      (the nvidia-dali wheel is 424 MB; a run carries at most 64 MiB);
 #   5. a JSON and a markdown table of it all in $OUT (default gpu_check_out/).
 # Uses the python3 that holds torch (no install: the device image has torch, pytest and
 # onnxruntime); the project is imported from this checkout.
@@ -43,21 +48,26 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 timeout 20 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-step cuda_tests 70 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step head_ops 40 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
+step cuda_tests 60 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step head_ops 30 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
   --json "$out/step_ops.json"
 # --threads: the host threads that draw the centres (a 10M x 512 shard takes ~30 s on one core)
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --threads 8 --batch 1024 --dim 512)
 step head_1m_bf16 35 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --json "$out/head_1m_bf16.json"
-step head_1m_fp32 30 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
-step head_10m_bf16 60 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
+step head_1m_fp32 25 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
+step head_10m_bf16 55 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
   --json "$out/head_10m_bf16.json"
-step search_1m 70 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
+step search_1m 50 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
 train=("$py" -m fr_trainer bench train --device cuda --backbone iresnet50 --batch-size 256 --num-classes 100000
        --precision bf16 --head-dtype bf16 --channels-last on)
-step train_r50_bf16 35 "${train[@]}" --steps 30 --warmup 5 --json "$out/train_r50_bf16.json"
+step train_r50_bf16 30 "${train[@]}" --steps 30 --warmup 5 --json "$out/train_r50_bf16.json"
+data="${TMPDIR:-/tmp}/fr_gpu_check_data"
+step synth_data 15 "$py" -m fr_trainer synth "$data" --identities 240 --images-per-identity 30 --holdout-identities 10 \
+  --pairs 20 --ijbc-subjects 0 --megaface-identities 0 --workers 16 --no-progress
+step train_r50_bf16_nvjpeg 45 "${train[@]}" --data "$data" --loader torch --num-workers 6 --data-batches 20 \
+  --steps 30 --warmup 5 --json "$out/train_r50_bf16_nvjpeg.json"
 # last: a cold inductor + Triton compile of iresnet50 forward and backward takes a minute or more
-step train_r50_bf16_compiled 100 "${train[@]}" --compile --steps 30 --warmup 5 --json "$out/train_r50_bf16_compiled.json"
+step train_r50_bf16_compiled 95 "${train[@]}" --compile --steps 30 --warmup 5 --json "$out/train_r50_bf16_compiled.json"
 timeout 20 "$py" - "$out" <<'PY'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -82,10 +92,13 @@ train_rows = []
 for path in sorted(out.glob("train_*.json")):
     data = json.loads(path.read_text())
     report[path.stem] = data
-    train_rows.append(f"| {path.stem} | {data['samples_per_s']:.0f} | {data['step_ms']:.1f} | "
+    loader = data.get("data_only")  # (the nvJPEG step: the loader alone, before the steps)
+    alone = f"{loader['steady_images_per_s']:.0f}" if loader else "–"
+    train_rows.append(f"| {path.stem} | {data['samples_per_s']:.0f} | {data['step_ms']:.1f} | {alone} | "
                       + ", ".join(f"{k} {v * 100:.0f}%" for k, v in data["share"].items()) + " |")
 if train_rows:
-    train_rows = ["", "| full step | samples/s | ms/step | time share |", "|---|---:|---:|---|", *train_rows]
+    train_rows = ["", "| full step | samples/s | ms/step | loader alone, images/s | time share |",
+                  "|---|---:|---:|---:|---|", *train_rows]
 ops = out / "step_ops.json"  # (not head_*.json: those are bench results)
 ops_rows = []
 if ops.is_file():
