@@ -94,6 +94,11 @@ def decode_jpeg_batch_gpu(
             "GPU JPEG decode needs torchvision: pip install 'fr_trainer[vision]' "
             "(with a CUDA build of torch), or use decode='pil'"
         ) from error
+    # torchvision takes the outputs from the current stream's pool but decodes on a stream
+    # of its own without waiting for the current one: blocks freed there with kernels still
+    # queued (the previous batch's stack and flip) could be written before those kernels
+    # run (pytorch/vision#9606). Wait for this stream's own queued work first.
+    torch.cuda.current_stream(device).synchronize()
     images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
     out = []
     for image in images:

@@ -6,7 +6,9 @@ host wait for a device result: `_local_scalar_dense` (`item()`,
 `float(t)`, `bool(t)`), `nonzero` and friends (their output size is data), `unique`,
 `equal`, `masked_select`, indexing with a boolean mask (a hidden nonzero), and
 `Tensor.tolist()` / `Tensor.numpy()`, which read a whole tensor on the host without
-dispatching an aten op on the CPU (so they are counted by wrapping the methods).
+dispatching an aten op on the CPU (so they are counted by wrapping the methods). The other
+way counts too: `lift_fresh`, a tensor made from host data (`torch.tensor(x, device=...)`,
+`t[i] = number`), is on CUDA a blocking copy from pageable host memory.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 SYNCING_OPS = {
     "_local_scalar_dense", "nonzero", "nonzero_numpy", "argwhere", "unique_dim", "_unique", "_unique2",
     "unique_consecutive", "unique_dim_consecutive", "is_nonzero", "equal", "allclose", "masked_select",
-    "masked_scatter", "masked_scatter_", "repeat_interleave",
+    "masked_scatter", "masked_scatter_", "repeat_interleave", "lift_fresh",
 }
 
 

@@ -65,7 +65,8 @@ def _report(embeddings: torch.Tensor, labels: torch.Tensor, code: int, num_class
     batch = embeddings.shape[0] if isinstance(embeddings, torch.Tensor) and embeddings.dim() else -1
     dim = embeddings.shape[1] if isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2 else -1
     row = torch.zeros(_REPORT_SIZE, dtype=torch.int64, device=device)
-    row[0], row[1], row[2] = batch, dim, code
+    for i, value in enumerate((batch, dim, code)):
+        row[i : i + 1].fill_(value)  # (`row[i] = value` copies a host tensor in: a sync on CUDA)
     if code == OK:
         count, values = label_report(labels, num_classes)
         row[2] = torch.where(count > 0, LABEL_RANGE, OK).to(device)

@@ -27,6 +27,8 @@ def join_sum(local: torch.Tensor, count: torch.Tensor | float, group: ProcessGro
     """(sum over ranks of the scalar `local`, sum over ranks of `count`), the same on every
     rank; the first carries the gradient of this rank's own `local` term only (each rank
     back-propagates its part; `all_gather_with_grad` sums the parts of every row)."""
-    count = torch.as_tensor(count, dtype=local.dtype, device=local.device)
+    if not isinstance(count, torch.Tensor):  # (a host number: a fill, not a host-to-device copy)
+        count = local.new_full((), float(count))
+    count = count.to(local.dtype)
     both = all_reduce_(torch.stack([local.detach(), count]), dist.ReduceOp.SUM, group)
     return local + (both[0] - local.detach()), both[1]

@@ -61,7 +61,7 @@ class CirclePairLoss(nn.Module):
         detached = sim.detach()
         a_p = (1.0 + self.m - detached).clamp_min(0.0)
         a_n = (detached + self.m).clamp_min(0.0)
-        minus_inf = torch.tensor(float("-inf"), dtype=sim.dtype, device=sim.device)
+        minus_inf = float("-inf")
         z_p = torch.where(pos, -self.gamma * a_p * (sim - (1.0 - self.m)), minus_inf)
         z_n = torch.where(neg, self.gamma * a_n * (sim - self.m), minus_inf)
         per_anchor = F.softplus(torch.logsumexp(z_n, dim=1) + torch.logsumexp(z_p, dim=1))
@@ -116,7 +116,7 @@ class TripletLoss(nn.Module):
     def _batch_hard(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         valid = pos.any(1) & neg.any(1)
         dist, pos, neg = dist[valid], pos[valid], neg[valid]
-        inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+        inf = float("inf")
         hardest_p = torch.where(pos, dist, -inf).amax(1)
         hardest_n = torch.where(neg, dist, inf).amin(1)
         return (hardest_p - hardest_n + self.margin).clamp_min(0.0)
@@ -124,7 +124,7 @@ class TripletLoss(nn.Module):
     def _semi_hard(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         valid = neg.any(1)
         dist, pos, neg = dist[valid], pos[valid], neg[valid]
-        inf = torch.tensor(float("inf"), dtype=dist.dtype, device=dist.device)
+        inf = float("inf")
         sorted_n, _ = torch.sort(torch.where(neg, dist, inf), dim=1)  # [A, G], +inf padded
         # first negative strictly farther than each positive (d_an > d_ap)
         first = torch.searchsorted(sorted_n.detach().contiguous(), dist.detach().contiguous(), right=True)

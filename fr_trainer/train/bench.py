@@ -109,6 +109,7 @@ def data_pass(args, rank: int, world_size: int, device: torch.device) -> dict:
     images = 0
     for _ in range(args.data_batches):
         images += stream.next()[1].numel()
+    synchronize(device)  # (the last batch's copies, flips and normalisation, queued on the device)
     steady, wall = process_cpu_seconds() - steady_start, time.perf_counter() - wall
     del stream  # ends the epoch's iterator: DataLoader workers exit and are reaped
     gc.collect()

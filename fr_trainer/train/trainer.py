@@ -487,7 +487,7 @@ class Trainer:
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
         loss_sum = torch.stack(losses).sum().detach()
         flags = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float32),
-                             torch.tensor(float(self.stop_request.requested_here), device=loss_sum.device)])
+                             loss_sum.new_full((), float(self.stop_request.requested_here), dtype=torch.float32)])
         flags = any_rank_flags(flags, self.group)  # [a loss is non-finite, a stop was asked] on any rank
         # the step's one host read: the loss (the non-finite policy needs it) and the flags
         loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags]).tolist()
