@@ -1,7 +1,7 @@
-"""A training step reads the host twice, in every precision the trainer runs on a CPU: once
-for the head's input report and once for the trainer's [loss, non-finite, stop] read (the
-flags all-reduced with MAX over the ranks). A stop asked on one rank is agreed by both in
-that same read."""
+"""A training step reads the host twice, in every precision the trainer runs on a CPU, with
+gradient clipping on or off: once for the head's input report and once for the trainer's
+[loss, non-finite, stop] read (the flags all-reduced with MAX over the ranks). A stop asked
+on one rank is agreed by both in that same read."""
 
 from __future__ import annotations
 
@@ -28,9 +28,11 @@ def _prefetched(next_batch):
     return lambda: batches.pop(0)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_a_step_reads_the_host_twice_and_agrees_on_a_stop_asked_by_one_rank(tmp_path, precision) -> None:
-    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs", train={"precision": precision})
+@pytest.mark.parametrize(("precision", "clip_scope"), [("fp32", None), ("bf16", None), ("fp32", "all"),
+                                                     ("bf16", "backbone")])
+def test_a_step_reads_the_host_twice_and_agrees_on_a_stop_asked_by_one_rank(tmp_path, precision, clip_scope) -> None:
+    clip = {} if clip_scope is None else {"clip_grad_norm": 1e-3, "clip_scope": clip_scope}  # (clips every step)
+    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs", train={"precision": precision}, optim=clip)
     for syncs, agreed in run_ranks(_count_step_reads, 2, cfg):
         assert syncs == {"tolist": 2}, syncs
         assert agreed  # rank 1 asked; rank 0 learns it in the same read

@@ -9,7 +9,6 @@ place where that factor lives.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
@@ -63,18 +62,22 @@ def clip_global_norm(
     sharded: list[torch.nn.Parameter],
     max_norm: float,
     group=None,
-) -> float:
+) -> torch.Tensor:
     """Clip the gradient norm of the whole model: replicated parameters (the backbone,
     identical on every rank after DDP) counted once, sharded ones (the head) summed over
-    ranks. Returns the norm before clipping (same on every rank)."""
+    ranks. Returns the norm before clipping (same on every rank), a float64 tensor on the
+    device: nothing here reads the host, so clipping adds no sync to a step. The gradients
+    are multiplied by min(1, max_norm / (norm + 1e-6)) on the device (by exactly 1 when the
+    norm is within the bound, which leaves them as they were)."""
     device = next((p.device for p in (*sharded, *replicated)), torch.device("cpu"))
     local = _square_sum(sharded, device)
     if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
-    norm = math.sqrt(float(_square_sum(replicated, device) + local))
-    if max_norm > 0 and norm > max_norm:
-        factor = max_norm / (norm + 1e-6)
+    norm = (_square_sum(replicated, device) + local).sqrt()
+    if max_norm > 0:
+        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in (*replicated, *sharded):
             if p.grad is not None:
-                p.grad = p.grad * factor if p.grad.is_sparse else p.grad.mul_(factor)
+                scale = factor.to(p.grad.dtype)
+                p.grad = p.grad * scale if p.grad.is_sparse else p.grad.mul_(scale)
     return norm

@@ -78,7 +78,7 @@ class StepResult:
     loss: float
     lr: float
     skipped: bool
-    grad_norm: float | None
+    grad_norm: torch.Tensor | None  # on the device (reading it is a host sync)
 
 
 def _accuracies(results: dict[str, dict]) -> dict[str, dict]:
