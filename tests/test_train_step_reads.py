@@ -36,3 +36,9 @@ def test_a_step_reads_the_host_twice_and_agrees_on_a_stop_asked_by_one_rank(tmp_
     for syncs, agreed in run_ranks(_count_step_reads, 2, cfg):
         assert syncs == {"tolist": 2}, syncs
         assert agreed  # rank 1 asked; rank 0 learns it in the same read
+
+
+def test_the_center_loss_adds_only_its_own_input_report(tmp_path) -> None:
+    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs", regularizer={"name": "center", "weight": 0.01})
+    for syncs, _ in run_ranks(_count_step_reads, 2, cfg):
+        assert syncs == {"tolist": 3}, syncs  # the head's report, the center loss's, the trainer's read

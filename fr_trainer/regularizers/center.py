@@ -68,22 +68,24 @@ class CenterLoss(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x, y = gather_batch(embeddings.to(self.centres.dtype), labels, self.num_classes, self.process_group)
+        # every row, the ones another rank owns masked out (not selected: the selection's
+        # size is data, which a GPU would have to report to the host)
         owned = self.shard.owns(y)
-        rows = torch.nonzero(owned).squeeze(1)
-        local_y = y.index_select(0, rows) - self.shard.start
-        diff = x.index_select(0, rows) - self.centres.index_select(0, local_y)
+        local_y = torch.where(owned, y - self.shard.start, torch.zeros_like(y))
+        diff = torch.where(owned[:, None], x - self.centres.index_select(0, local_y), torch.zeros_like(x))
         local = 0.5 * self.loss_weight * diff.square().sum()
         loss = join_sum(local, 0.0, self.process_group)[0] / x.shape[0]
         if self.update == "paper" and self.training:
-            self._paper_update(diff.detach(), local_y)
+            self._paper_update(diff.detach(), local_y, owned)
         return loss
 
     @torch.no_grad()
-    def _paper_update(self, diff: torch.Tensor, local_y: torch.Tensor) -> None:
-        """c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j), for owned j."""
+    def _paper_update(self, diff: torch.Tensor, local_y: torch.Tensor, owned: torch.Tensor) -> None:
+        """c_j <- c_j - alpha * sum_{i: y_i = j} (c_j - x_i) / (1 + n_j), for owned j (the
+        rows of other ranks have diff 0 and count 0)."""
         delta = torch.zeros_like(self.centres).index_add_(0, local_y, -diff)  # sum (c_j - x_i)
         counts = torch.zeros(self.shard.num_local, dtype=diff.dtype, device=diff.device)
-        counts.index_add_(0, local_y, torch.ones_like(local_y, dtype=diff.dtype))
+        counts.index_add_(0, local_y, owned.to(diff.dtype))
         self.centres.sub_(delta * (self.alpha / (1.0 + counts))[:, None])
 
     def extra_repr(self) -> str:
