@@ -1,5 +1,6 @@
-"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated, and the
-backward rebuilds every chunk but the last (kept, and whole). The bf16 backward reads its
+"""Chunked logits: no tensor of the full [G, C_local] logit size is ever allocated, nor, with
+16-bit GEMMs, a 16-bit copy of more than one chunk of centres; the backward rebuilds every
+chunk but the last (kept, and whole). The bf16 backward reads its
 kept buffer only through the GEMMs, for every normalised margin. A
 non-linear margin in fp32: one [G, C_local] buffer in a step (its cosines)."""
 
@@ -44,6 +45,41 @@ def test_chunked_logits_stay_within_the_chunk() -> None:
         chunked_largest, _ = largest_allocation(500, margin)
         weight_bytes = 3000 * 8 * 4
         assert chunked_largest <= max(64 * 500 * 4, weight_bytes) < logits_bytes
+
+
+class Largest16BitStorage(TorchDispatchMode):
+    """Records the largest storage (bytes) among the 16-bit outputs of every aten op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse \
+                    and tensor.dtype in (torch.bfloat16, torch.float16):
+                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+        return out
+
+
+def test_a_chunked_16_bit_head_converts_the_centres_one_chunk_at_a_time() -> None:
+    from fr_trainer.heads import buffer_pool
+
+    batch, dim, classes, chunk = 16, 64, 3000, 500  # a whole 16-bit copy: 384 KB; a chunk's: 64 KB
+    for dtype in (torch.bfloat16, torch.float16):
+        for margin in ("arcface", "sv_arcface"):
+            largest = {}
+            for chunk_size in (None, chunk):
+                buffer_pool.clear()  # (a pooled buffer from an earlier test could be larger)
+                head = PartialFC(classes, dim, margin=margin, chunk_size=chunk_size, seed=0, compute_dtype=dtype)
+                x = torch.randn(batch, dim, requires_grad=True)
+                y = torch.randint(0, classes, (batch,))
+                with Largest16BitStorage() as watch:
+                    head(x, y).backward()
+                largest[chunk_size] = watch.largest
+            assert largest[None] >= classes * dim * 2, (dtype, margin, largest)  # unchunked: the whole copy
+            assert largest[chunk] <= max(chunk * dim, batch * chunk) * 2, (dtype, margin, largest)
 
 
 class LogitSizedStorages(TorchDispatchMode):

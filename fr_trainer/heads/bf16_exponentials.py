@@ -55,6 +55,19 @@ def normalized_copy_(out: torch.Tensor, w: torch.Tensor, eps: float, policy: Blo
     return inv_norm
 
 
+def scaled_copy_(out: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, policy: BlockPolicy) -> None:
+    """out (16-bit) = w * inv_norm[:, None] with norms already taken (a chunked head's
+    backward, converting again a block the forward converted); CPU: a row block at a time
+    through fp32 scratch, as `normalized_copy_`."""
+    if policy.row_block_elements is None:
+        torch.mul(w, inv_norm[:, None], out=out)
+        return
+    blocks = policy.row_blocks(*w.shape)
+    scratch = w.new_empty(blocks[0][1], w.shape[1])
+    for start, end in blocks:
+        out[start:end].copy_(torch.mul(w[start:end], inv_norm[start:end, None], out=scratch[: end - start]))
+
+
 def backward_(e: torch.Tensor, row_factor: torch.Tensor, g_t: torch.Tensor, cols: torch.Tensor,
               xh: torch.Tensor, w: torch.Tensor, w_c: torch.Tensor, inv_norm: torch.Tensor,
               grad_xh: torch.Tensor, grad_w: torch.Tensor, policy: BlockPolicy,

@@ -172,11 +172,12 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
     converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
     centres' copy and the fp32 results instead."""
     dtype = ops.compute_dtype
+    w_c = ops.centres_c(start, end) if factor is None else None
     for a, b in ops.policy.mm_blocks(end - start):
         rows = slice(start + a, start + b)
         h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, a:b])
         if factor is None:
-            grad_xh.add_(torch.mm(h_c, ops.w_c[rows]))
+            grad_xh.add_(torch.mm(h_c, w_c[a:b]))
         else:
             grad_xh.add_(torch.mm(h_c, (ops.w[rows] * factor[a:b, None]).to(dtype)))
         if factor is None:
@@ -260,7 +261,7 @@ class _Operands:
     def __init__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
                  margin: Margin, compute_dtype: torch.dtype | None = None,
                  logits_dtype: torch.dtype | None = None, policy: BlockPolicy | None = None,
-                 compiled: bool = False) -> None:
+                 compiled: bool = False, chunk_rows: int | None = None) -> None:
         self.margin, self.w, self.b = margin, w, b
         self.policy = policy or policy_for(w.device)
         self.passes = compiled_passes() if compiled else None
@@ -280,10 +281,23 @@ class _Operands:
         self.cosine_rows = uses_cosine_rows(self.compute_dtype, w.dtype, margin, compiled, b is not None)
         if margin.normalized and not self.cosines16:  # (the bf16 cosines' copy takes them in its pass)
             self.inv_w_norm = torch.linalg.vector_norm(w, dim=1).clamp_min(NORM_EPS).reciprocal()
-        self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
-        self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
+        # chunked with 16-bit GEMMs: the 16-bit copy is made one column block at a time (the
+        # memory chunk_size bounds; a whole copy is half the fp32 centres), again in backward
+        # for the blocks it rebuilds; with the bf16 cosines the norms come with the forward's
+        # copies (`inv_w_norm` is complete once the forward has gone over every block)
+        self.chunk_rows = chunk_rows if self.compute_dtype != w.dtype else None
+        self._chunk: torch.Tensor | None = None
+        self._chunk_range: tuple[int, int] | None = None
+        if self.chunk_rows is not None:
+            self.pooled_w_c, self.w_c = False, None
+            if self.cosines16:
+                self.inv_w_norm = w.new_empty(w.shape[0])
+        else:
+            self.pooled_w_c = self.policy.reuse_buffers and self.compute_dtype != w.dtype
+            self.w_c = self.centres_for_gemms(self.take(w.shape, self.compute_dtype) if self.pooled_w_c else None)
         self.b_c = None if b is None else b.to(self.logits_dtype)
-        self.inv_w_norm_c = None if self.inv_w_norm is None else self.inv_w_norm.to(self.logits_dtype)
+        chunked16 = self.chunk_rows is not None and self.cosines16  # (its norms are taken later; unused here)
+        self.inv_w_norm_c = None if self.inv_w_norm is None or chunked16 else self.inv_w_norm.to(self.logits_dtype)
 
     def centres_for_gemms(self, out: torch.Tensor | None) -> torch.Tensor:
         """The centres in the GEMMs' dtype, in `out` or a new tensor; with the bf16 cosines,
@@ -296,6 +310,32 @@ class _Operands:
             self.inv_w_norm = bf16_exponentials.normalized_copy_(out, self.w, NORM_EPS, self.policy)
             return out
         return out.copy_(self.w)
+
+    def centres_c(self, start: int, end: int) -> torch.Tensor:
+        """The centres [start, end) in the GEMMs' dtype (normalised with the bf16 cosines): a
+        slice of the whole copy, or, chunked, the block converted into the chunk buffer
+        (kept while the same block is asked for again)."""
+        if self.chunk_rows is None:
+            return self.w_c[start:end]
+        if self._chunk is None:
+            self._chunk = self.take((self.chunk_rows, self.w.shape[1]), self.compute_dtype)
+        out = self._chunk[: end - start]
+        if self._chunk_range != (start, end):
+            rows = self.w[start:end]
+            if not self.cosines16:
+                out.copy_(rows)
+            elif not self._forward_done:
+                self.inv_w_norm[start:end] = bf16_exponentials.normalized_copy_(out, rows, NORM_EPS, self.policy)
+            else:  # (backward: the forward took the norms)
+                bf16_exponentials.scaled_copy_(out, rows, self.inv_w_norm[start:end], self.policy)
+            self._chunk_range = (start, end)
+        return out
+
+    def forward_done(self) -> None:
+        """The forward has converted every block (the norms are complete)."""
+        self._forward_done = True
+
+    _forward_done = False
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
@@ -311,21 +351,28 @@ class _Operands:
         buffer_pool.give_if(self.policy.reuse_buffers, tensor)
 
     def release(self) -> None:
-        """Backward is done: the 16-bit copy of the centres goes back to the pool."""
+        """Backward is done: the 16-bit copy of the centres (or the chunk buffer) goes back
+        to the pool."""
         if self.pooled_w_c:
             self.give(self.w_c)
             self.w_c, self.pooled_w_c = None, False
+        if self._chunk is not None:
+            self.give(self._chunk)
+            self._chunk, self._chunk_range = None, None
 
     def reacquire(self) -> None:
         """A second backward of the same forward (`retain_graph=True`) after `release`:
-        the 16-bit copy again, outside the pool."""
-        if self.w_c is None:
+        the 16-bit copy again, outside the pool (chunked: made again block by block)."""
+        if self.w_c is None and self.chunk_rows is None:
             self.w_c = self.centres_for_gemms(None)
 
     def target_cosines(self, tgt: _Targets, num_rows: int) -> torch.Tensor:
         """cos (raw logit if not normalised) of each row with its class; 0 where not owned."""
-        values = (self.xh * self.w.index_select(0, tgt.cols)).sum(1)
-        if self.margin.normalized:
+        w_t = self.w.index_select(0, tgt.cols)
+        values = (self.xh * w_t).sum(1)
+        if self.margin.normalized and self.cosines16 and self.chunk_rows is not None:  # (norms not taken yet)
+            values = values / torch.linalg.vector_norm(w_t, dim=1).clamp_min(NORM_EPS)
+        elif self.margin.normalized:
             values = values * self.inv_w_norm.index_select(0, tgt.cols)
         else:
             values = values + self.b.index_select(0, tgt.cols)
@@ -337,10 +384,11 @@ class _Operands:
         dtype = self.compute_dtype if self.cosines16 else self.logits_dtype
         block = self.take((self.xh_c.shape[0], end - start), dtype)
         if dtype == self.compute_dtype:
-            torch.mm(self.xh_c, self.w_c[start:end].t(), out=block)
+            torch.mm(self.xh_c, self.centres_c(start, end).t(), out=block)
         else:  # a 16-bit GEMM into a wider buffer, a column chunk at a time
+            w_c = self.centres_c(start, end)
             for a, b in self.policy.mm_blocks(end - start):
-                block[:, a:b] = torch.mm(self.xh_c, self.w_c[start + a:start + b].t())
+                block[:, a:b] = torch.mm(self.xh_c, w_c[a:b].t())
         return block
 
     def block_cosines(self, start: int, end: int, scale: float = 1.0) -> torch.Tensor:
@@ -527,9 +575,11 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         policy = policy or policy_for(weight.device)
         w = weight if index is None else _selected_rows(weight.detach(), index, policy)
         b = None if bias is None else (bias if index is None else bias.index_select(0, index))
-        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype,
-                        logits_dtype, policy, compiled)
         num_rows, num_cols = x.shape[0], w.shape[0]
+        blocks = _column_blocks(num_cols, chunk_size)
+        chunk_rows = max(end - start for start, end in blocks) if len(blocks) > 1 else None
+        ops = _Operands(x.detach(), w.detach(), None if b is None else b.detach(), margin, compute_dtype,
+                        logits_dtype, policy, compiled, chunk_rows)
         tgt = _Targets(targets)
 
         cos_t = ops.target_cosines(tgt, num_rows)
@@ -542,7 +592,6 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                                                   None if norm_terms is None else norm_terms.norms)
         rows = margin.nontarget_rows(target_cos)  # (per-row terms of the non-target formula, once)
 
-        blocks = _column_blocks(num_cols, chunk_size)
         # the last block keeps what backward needs instead of a fourth GEMM over it: the
         # logits of a linear margin, or the cosines of a non-linear one (its logits are
         # rebuilt from them); chunked, the backward rebuilds only the blocks before it
@@ -569,6 +618,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                 ops.give(logits)
             if kept is not cos:
                 ops.give(cos)
+        ops.forward_done()
         block_max = torch.stack(maxima)
         local_max = block_max.amax(dim=0)
         row_max = all_reduce_(local_max.clone(), dist.ReduceOp.MAX, group)
@@ -730,7 +780,7 @@ def _bf16_epilogue_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, star
     inside, cols = tgt.in_block(start, end)
     _put_targets_(block, inside, cols, torch.zeros_like(row_factor))
     g_t = _target_grad(torch.exp(ctx.z_t - ctx.log_sum_exp), ctx, inside, coef)
-    bf16_exponentials.backward_(block, row_factor, g_t, cols, ops.xh, ops.w[start:end], ops.w_c[start:end],
+    bf16_exponentials.backward_(block, row_factor, g_t, cols, ops.xh, ops.w[start:end], ops.centres_c(start, end),
                                 ops.inv_w_norm[start:end], grad_xh, grad_w, ops.policy, ops.take, ops.give)
     ops.give(block)
 

@@ -2,7 +2,7 @@
 
 With `PartialFC(compute_dtype=torch.bfloat16)` and a normalised margin without bias (every
 registered margin but the plain softmax) the head runs its GEMMs on a bf16 copy of the
-normalised centres and keeps one bf16 [G, cols] buffer: the GEMM's cosines, then their
+normalised centres (chunked: of one chunk at a time) and keeps one bf16 [G, cols] buffer: the GEMM's cosines, then their
 exponentials (`fr_trainer/heads/bf16_exponentials.py`). Its fp32 work happens in scratch:
 
 - forward: each pass's fp32 scratch block (the logits, and for a non-linear margin its
@@ -26,7 +26,7 @@ BF16, FP32 = 2, 4
 @dataclass(frozen=True)
 class MixedTerms:
     logits: int  # the bf16 [G, cols] buffers
-    workspace: int  # the bf16 centres + max(forward scratch - gradient, backward chunk temporaries)
+    workspace: int  # the bf16 centres (a chunk's, chunked) + max(forward scratch - gradient, backward chunk temps)
     pooled: int  # CPU: what the buffer pool keeps between steps
 
 
@@ -36,7 +36,7 @@ def bf16_terms(g: int, used: int, cols: int, dim: int, chunked: bool, scratch_bl
     copy) and pooled bytes; `scratch_blocks` as the fp32 plan counts them, plus the
     derivative a non-linear margin keeps beside its logits."""
     logits = (2 if chunked else 1) * g * cols * BF16
-    centres = used * dim * BF16
+    centres = (cols if chunked else used) * dim * BF16  # chunked: the copy is made a chunk at a time
     rows = g if whole_buffer else min(g, max(1, block_elements // max(1, cols)))
     forward = rows * cols * FP32 * (scratch_blocks + (0 if linear else 1))
     chunk = cols if whole_buffer else min(CPU_MM_COLUMNS, cols)
