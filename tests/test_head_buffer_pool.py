@@ -85,13 +85,14 @@ def test_two_steps_in_flight_do_not_share_a_buffer() -> None:
 @pytest.mark.parametrize("margin", ["arcface", "sv_arcface"])  # kept logits / kept cosines
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
-def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(compute_dtype, sampled, margin) -> None:
+@pytest.mark.parametrize("chunk", [None, 16])  # chunked: the bf16 copy is made again block by block
+def test_a_second_backward_of_a_retained_graph_gives_the_same_gradients(compute_dtype, sampled, margin, chunk) -> None:
     torch.manual_seed(2)
     x = torch.randn(12, 8, requires_grad=True)
     w = torch.randn(40, 8, requires_grad=True)
     index = torch.arange(0, 40, 2) if sampled else None  # the rows in use (sampling)
     targets = torch.randint(0, 20 if sampled else 40, (12,))
-    loss = MarginSoftmaxCrossEntropy.apply(x, w, None, index, targets, create_margin(margin), None, None,
+    loss = MarginSoftmaxCrossEntropy.apply(x, w, None, index, targets, create_margin(margin), None, chunk,
                                            compute_dtype, torch.float32 if compute_dtype else None, CPU, False)
     loss.backward(retain_graph=True)
     first = (x.grad.clone(), w.grad.clone())
