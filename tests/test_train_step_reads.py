@@ -6,6 +6,7 @@ on one rank is agreed by both in that same read."""
 from __future__ import annotations
 
 import pytest
+import test_train_triplet_ddp  # noqa: F401  (registers the two-head test backbone, in the ranks too)
 from test_train_support import config_dict, make_data, make_trainer
 
 from fr_trainer.distributed.spawn import run_ranks
@@ -42,3 +43,17 @@ def test_the_center_loss_adds_only_its_own_input_report(tmp_path) -> None:
     cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs", regularizer={"name": "center", "weight": 0.01})
     for syncs, _ in run_ranks(_count_step_reads, 2, cfg):
         assert syncs == {"tolist": 3}, syncs  # the head's report, the center loss's, the trainer's read
+
+
+@pytest.mark.parametrize(("name", "args"), [("triplet", {"mining": "batch_hard"}), ("triplet", {"mining": "semi_hard"}),
+                                            ("circle_pair", {})])
+def test_the_pair_regularizers_read_only_their_input_report(tmp_path, name, args) -> None:
+    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs",
+                      data={"batch_size": 8, "sampler": "pk", "pk_k": 4},
+                      model={"backbone": "test_tiny_trunk_two_head", "embedding_size": 16},
+                      regularizer={"name": name, "weight": 1.0, "second_dim": 8, "with_head": False, "args": args})
+    # one rank: with the regularizer alone, DDP's find_unused_parameters reads its map of used
+    # parameters on the host (the embedding head gets no gradient); that read is DDP's, not the loss's
+    for syncs, _ in run_ranks(_count_step_reads, 1, cfg):
+        assert syncs == {"tolist": 2}, syncs  # the regularizer's report and the trainer's read (no head)
+

@@ -29,6 +29,13 @@ def _anchor_masks(y: torch.Tensor, rank: int, batch: int) -> tuple[torch.Tensor,
     return rows, same & ~itself, ~same
 
 
+def _anchor_rows(valid: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`values` [B, G] with the rows of anchors that take no part set to 0: finite, so that
+    their (masked out) losses and the zero gradients through them stay free of NaN (a row
+    of -inf has a NaN logsumexp gradient)."""
+    return torch.where(valid[:, None], values, 0.0)
+
+
 class CirclePairLoss(nn.Module):
     """Pair-wise Circle loss. Per anchor (cosine similarities s to the other rows):
 
@@ -55,17 +62,15 @@ class CirclePairLoss(nn.Module):
         rank, _ = rank_and_world_size(group)
         rows, pos, neg = _anchor_masks(y, rank, embeddings.shape[0])
         xn = F.normalize(x, dim=1)
-        valid = pos.any(1) & neg.any(1)
-        sim = xn.index_select(0, rows[valid]) @ xn.t()  # [V, G]
-        pos, neg = pos[valid], neg[valid]
+        valid = pos.any(1) & neg.any(1)  # (masked, not selected: no data-sized tensor, no host sync)
+        sim = xn.index_select(0, rows) @ xn.t()  # [B, G]
         detached = sim.detach()
         a_p = (1.0 + self.m - detached).clamp_min(0.0)
         a_n = (detached + self.m).clamp_min(0.0)
-        minus_inf = float("-inf")
-        z_p = torch.where(pos, -self.gamma * a_p * (sim - (1.0 - self.m)), minus_inf)
-        z_n = torch.where(neg, self.gamma * a_n * (sim - self.m), minus_inf)
+        z_p = _anchor_rows(valid, torch.where(pos, -self.gamma * a_p * (sim - (1.0 - self.m)), float("-inf")))
+        z_n = _anchor_rows(valid, torch.where(neg, self.gamma * a_n * (sim - self.m), float("-inf")))
         per_anchor = F.softplus(torch.logsumexp(z_n, dim=1) + torch.logsumexp(z_p, dim=1))
-        total, count = join_sum(per_anchor.sum(), valid.sum(), group)
+        total, count = join_sum(torch.where(valid, per_anchor, 0.0).sum(), valid.sum(), group)
         return total / count.clamp_min(1.0)
 
     def extra_repr(self) -> str:
@@ -106,33 +111,35 @@ class TripletLoss(nn.Module):
         anchors = x.index_select(0, rows)
         dist = (anchors.square().sum(1, keepdim=True) + x.square().sum(1)[None, :]
                 - 2.0 * anchors @ x.t()).clamp_min(0.0)  # [B, G]
+        # the losses of the anchors (batch_hard) or (anchor, positive) pairs (semi_hard) that
+        # take part, masked rather than selected: no data-sized tensor, so no host sync
         if self.mining == "batch_hard":
-            losses = self._batch_hard(dist, pos, neg)
+            losses, taking_part = self._batch_hard(dist, pos, neg)
         else:
-            losses = self._semi_hard(dist, pos, neg)
-        total, count = join_sum(losses.sum(), losses.numel(), group)
+            losses, taking_part = self._semi_hard(dist, pos, neg)
+        total, count = join_sum(torch.where(taking_part, losses, 0.0).sum(), taking_part.sum(), group)
         return total / count.clamp_min(1.0)
 
-    def _batch_hard(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def _batch_hard(self, dist: torch.Tensor, pos: torch.Tensor,
+                    neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         valid = pos.any(1) & neg.any(1)
-        dist, pos, neg = dist[valid], pos[valid], neg[valid]
         inf = float("inf")
-        hardest_p = torch.where(pos, dist, -inf).amax(1)
-        hardest_n = torch.where(neg, dist, inf).amin(1)
-        return (hardest_p - hardest_n + self.margin).clamp_min(0.0)
+        hardest_p = _anchor_rows(valid, torch.where(pos, dist, -inf)).amax(1)
+        hardest_n = _anchor_rows(valid, torch.where(neg, dist, inf)).amin(1)
+        return (hardest_p - hardest_n + self.margin).clamp_min(0.0), valid
 
-    def _semi_hard(self, dist: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    def _semi_hard(self, dist: torch.Tensor, pos: torch.Tensor,
+                   neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         valid = neg.any(1)
-        dist, pos, neg = dist[valid], pos[valid], neg[valid]
         inf = float("inf")
-        sorted_n, _ = torch.sort(torch.where(neg, dist, inf), dim=1)  # [A, G], +inf padded
+        sorted_n, _ = torch.sort(_anchor_rows(valid, torch.where(neg, dist, inf)), dim=1)  # [B, G], +inf padded
         # first negative strictly farther than each positive (d_an > d_ap)
         first = torch.searchsorted(sorted_n.detach().contiguous(), dist.detach().contiguous(), right=True)
         candidate = sorted_n.gather(1, first.clamp_max(sorted_n.shape[1] - 1))
         in_band = (first < sorted_n.shape[1]) & (candidate.detach() < dist.detach() + self.margin)
         chosen = torch.where(in_band, candidate, sorted_n[:, :1].expand_as(candidate))
         losses = (dist - chosen + self.margin).clamp_min(0.0)
-        return losses[pos]
+        return losses, pos & valid[:, None]
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, mining={self.mining!r}, normalize={self.normalize}"
