@@ -14,16 +14,18 @@ from fr_trainer.heads import PartialFC
 
 
 class LargestStorage(TorchDispatchMode):
-    """Records the largest storage (bytes) among the outputs of every aten op."""
+    """Records the largest storage (bytes) among the outputs of every aten op (of `dtypes`
+    only, when given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, dtypes: tuple[torch.dtype, ...] | None = None) -> None:
         super().__init__()
-        self.largest = 0
+        self.largest, self.dtypes = 0, dtypes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse \
+                    and (self.dtypes is None or tensor.dtype in self.dtypes):
                 self.largest = max(self.largest, tensor.untyped_storage().nbytes())
         return out
 
@@ -47,22 +49,6 @@ def test_chunked_logits_stay_within_the_chunk() -> None:
         assert chunked_largest <= max(64 * 500 * 4, weight_bytes) < logits_bytes
 
 
-class Largest16BitStorage(TorchDispatchMode):
-    """Records the largest storage (bytes) among the 16-bit outputs of every aten op."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and not tensor.is_sparse \
-                    and tensor.dtype in (torch.bfloat16, torch.float16):
-                self.largest = max(self.largest, tensor.untyped_storage().nbytes())
-        return out
-
-
 def test_a_chunked_16_bit_head_converts_the_centres_one_chunk_at_a_time() -> None:
     from fr_trainer.heads import buffer_pool
 
@@ -75,7 +61,7 @@ def test_a_chunked_16_bit_head_converts_the_centres_one_chunk_at_a_time() -> Non
                 head = PartialFC(classes, dim, margin=margin, chunk_size=chunk_size, seed=0, compute_dtype=dtype)
                 x = torch.randn(batch, dim, requires_grad=True)
                 y = torch.randint(0, classes, (batch,))
-                with Largest16BitStorage() as watch:
+                with LargestStorage((torch.bfloat16, torch.float16)) as watch:
                     head(x, y).backward()
                 largest[chunk_size] = watch.largest
             assert largest[None] >= classes * dim * 2, (dtype, margin, largest)  # unchunked: the whole copy
