@@ -288,6 +288,7 @@ class _Operands:
         self.chunk_rows = chunk_rows if self.compute_dtype != w.dtype else None
         self._chunk: torch.Tensor | None = None
         self._chunk_range: tuple[int, int] | None = None
+        self._forward_done = False
         if self.chunk_rows is not None:
             self.pooled_w_c, self.w_c = False, None
             if self.cosines16:
@@ -334,8 +335,6 @@ class _Operands:
     def forward_done(self) -> None:
         """The forward has converted every block (the norms are complete)."""
         self._forward_done = True
-
-    _forward_done = False
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A new [shape] tensor, from the buffer pool under a policy that reuses buffers."""
