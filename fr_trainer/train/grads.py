@@ -79,5 +79,7 @@ def clip_global_norm(
         for p in (*replicated, *sharded):
             if p.grad is not None:
                 scale = factor.to(p.grad.dtype)
-                p.grad = p.grad * scale if p.grad.is_sparse else p.grad.mul_(scale)
+                # in place, sparse ones through their values (a new sparse tensor each step
+                # would defeat the reuse of the head's gradient pages)
+                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale)
     return norm
