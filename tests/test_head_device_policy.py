@@ -9,6 +9,9 @@
   sampled when the sample is at least the batch (a sample smaller than the batch adds one),
   for every registered margin.
 - The forcing knobs: PartialFC(block_policy=...), forced_policy(...), $FR_HEAD_BLOCK_POLICY.
+- The bf16 forward of a linear margin under the CUDA policy makes six passes over its
+  [G, C] buffer besides the GEMM on a GPU (each a read and maybe a write of it all; the
+  CPU adds the widening as a seventh).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from fr_trainer.heads import PartialFC
 from fr_trainer.heads.device_policy import CPU, CUDA, forced_policy, policy_for
@@ -133,3 +138,57 @@ def test_out_of_range_label_single_process_names_the_value():
 def test_every_margin_step_syncs_at_most_once(margin):
     syncs = _step(SMALL, "fp32", False, 1.0, "cuda", margin)[1]
     assert sum(syncs.values()) <= 1, dict(syncs)
+
+
+class _BufferPasses(TorchDispatchMode):
+    """The aten ops (not views, not the GEMM, not the targets' gathers and puts, which
+    touch G entries) that take or give a tensor of at least half the [rows, cols] buffer."""
+
+    SKIP = {"view", "slice", "select", "as_strided", "detach", "t", "alias", "unsqueeze", "expand", "empty",
+            "new_empty", "mm", "index", "index_put_", "_index_put_impl_"}
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.rows, self.cols, self.names = rows, cols, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        tensors = [t for t in tree_flatten((args, kwargs or {}, out))[0] if isinstance(t, torch.Tensor)]
+        if name not in self.SKIP and any(t.dim() == 2 and t.shape[0] >= self.rows // 2
+                                         and t.shape[1] >= self.cols // 2 for t in tensors):
+            self.names.append(name)
+        return out
+
+
+@pytest.mark.parametrize("margin", ["arcface", "cosface"])
+def test_the_bf16_forward_under_the_cuda_policy_passes_over_its_buffer_seven_times_on_a_cpu(margin):
+    rows, cols = 64, 4000
+    head = PartialFC(cols, DIM, margin=margin, seed=SEED, compute_dtype=torch.bfloat16, block_policy="cuda")
+    x, y = torch.randn(rows, DIM), torch.randint(0, cols, (rows,))
+    head(x, y)  # (lazy state)
+    with _BufferPasses(rows, cols) as watch:
+        head(x, y)
+    # the row maxima on the bf16 cosines; the widening (on CUDA inside the add); one scaling,
+    # shifting add; the exp floor; exp; the row sums; the exponentials back into the bf16 buffer
+    assert watch.names == ["amax", "copy_", "add", "clamp_min_", "exp_", "sum", "copy_"], watch.names
+
+
+def test_the_one_kernel_widening_gives_the_numbers_of_the_two_pass_one():
+    from fr_trainer.heads.margin_softmax import _shifted_linear_logits
+
+    generator = torch.Generator().manual_seed(SEED)
+    cos = (torch.rand(8, 50, generator=generator) * 2 - 1).to(torch.bfloat16)
+    inside = torch.tensor([True, False] * 4)
+    cols = torch.randint(0, 50, (8,), generator=generator)
+    z_t = torch.randn(8, generator=generator) * 30  # some targets above s max cos: the bound is raised
+    results = [_shifted_linear_logits(cos, torch.empty(8, 50), 32.0, inside, cols, z_t, None, mixed)
+               for mixed in (True, False)]
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    z, reference = results[0]
+    exact = cos.float() * 32.0
+    exact[inside, cols[inside]] = z_t[inside]
+    assert torch.all(reference >= exact.amax(1))  # a valid shift: nothing above 0 after it
+    torch.testing.assert_close(z, exact - reference[:, None])
+

@@ -209,6 +209,32 @@ def _put_targets_(buffer: torch.Tensor, inside: torch.Tensor, cols: torch.Tensor
     buffer.index_put_((rows, cols), torch.where(inside, values.to(buffer.dtype), kept))
 
 
+def _shifted_linear_logits(cos: torch.Tensor, out: torch.Tensor, scale: float, inside: torch.Tensor,
+                           cols: torch.Tensor, z_t: torch.Tensor, reference: torch.Tensor | None,
+                           mixed_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z - ref [G, c] in fp32 `out`, ref [G]) for a margin whose non-target logits are
+    `scale cos`, from the 16-bit cosines `cos` in one pass that widens, scales and shifts
+    (eager whole-buffer passes, as on a GPU: each pass reads and writes the buffer; on CUDA
+    this one replaces a conversion, a scaling, a row maximum over fp32 and a subtraction;
+    on a CPU, where mixed-dtype arithmetic widens through a temporary, the conversion
+    stays a pass of its own: `mixed_kernel` False). ref:
+    `reference`, or an upper bound of each row's largest logit taken on the 16-bit cosines,
+    scale max_j cos_ij, raised to the target's logit where that is larger (any bound is a
+    valid shift: the sums of exponentials and the probabilities do not depend on it, and
+    this one is within scale (cos_t - the margin's target cosine) of the maximum). The
+    targets' entries are z_t - ref."""
+    if reference is None:
+        bound = cos.amax(dim=1).to(z_t.dtype) * scale
+        reference = torch.where(inside, torch.maximum(bound, z_t), bound)
+    z = out[: cos.shape[0]]
+    if mixed_kernel:  # (CUDA: mixed dtypes in one kernel)
+        torch.add(-reference[:, None], cos, alpha=scale, out=z)
+    else:  # (the CPU would widen `cos` into a temporary the size of `out` first)
+        torch.add(-reference[:, None], z.copy_(cos), alpha=scale, out=z)
+    _put_targets_(z, inside, cols, z_t - reference)
+    return z, reference
+
+
 def _masked(inside: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """`values` [G] where `inside`, 0 elsewhere (a where, so inf/nan outside cannot leak)."""
     return torch.where(inside, values, torch.zeros_like(values))
@@ -451,8 +477,20 @@ class _Operands:
         floor = exp_floor(torch.float32)
         blocks = self.policy.row_blocks(*block.shape)
         scratch = block.new_empty(blocks[0][1], block.shape[1], dtype=torch.float32)
+        whole = self.policy.row_block_elements is None  # (one pass over the whole block: a GPU)
         for a, b in blocks:
             slope = None
+            if linear and whole:
+                z, reference = _shifted_linear_logits(block, scratch, margin.scale, inside, cols, z_t, relative_to,
+                                                      block.device.type == "cuda")
+                if row_max is not None:
+                    row_max[a:b] = reference
+                z = z.clamp_min_(floor).exp_()
+                if sum_exp is not None:
+                    torch.sum(z, dim=1, out=sum_exp[a:b])
+                if write:
+                    block[a:b].copy_(z)
+                continue
             if linear:
                 z = to_logits.widen(block, a, b, scratch)
             else:
