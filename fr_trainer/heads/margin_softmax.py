@@ -480,28 +480,22 @@ class _Operands:
         whole = self.policy.row_block_elements is None  # (one pass over the whole block: a GPU)
         for a, b in blocks:
             slope = None
-            if linear and whole:
+            if linear and whole:  # (z comes shifted: z - ref)
                 z, reference = _shifted_linear_logits(block, scratch, margin.scale, inside, cols, z_t, relative_to,
                                                       block.device.type == "cuda")
-                if row_max is not None:
-                    row_max[a:b] = reference
-                z = z.clamp_min_(floor).exp_()
-                if sum_exp is not None:
-                    torch.sum(z, dim=1, out=sum_exp[a:b])
-                if write:
-                    block[a:b].copy_(z)
-                continue
-            if linear:
-                z = to_logits.widen(block, a, b, scratch)
             else:
-                c, r = scratch[: b - a].copy_(block[a:b]), None if rows is None else rows[a:b]
-                slope = margin.nontarget_grad(c, r) if write else None  # (a new tensor: c becomes z)
-                z = margin.nontarget_logits(c, r)
-                _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
-            reference = relative_to[a:b] if relative_to is not None else z.amax(dim=1)
+                if linear:
+                    z = to_logits.widen(block, a, b, scratch)
+                else:
+                    c, r = scratch[: b - a].copy_(block[a:b]), None if rows is None else rows[a:b]
+                    slope = margin.nontarget_grad(c, r) if write else None  # (a new tensor: c becomes z)
+                    z = margin.nontarget_logits(c, r)
+                    _put_targets_(z, inside[a:b], cols[a:b], z_t[a:b])
+                reference = relative_to[a:b] if relative_to is not None else z.amax(dim=1)
+                z = z.sub_(reference[:, None])
             if row_max is not None:
                 row_max[a:b] = reference
-            z = z.sub_(reference[:, None]).clamp_min_(floor).exp_()
+            z = z.clamp_min_(floor).exp_()
             if sum_exp is not None:
                 torch.sum(z, dim=1, out=sum_exp[a:b])
             if write:
