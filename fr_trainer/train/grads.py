@@ -67,15 +67,16 @@ def clip_global_norm(
     identical on every rank after DDP) counted once, sharded ones (the head) summed over
     ranks. Returns the norm before clipping (same on every rank), a float64 tensor on the
     device: nothing here reads the host, so clipping adds no sync to a step. The gradients
-    are multiplied by min(1, max_norm / (norm + 1e-6)) on the device (by exactly 1 when the
-    norm is within the bound, which leaves them as they were)."""
+    are multiplied on the device by max_norm / (norm + 1e-6) when the norm exceeds the
+    bound, and by exactly 1 otherwise, which leaves them as they were."""
     device = next((p.device for p in (*sharded, *replicated)), torch.device("cpu"))
     local = _square_sum(sharded, device)
     if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
     norm = (_square_sum(replicated, device) + local).sqrt()
     if max_norm > 0:
-        factor = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        # (exactly the host rule "scale by max / (norm + 1e-6) when norm > max", on the device)
+        factor = torch.where(norm > max_norm, max_norm / (norm + 1e-6), torch.ones_like(norm))
         for p in (*replicated, *sharded):
             if p.grad is not None:
                 scale = factor.to(p.grad.dtype)
