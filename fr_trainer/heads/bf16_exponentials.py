@@ -43,7 +43,7 @@ def normalized_copy_(out: torch.Tensor, w: torch.Tensor, eps: float, policy: Blo
     if policy.row_block_elements is None:
         torch.linalg.vector_norm(w, dim=1, out=inv_norm)
         inv_norm.clamp_min_(eps).reciprocal_()
-        torch.mul(w, inv_norm[:, None], out=out)
+        scaled_copy_(out, w, inv_norm, policy)
         return inv_norm
     blocks = policy.row_blocks(*w.shape)
     scratch = w.new_empty(blocks[0][1], w.shape[1])
