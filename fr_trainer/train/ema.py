@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from fr_trainer.train.checkpoint_io import CheckpointError
+from fr_trainer.train.foreach import by_device_and_dtype, copy_all_, scale_
 
 WARMUP_OFFSET = 10  # d_n = min(decay, (1 + n) / (10 + n))
 
@@ -61,15 +62,22 @@ class BackboneEMA:
     def update(self, source: nn.Module) -> None:
         """One step of the average towards `source`'s current weights."""
         d = warmed_decay(self.decay, self.updates, self.warmup)
-        for average, param in zip(self.module.parameters(), source.parameters(), strict=True):
-            average.mul_(d).add_(param.detach(), alpha=1.0 - d)
+        averages = list(self.module.parameters())
+        params = list(source.parameters())
+        if len(averages) != len(params):
+            raise EmaError(f"the EMA holds {len(averages)} parameters, the backbone {len(params)}")
+        for group, values in by_device_and_dtype(averages, params):
+            scale_(group, d)
+            torch._foreach_add_(group, values, alpha=1.0 - d)
         self.copy_buffers(source)
         self.updates += 1
 
     @torch.no_grad()
     def copy_buffers(self, source: nn.Module) -> None:
-        for average, buffer in zip(self.module.buffers(), source.buffers(), strict=True):
-            average.copy_(buffer)
+        averages, buffers = list(self.module.buffers()), list(source.buffers())
+        if len(averages) != len(buffers):
+            raise EmaError(f"the EMA holds {len(averages)} buffers, the backbone {len(buffers)}")
+        copy_all_(averages, buffers)
 
     def buffers(self) -> list[torch.Tensor]:
         return list(self.module.buffers())

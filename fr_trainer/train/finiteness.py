@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fr_trainer.train.config import TrainConfig
+from fr_trainer.train.foreach import copy_all_
 
 
 class NonFiniteState(RuntimeError):
@@ -59,21 +60,36 @@ def describe(entries: list[str], most: int = 4) -> str:
 
 class BufferSnapshot:
     """Copies of the buffers of `modules` (BatchNorm running_mean/var, num_batches_tracked,
-    ...), restored in place by `restore()`."""
+    a margin's state, ...): `take()` copies them (into the same tensors every step, one op
+    per (device, dtype) group after the first), `restore()` copies them back in place."""
 
     def __init__(self, modules: Iterable[nn.Module | None]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, torch.Tensor]]] = [
-            (m, {name: b.detach().clone() for name, b in m.named_buffers()})
-            for m in modules
-            if m is not None
-        ]
+        self._modules = [m for m in modules if m is not None]
+        self._buffers: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
 
+    def _current(self) -> list[torch.Tensor]:
+        seen: set[int] = set()
+        found = []
+        for module in self._modules:
+            for buffer in module.buffers():
+                if id(buffer) not in seen:
+                    seen.add(id(buffer))
+                    found.append(buffer)
+        return found
+
+    @torch.no_grad()
+    def take(self) -> BufferSnapshot:
+        buffers = self._current()
+        if len(buffers) == len(self._buffers) and all(a is b for a, b in zip(buffers, self._buffers)):
+            copy_all_(self._saved, buffers)
+        else:  # (first use, or a module replaced a buffer)
+            self._buffers, self._saved = buffers, [b.detach().clone() for b in buffers]
+        return self
+
+    @torch.no_grad()
     def restore(self) -> None:
-        with torch.no_grad():
-            for module, saved in self._saved:
-                current = dict(module.named_buffers())
-                for name, value in saved.items():
-                    current[name].copy_(value)
+        copy_all_(self._buffers, self._saved)
 
 
 class NonFiniteSteps:

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from fr_trainer.train.foreach import by_device_and_dtype
+
 
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod
@@ -47,12 +49,20 @@ def _float64_square_sum(tensor: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _square_sum(params: Iterable[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+def _square_sum(params: Iterable[torch.nn.Parameter], device: torch.device, blocks: bool) -> torch.Tensor:
+    """sum of grad^2 over `params` in float64, in one multi-tensor norm per (device, dtype)
+    (a backbone's hundreds of tensors), except, with `blocks`, the tensors of more than
+    SQUARE_SUM_BLOCK elements (a head shard), which are upcast a block at a time. (On a CPU
+    the float64 norm upcasts a tensor whole, which is slower than blocks for the large ones,
+    so there they always go by blocks.)"""
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+    grads = [p.grad.coalesce().values() if p.grad.is_sparse else p.grad for p in params if p.grad is not None]
+    large = [g for g in grads if blocks and g.numel() > SQUARE_SUM_BLOCK]
+    small = [g for g in grads if not (blocks and g.numel() > SQUARE_SUM_BLOCK)]
+    for (group,) in by_device_and_dtype(small):
+        norms = torch._foreach_norm(group, 2, dtype=torch.float64)
+        total = total + torch.stack(norms).square().sum()
+    for g in large:
         total = total + _float64_square_sum(g.detach())
     return total
 
@@ -70,17 +80,18 @@ def clip_global_norm(
     are multiplied on the device by max_norm / (norm + 1e-6) when the norm exceeds the
     bound, and by exactly 1 otherwise, which leaves them as they were."""
     device = next((p.device for p in (*sharded, *replicated)), torch.device("cpu"))
-    local = _square_sum(sharded, device)
+    local = _square_sum(sharded, device, blocks=True)
+    on_cpu = device.type == "cpu"
     if sharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(local, group=group)
-    norm = (_square_sum(replicated, device) + local).sqrt()
+    norm = (_square_sum(replicated, device, blocks=on_cpu) + local).sqrt()
     if max_norm > 0:
         # (exactly the host rule "scale by max / (norm + 1e-6) when norm > max", on the device)
         factor = torch.where(norm > max_norm, max_norm / (norm + 1e-6), torch.ones_like(norm))
-        for p in (*replicated, *sharded):
-            if p.grad is not None:
-                scale = factor.to(p.grad.dtype)
-                # in place, sparse ones through their values (a new sparse tensor each step
-                # would defeat the reuse of the head's gradient pages)
-                (p.grad._values() if p.grad.is_sparse else p.grad).mul_(scale)
+        # in place, sparse ones through their values (a new sparse tensor each step would
+        # defeat the reuse of the head's gradient pages)
+        grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in (*replicated, *sharded)
+                 if p.grad is not None]
+        for (alike,) in by_device_and_dtype(grads):
+            torch._foreach_mul_(alike, factor.to(alike[0].dtype))
     return norm

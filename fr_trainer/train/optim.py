@@ -5,7 +5,11 @@ centres when `sample_rate < 1`) is updated only in the rows the gradient holds: 
 rows get weight decay, their momentum / moment estimates and the step; every other row,
 and its optimizer state, stays bit-identical. insightface's Partial-FC v2 loses this: its
 whole shard sees momentum and decay every step. Dense gradients follow the usual rules
-(`torch.optim.SGD` with coupled decay; `torch.optim.AdamW` with decoupled decay).
+(`torch.optim.SGD` with coupled decay; `torch.optim.AdamW` with decoupled decay) and are
+stepped together, with multi-tensor `_foreach_*` ops per (device, dtype) group
+(`fr_trainer.train.foreach`): the number of ops of a step does not grow with the number of
+parameter tensors (views aside), where one op per tensor was ~950 ops for iresnet50's
+SGD step and ~5,200 for its AdamW step.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import torch
+
+from fr_trainer.train.foreach import by_device_and_dtype, scale_
 
 
 def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,8 +28,9 @@ def _sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _RowSparseOptimizer(torch.optim.Optimizer):
-    """The shared `step`: the closure, then `_update(param, group)` for every parameter
-    that has a gradient (dense or sparse COO)."""
+    """The shared `step`: the closure, then, per parameter group, `_dense_update(params,
+    group)` for the parameters with dense gradients (together) and `_sparse_update(param,
+    group)` for each one with a sparse COO gradient."""
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):
@@ -32,12 +39,19 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    self._update(param, group)
+            with_grads = [param for param in group["params"] if param.grad is not None]
+            dense = [param for param in with_grads if not param.grad.is_sparse]
+            if dense:
+                self._dense_update(dense, group)
+            for param in with_grads:
+                if param.grad.is_sparse:
+                    self._sparse_update(param, group)
         return loss
 
-    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
+    def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
+        raise NotImplementedError
+
+    def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -73,11 +87,11 @@ class SGD(_RowSparseOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                                       nesterov=nesterov))
 
-    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
-        if param.grad.is_sparse:
-            self._sparse_step(param, group)
-        else:
-            self._dense_step(param, group)
+    def _momentum_buffer(self, param: torch.nn.Parameter) -> torch.Tensor:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        return state["momentum_buffer"]
 
     def _direction(self, param, grad, weights, group, rows=None):
         if group["weight_decay"]:
@@ -85,10 +99,7 @@ class SGD(_RowSparseOptimizer):
         momentum = group["momentum"]
         if not momentum:
             return grad
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buffer = state["momentum_buffer"]
+        buffer = self._momentum_buffer(param)
         if rows is None:
             buffer.mul_(momentum).add_(grad)
             current = buffer
@@ -97,30 +108,32 @@ class SGD(_RowSparseOptimizer):
             buffer.index_copy_(0, rows, current)
         return grad.add(current, alpha=momentum) if group["nesterov"] else current
 
-    def _dense_step(self, param, group) -> None:
-        """In place, without a weight-sized temporary (the head's shard can be GBs):
-        buf = momentum * buf + grad + decay * w; w -= lr * buf."""
+    def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
+        """In place, without weight-sized temporaries (the head's shard can be GBs), every
+        parameter at once: buf = momentum * buf + grad + decay * w; w -= lr * buf."""
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        grad = param.grad
+        grads = [param.grad for param in params]
         if not momentum:
-            if decay:
-                param.mul_(1.0 - lr * decay)
-            param.add_(grad, alpha=-lr)
+            for weights, gradients in by_device_and_dtype(params, grads):
+                if decay:
+                    scale_(weights, 1.0 - lr * decay)
+                torch._foreach_add_(weights, gradients, alpha=-lr)
             return
-        state = self.state[param]
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(param)
-        buffer = state["momentum_buffer"].mul_(momentum).add_(grad)
-        if decay:
-            buffer.add_(param, alpha=decay)
-        if group["nesterov"]:  # w -= lr * (grad + decay * w + momentum * buf), w the old weights
+        buffers = [self._momentum_buffer(param) for param in params]
+        for weights, gradients, moments in by_device_and_dtype(params, grads, buffers):
+            scale_(moments, momentum)
+            torch._foreach_add_(moments, gradients)
             if decay:
-                param.mul_(1.0 - lr * decay)
-            param.add_(grad, alpha=-lr).add_(buffer, alpha=-lr * momentum)
-        else:
-            param.add_(buffer, alpha=-lr)
+                torch._foreach_add_(moments, weights, alpha=decay)
+            if group["nesterov"]:  # w -= lr * (grad + decay * w + momentum * buf), w the old weights
+                if decay:
+                    scale_(weights, 1.0 - lr * decay)
+                torch._foreach_add_(weights, gradients, alpha=-lr)
+                torch._foreach_add_(weights, moments, alpha=-lr * momentum)
+            else:
+                torch._foreach_add_(weights, moments, alpha=-lr)
 
-    def _sparse_step(self, param, group) -> None:
+    def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         rows, grad = _sparse_rows(param.grad)
         direction = self._direction(param, grad, param.index_select(0, rows), group, rows)
         param.index_add_(0, rows, direction, alpha=-group["lr"])
@@ -137,38 +150,75 @@ class AdamW(_RowSparseOptimizer):
                              f"weight_decay={weight_decay}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
 
-    def _update(self, param: torch.nn.Parameter, group: dict) -> None:
+    def _state(self, param: torch.nn.Parameter) -> dict:
         state = self.state[param]
         if not state:
             state["exp_avg"] = torch.zeros_like(param)
             state["exp_avg_sq"] = torch.zeros_like(param)
             state["step"] = torch.zeros(param.shape[0] if param.dim() else 1, dtype=torch.int64,
                                         device=param.device)
-        if param.grad.is_sparse:
-            rows, grad = _sparse_rows(param.grad)
-        else:
-            rows, grad = None, param.grad
-        self._adam_rows(param, grad, rows, state, group)
+        return state
+
+    def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
+        rows, grad = _sparse_rows(param.grad)
+        self._adam_rows(param, grad, rows, self._state(param), group)
+
+    def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
+        """Every row of every parameter, the arithmetic of `_adam_rows` in multi-tensor ops
+        (the bias corrections per row, broadcast through views)."""
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        states = [self._state(param) for param in params]
+        lists = ([param.grad for param in params], [s["exp_avg"] for s in states],
+                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+        for weights, grads, exp_avg, exp_avg_sq, steps in by_device_and_dtype(params, *lists):
+            torch._foreach_add_(steps, 1)
+            scale_(exp_avg, beta1)
+            torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
+            scale_(exp_avg_sq, beta2)
+            torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
+            # the step counts in the parameters' dtype (a 0-dim operand sets a product's dtype)
+            counts = torch._foreach_mul(steps, weights[0].new_ones(()))
+            correction1, correction2 = (_one_minus(torch._foreach_pow(beta, counts)) for beta in (beta1, beta2))
+            denominator = torch._foreach_div(exp_avg_sq, _row_views(correction2, weights))
+            torch._foreach_sqrt_(denominator)
+            torch._foreach_add_(denominator, eps)
+            change = torch._foreach_div(exp_avg, _row_views(correction1, weights))
+            scale_(change, lr)
+            torch._foreach_div_(change, denominator)
+            scale_(weights, 1 - lr * decay)
+            torch._foreach_sub_(weights, change)
 
     @staticmethod
     def _adam_rows(param, grad, rows, state, group) -> None:
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-        select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        steps = select(state["step"]) + 1
-        weights = select(param)
-        exp_avg = select(state["exp_avg"]).mul_(beta1).add_(grad, alpha=1 - beta1)
-        exp_avg_sq = select(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        shape = (-1,) + (1,) * (param.dim() - 1) if param.dim() else ()
+        steps = state["step"].index_select(0, rows) + 1
+        weights = param.index_select(0, rows)
+        exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(grad, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        shape = _row_shape(param)
         correction1 = (1 - beta1 ** steps.to(param.dtype)).reshape(shape)
         correction2 = (1 - beta2 ** steps.to(param.dtype)).reshape(shape)
         denominator = (exp_avg_sq / correction2).sqrt_().add_(eps)
         new = weights * (1 - lr * decay) - lr * (exp_avg / correction1) / denominator
-        if rows is None:
-            param.copy_(new)
-            state["exp_avg"], state["exp_avg_sq"], state["step"] = exp_avg, exp_avg_sq, steps
-        else:
-            param.index_copy_(0, rows, new)
-            state["exp_avg"].index_copy_(0, rows, exp_avg)
-            state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
-            state["step"].index_copy_(0, rows, steps)
+        param.index_copy_(0, rows, new)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        state["step"].index_copy_(0, rows, steps)
+
+
+def _row_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts a per-row value [rows] over `param` (a 0-dim one: ())."""
+    return (-1,) + (1,) * (param.dim() - 1) if param.dim() else ()
+
+
+def _row_views(values: list[torch.Tensor], params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [value.view(_row_shape(param)) for value, param in zip(values, params)]
+
+
+def _one_minus(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """1 - v for each tensor, in place (-v + 1 rounds exactly as 1 - v)."""
+    torch._foreach_neg_(values)
+    torch._foreach_add_(values, 1)
+    return values

@@ -116,6 +116,7 @@ class Trainer:
         self.step = 0
         self.nonfinite = NonFiniteSteps(config.train)  # train.nonfinite: stop or skip
         self.resume_notes: list[str] = []  # logged when the reporter exists
+        self._buffer_snapshot: BufferSnapshot | None = None  # (train.nonfinite = "skip": made at the first step)
         self._prepare_run_dir()
         peer_failure.clear(self.run_dir, self.rank)  # a message of an earlier attempt
         self.resumed_from = self._maybe_resume()
@@ -476,11 +477,11 @@ class Trainer:
         losses = []
         # skip policy: a skipped step must not move BatchNorm's running statistics either
         network = self.two_head if self.two_head is not None else self.backbone
-        buffers = (
-            BufferSnapshot([network, self.head, self.regularizer])
-            if self.config.train.nonfinite == "skip"
-            else None
-        )
+        buffers = None
+        if self.config.train.nonfinite == "skip":
+            if self._buffer_snapshot is None:
+                self._buffer_snapshot = BufferSnapshot([network, self.head, self.regularizer])
+            buffers = self._buffer_snapshot.take()
         frozen = self.freeze.begin_step(self.step)
         for i in range(accumulate):
             images, labels = self.stream.next()
