@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fr_trainer.train.ema import BackboneEMA
 from fr_trainer.train.finiteness import BufferSnapshot
-from fr_trainer.train.foreach import by_device_and_dtype
+from fr_trainer.train.foreach import CPU_GROUP_BYTES, by_device_and_dtype
 from fr_trainer.train.grads import clip_global_norm
 from fr_trainer.train.optim import SGD, AdamW
 
@@ -165,3 +165,13 @@ def test_parallel_lists_group_by_the_first_lists_device_and_dtype_in_order() -> 
     assert [[float(t) for t in group[1]] for group in groups] == [[0.0, 2.0], [1.0]]
     with pytest.raises(ValueError, match="different lengths"):
         by_device_and_dtype(a, b[:2])
+
+
+def test_cpu_runs_hold_at_most_a_cache_sized_share_and_other_devices_one_group() -> None:
+    """`cpu_runs`: on a CPU the several ops of an update meet their tensors in cache."""
+    quarter = CPU_GROUP_BYTES // 4 // 4  # fp32 elements in a quarter of a run
+    cpu = [torch.zeros(quarter) for _ in range(9)] + [torch.zeros(5 * quarter), torch.zeros(3)]
+    runs = [len(group[0]) for group in by_device_and_dtype(cpu, cpu, cpu_runs=True)]
+    assert runs == [4, 4, 1, 1, 1] and len(by_device_and_dtype(cpu)) == 1
+    meta = [torch.empty(quarter * 8, device="meta") for _ in range(5)]
+    assert len(by_device_and_dtype(meta, cpu_runs=True)) == 1

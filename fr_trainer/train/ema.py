@@ -66,7 +66,7 @@ class BackboneEMA:
         params = list(source.parameters())
         if len(averages) != len(params):
             raise EmaError(f"the EMA holds {len(averages)} parameters, the backbone {len(params)}")
-        for group, values in by_device_and_dtype(averages, params):
+        for group, values in by_device_and_dtype(averages, params, cpu_runs=True):
             scale_(group, d)
             torch._foreach_add_(group, values, alpha=1.0 - d)
         self.copy_buffers(source)

@@ -8,7 +8,12 @@ its host overhead, issued after the step's one host read while the device waits.
 kernels (on a CPU, a loop in C++ over the same kernels, so the numbers are the same).
 
 The fast CUDA kernels need every tensor of a call on one device with one dtype:
-`by_device_and_dtype` splits parallel lists into such groups.
+`by_device_and_dtype` splits parallel lists into such groups. For the updates that make
+several ops over the same tensors (SGD's four, AdamW's dozen, the EMA's two) it also cuts
+them, on a CPU, into runs of about `CPU_GROUP_BYTES` (`cpu_runs=True`), so that each op
+finds its tensors still in cache: one op per whole list streams every tensor through
+memory once per op (iresnet50's SGD step, one thread: 45 ms one tensor at a time, 60 ms as
+one list, 45 ms in runs of 1 MB).
 """
 
 from __future__ import annotations
@@ -17,21 +22,38 @@ from collections.abc import Sequence
 
 import torch
 
+CPU_GROUP_BYTES = 1 << 20  # bytes of the first list's tensors per group on a CPU
 
-def by_device_and_dtype(*lists: Sequence[torch.Tensor]) -> list[tuple[list[torch.Tensor], ...]]:
+
+def by_device_and_dtype(*lists: Sequence[torch.Tensor], cpu_runs: bool = False) -> list[tuple[list[torch.Tensor], ...]]:
     """Parallel lists split into groups whose tensors of the first list share a device and
-    a dtype (their order kept); each group is a tuple of lists, one per input list."""
+    a dtype (their order kept); each group is a tuple of lists, one per input list. With
+    `cpu_runs`, a CPU group holds at most CPU_GROUP_BYTES of the first list (or one larger
+    tensor)."""
     if not lists:
         return []
     size = len(lists[0])
     if any(len(other) != size for other in lists):
         raise ValueError(f"parallel lists of different lengths: {[len(other) for other in lists]}")
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], ...]] = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, first in enumerate(lists[0]):
-        group = groups.setdefault((first.device, first.dtype), tuple([] for _ in lists))
-        for out, source in zip(group, lists):
-            out.append(source[i])
-    return list(groups.values())
+        groups.setdefault((first.device, first.dtype), []).append(i)
+    runs = [run for (device, _), members in groups.items()
+            for run in (_runs(members, lists[0]) if cpu_runs and device.type == "cpu" else [members])]
+    return [tuple([source[i] for i in run] for source in lists) for run in runs]
+
+
+def _runs(members: list[int], tensors: Sequence[torch.Tensor]) -> list[list[int]]:
+    """`members` cut into runs of at most CPU_GROUP_BYTES of `tensors` (or one larger one)."""
+    runs, run, size = [], [], 0
+    for i in members:
+        nbytes = tensors[i].numel() * tensors[i].element_size()
+        if run and size + nbytes > CPU_GROUP_BYTES:
+            runs.append(run)
+            run, size = [], 0
+        run.append(i)
+        size += nbytes
+    return runs + [run]
 
 
 def copy_all_(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:

@@ -114,13 +114,13 @@ class SGD(_RowSparseOptimizer):
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
         grads = [param.grad for param in params]
         if not momentum:
-            for weights, gradients in by_device_and_dtype(params, grads):
+            for weights, gradients in by_device_and_dtype(params, grads, cpu_runs=True):
                 if decay:
                     scale_(weights, 1.0 - lr * decay)
                 torch._foreach_add_(weights, gradients, alpha=-lr)
             return
         buffers = [self._momentum_buffer(param) for param in params]
-        for weights, gradients, moments in by_device_and_dtype(params, grads, buffers):
+        for weights, gradients, moments in by_device_and_dtype(params, grads, buffers, cpu_runs=True):
             scale_(moments, momentum)
             torch._foreach_add_(moments, gradients)
             if decay:
@@ -171,7 +171,7 @@ class AdamW(_RowSparseOptimizer):
         states = [self._state(param) for param in params]
         lists = ([param.grad for param in params], [s["exp_avg"] for s in states],
                  [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
-        for weights, grads, exp_avg, exp_avg_sq, steps in by_device_and_dtype(params, *lists):
+        for weights, grads, exp_avg, exp_avg_sq, steps in by_device_and_dtype(params, *lists, cpu_runs=True):
             torch._foreach_add_(steps, 1)
             scale_(exp_avg, beta1)
             torch._foreach_add_(exp_avg, grads, alpha=1 - beta1)
