@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, str] = {
     "head": "fr_trainer.heads.bench:main",
     "data": "fr_trainer.data.bench:main",
     "train": "fr_trainer.train.bench:main",
+    "tail": "fr_trainer.train.bench_tail:main",
     "export": "fr_trainer.export.bench:main",
     "eval": "fr_trainer.eval.bench:main",
     "search": "fr_trainer.eval.bench_scale:search_main",
@@ -54,7 +55,7 @@ commands:
   plan --classes N [...]               head memory and collective volume per GPU
   import-insightface RUN_DIR OUT --config CONFIG
                                        an arcface_torch run -> a checkpoint to resume here
-  bench head|data|train|export|eval|search|allpairs
+  bench head|data|train|tail|export|eval|search|allpairs
                                        benchmarks
 
 `fr-trainer <command> --help` for the options of one command."""

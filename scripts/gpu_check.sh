@@ -21,6 +21,8 @@
 #      (7,200 images, 240 identities), JPEGs decoded on the GPU by torchvision's nvJPEG: the
 #      nearest real thing to DALI GPU data, which the device image lacks and cannot carry
 #      (the nvidia-dali wheel is 424 MB; a run carries at most 64 MiB);
+#   4c. `fr-trainer bench tail --device cuda`: the step's tail (clipping, SGD, the EMA) for
+#      iresnet50 in multi-tensor ops against one tensor at a time (ops and ms);
 #   5. a JSON and a markdown table of it all in $OUT (default gpu_check_out/).
 # Uses the python3 that holds torch (no install: the device image has torch, pytest and
 # onnxruntime); the project is imported from this checkout.
@@ -55,13 +57,15 @@ step head_ops 30 "$py" -m fr_trainer.heads.step_count --device cuda --classes 10
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --threads 8 --batch 1024 --dim 512)
 # --compiled: also the head with its elementwise passes fused by torch.compile (Triton kernels there)
 step head_1m_bf16 60 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --compiled --json "$out/head_1m_bf16.json"
-step head_1m_fp32 25 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
+step head_1m_fp32 20 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
 step head_10m_bf16 50 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
   --json "$out/head_10m_bf16.json"
-step search_1m 45 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
+step search_1m 40 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
 train=("$py" -m fr_trainer bench train --device cuda --backbone iresnet50 --batch-size 256 --num-classes 100000
        --precision bf16 --head-dtype bf16 --channels-last on)
 step train_r50_bf16 30 "${train[@]}" --steps 30 --warmup 5 --json "$out/train_r50_bf16.json"
+step step_tail 10 "$py" -m fr_trainer bench tail --device cuda --backbone iresnet50 --iters 20 \
+  --json "$out/step_tail.json"
 data="${TMPDIR:-/tmp}/fr_gpu_check_data"
 step synth_data 15 "$py" -m fr_trainer synth "$data" --identities 240 --images-per-identity 30 --holdout-identities 10 \
   --pairs 20 --ijbc-subjects 0 --megaface-identities 0 --workers 16 --no-progress
@@ -107,6 +111,13 @@ for path in sorted(out.glob("train_*.json")):
 if train_rows:
     train_rows = ["", "| full step | samples/s | ms/step | loader alone, images/s | time share |",
                   "|---|---:|---:|---:|---|", *train_rows]
+tail = out / "step_tail.json"
+if tail.is_file():
+    report["step_tail"] = json.loads(tail.read_text())
+    train_rows += ["", "| step tail, iresnet50 | ops | ms | one tensor at a time: ops | ms | ratio |",
+                   "|---|---:|---:|---:|---:|---:|",
+                   *[f"| {r['part']} | {r['ops']} | {r['ms']:.2f} | {r['reference_ops']} | {r['reference_ms']:.2f} | "
+                     f"{r['ratio']:.2f} |" for r in report["step_tail"]["results"]]]
 ops = out / "step_ops.json"  # (not head_*.json: those are bench results)
 ops_rows = []
 if ops.is_file():

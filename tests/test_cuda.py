@@ -1,7 +1,8 @@
 """What only a GPU can show, run by scripts/gpu_check.sh (skipped without CUDA): the head on
 CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the
-sparse update on CUDA, NCCL on one rank, and an optimizer state resumed from a CPU
-checkpoint stepping on CUDA.
+sparse update on CUDA, NCCL on one rank, an optimizer state resumed from a CPU
+checkpoint stepping on CUDA, and the step tail's multi-tensor kernels (clipping, SGD, AdamW)
+against one-tensor loops.
 
 FR_CUDA_TESTS_DEVICE=cpu (with FR_HEAD_BLOCK_POLICY=cuda) runs the same tests on the CPU as a
 dry run of this file's code, at smaller class counts (tests/test_cuda_dry_run.py does that in
@@ -143,3 +144,30 @@ def test_cuda_op_count_does_not_grow_with_classes_and_a_step_syncs_at_most_once(
     assert small["ops"] == large["ops"], (small, large)
     for row in (small, large):
         assert row["syncs"] <= 1 and row["cuda_reported_syncs"] <= 1, row
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_the_multi_tensor_step_tail_on_the_device_equals_the_one_tensor_loop_on_the_cpu(kind):
+    """Clipping and the optimizer step (`fr_trainer.train.foreach`: fused multi-tensor kernels
+    on CUDA) against `fr-trainer bench tail`'s one-tensor references on float64 CPU copies."""
+    from fr_trainer.train.bench_tail import ReferenceAdamW, ReferenceSGD, reference_clip
+    from fr_trainer.train.grads import clip_global_norm
+
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(64, 3, 3, 3), (64,), (), (512, 300), (2000, 600)]  # (the last over 2^20 elements)
+    host = [torch.nn.Parameter(torch.randn(s, generator=generator, dtype=torch.float64)) for s in shapes]
+    device = [torch.nn.Parameter(p.detach().float().to(DEVICE, copy=True)) for p in host]
+    if kind == "sgd":
+        ours, ref = SGD(device, lr=0.1, momentum=0.9, weight_decay=5e-4), ReferenceSGD(host, 0.1, 0.9, 5e-4)
+    else:
+        ours, ref = AdamW(device, lr=1e-3, weight_decay=0.05), ReferenceAdamW(host, 1e-3, 0.05)
+    for _ in range(3):
+        for p, q in zip(host, device):
+            p.grad = torch.randn(p.shape, generator=generator, dtype=torch.float64)
+            q.grad = p.grad.float().to(DEVICE, copy=True)
+        norm = clip_global_norm(device, [], max_norm=5.0)
+        torch.testing.assert_close(norm.cpu(), reference_clip(host, 5.0), rtol=1e-6, atol=0.0)
+        ours.step()
+        ref.step()
+    for p, q in zip(host, device):
+        torch.testing.assert_close(q.detach().cpu().double(), p.detach(), rtol=1e-5, atol=1e-6)

@@ -17,6 +17,7 @@ import pytest
 from fr_trainer.eval.bench_scale import _parser as scale_parser
 from fr_trainer.heads.bench import parse_args as head_bench_args
 from fr_trainer.train.bench import build_parser as train_bench_parser
+from fr_trainer.train.bench_tail import build_parser as tail_bench_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
@@ -43,7 +44,7 @@ def commands(tmp_path_factory) -> list[list[str]]:
 def test_every_bench_command_of_the_gpu_check_parses(commands) -> None:
     benches = [c for c in commands if c[:3] == ["-m", "fr_trainer", "bench"]]
     kinds = sorted({c[3] for c in benches})
-    assert kinds == ["head", "search", "train"], kinds
+    assert kinds == ["head", "search", "tail", "train"], kinds
     for command in benches:
         kind, argv = command[3], command[4:]
         if kind == "head":
@@ -51,6 +52,8 @@ def test_every_bench_command_of_the_gpu_check_parses(commands) -> None:
             assert cfg.device == "cuda" and cfg.threads > 1 and json_path, command
         elif kind == "train":
             assert train_bench_parser().parse_args(argv).device == "cuda", command
+        elif kind == "tail":
+            assert tail_bench_parser().parse_args(argv).device == "cuda", command
         else:
             assert scale_parser(kind).parse_args(argv).device == "cuda", command
     assert any(c[:2] == ["-m", "pytest"] and "tests/test_cuda.py" in c for c in commands)
@@ -84,6 +87,9 @@ def test_the_gpu_checks_summary_tabulates_every_result(tmp_path) -> None:
     (out / "train_r50_bf16.json").write_text(json.dumps({"samples_per_s": 5100.0, "step_ms": 50.2, "share": share}))
     nvjpeg = {"samples_per_s": 4000.0, "step_ms": 64.0, "share": share, "data_only": {"steady_images_per_s": 9000.0}}
     (out / "train_r50_bf16_nvjpeg.json").write_text(json.dumps(nvjpeg))
+    sgd = {"part": "sgd", "ops": 6, "ms": 0.5, "reference_ops": 954, "reference_ms": 9.5, "ratio": 0.0526}
+    tail = {"results": [sgd]}
+    (out / "step_tail.json").write_text(json.dumps(tail))
     done = subprocess.run([sys.executable, "-", str(out)], input=_summary_program(), capture_output=True, text=True,
                           timeout=60)
     assert done.returncode == 0, done.stderr
@@ -92,4 +98,5 @@ def test_the_gpu_checks_summary_tabulates_every_result(tmp_path) -> None:
     assert "| head_1m_bf16 compiled | 2.00 | 2.20 | 1.10 | 4.5 | 4.0 |" in table
     assert "| train_r50_bf16 | 5100 | 50.2 | – | data 10%, backbone 70%, head 15%, optimizer 5% |" in table
     assert "| train_r50_bf16_nvjpeg | 4000 | 64.0 | 9000 |" in table
+    assert "| sgd | 6 | 0.50 | 954 | 9.50 | 0.05 |" in table
     assert json.loads((out / "gpu_check.json").read_text())["head_1m_bf16"]["ratio"] == 1.25

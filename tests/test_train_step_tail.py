@@ -6,30 +6,19 @@ parameter tensors, and the numbers are those of the one-tensor-at-a-time rules."
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from fr_trainer.train.bench_tail import WorkOps
+from fr_trainer.train.bench_tail import main as bench_tail
 from fr_trainer.train.ema import BackboneEMA
 from fr_trainer.train.finiteness import BufferSnapshot
 from fr_trainer.train.foreach import CPU_GROUP_BYTES, by_device_and_dtype
 from fr_trainer.train.grads import clip_global_norm
 from fr_trainer.train.optim import SGD, AdamW
-
-
-class _WorkOps(TorchDispatchMode):
-    """Counts the aten ops that are not views (a view launches no kernel on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _network(layers: int) -> nn.Module:
@@ -46,7 +35,7 @@ def _network(layers: int) -> nn.Module:
 
 def _work_ops(action) -> int:
     action()  # (first calls make state: momentum buffers, the snapshot's copies)
-    with _WorkOps() as counter:
+    with WorkOps() as counter:
         action()
     return counter.count
 
@@ -175,3 +164,12 @@ def test_cpu_runs_hold_at_most_a_cache_sized_share_and_other_devices_one_group()
     assert runs == [4, 4, 1, 1, 1] and len(by_device_and_dtype(cpu)) == 1
     meta = [torch.empty(quarter * 8, device="meta") for _ in range(5)]
     assert len(by_device_and_dtype(meta, cpu_runs=True)) == 1
+
+
+def test_bench_tail_times_each_part_against_the_one_tensor_loop(tmp_path, capsys) -> None:
+    out = tmp_path / "tail.json"
+    assert bench_tail(["--backbone", "iresnet18", "--embedding-size", "64", "--iters", "2", "--json", str(out)]) == 0
+    results = {r["part"]: r for r in json.loads(out.read_text())["results"]}
+    assert sorted(results) == ["clip", "ema", "sgd"]
+    assert all(r["ops"] < r["reference_ops"] and r["ms"] > 0 for r in results.values())
+    assert "| sgd |" in capsys.readouterr().out
