@@ -165,8 +165,9 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
 
 
 def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, start: int, end: int,
-                  grad_xh: torch.Tensor, grad_w: torch.Tensor, radial_part: torch.Tensor | None) -> None:
-    """grad_xh += (h f) @ w and grad_w[start:end] = (h f)^T @ x^ - radial_part * w with
+                  grad_xh: torch.Tensor, grad_rows: torch.Tensor, radial_part: torch.Tensor | None) -> None:
+    """grad_xh += (h f) @ w and grad_rows (the rows [start, end) of the centres' gradient) =
+    (h f)^T @ x^ - radial_part * w with
     16-bit GEMMs, one column chunk at a time. bf16 has fp32's range, so h already holds H
     (`factor` None: the column factor went into the fp32 pass that made it) and is only
     converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
@@ -181,11 +182,11 @@ def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, 
         else:
             grad_xh.add_(torch.mm(h_c, (ops.w[rows] * factor[a:b, None]).to(dtype)))
         if factor is None:
-            grad_w[rows].copy_(torch.mm(h_c.t(), ops.xh_c))
+            grad_rows[a:b].copy_(torch.mm(h_c.t(), ops.xh_c))
         else:
-            torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_w[rows])
+            torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_rows[a:b])
         if radial_part is not None:
-            grad_w[rows].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
+            grad_rows[a:b].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
@@ -596,13 +597,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     margin; process group; chunk_size (None: one block, logits kept for backward);
     compute_dtype of the GEMMs and the logit buffer (None: the centres' dtype);
     logits_dtype; policy (a `BlockPolicy`; None: the centres' device's); compiled (run
-    the elementwise passes compiled, `fr_trainer.heads.fused`).
+    the elementwise passes compiled, `fr_trainer.heads.fused`); row_update (None, or
+    `row_update(start, end, grad_rows)`, called in backward with each block's finished rows
+    of the centres' gradient instead of returning the whole gradient: see `_CentreGradRows`).
     Returns the scalar loss.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, index, targets, margin, group, chunk_size, compute_dtype=None,
-                logits_dtype=None, policy=None, compiled=False):
+                logits_dtype=None, policy=None, compiled=False, row_update=None):
         policy = policy or policy_for(weight.device)
         w = weight if index is None else _selected_rows(weight.detach(), index, policy)
         b = None if bias is None else (bias if index is None else bias.index_select(0, index))
@@ -669,6 +672,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         ctx.kept_block = blocks[-1]
         ctx.kept_max = maxima[-1]  # the maxima the kept block's exponentials are relative to
         ctx.norm_terms = norm_terms
+        ctx.row_update = row_update
         return loss
 
     @staticmethod
@@ -678,19 +682,22 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         coef = grad_loss / ops.xh.shape[0]
         normalized = margin.normalized
         grad_xh = torch.zeros_like(ops.xh)
-        grad_w = ops.take_outgoing(ops.w.shape, ops.w.dtype)  # what becomes weight.grad
+        rows = _CentreGradRows(ops, ctx.blocks, ctx.row_update)
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in reversed(ctx.blocks):  # the kept block first
+            grad_rows = rows.block(start, end)
             if ops.cosines16:
-                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_w[start:end])
+                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_rows)
+                rows.done(start, end)
                 continue
             if ops.cosine_rows:  # H over the kept (or recomputed) cosines, the logits rebuilt per row block
                 cos = ctx.kept if ctx.kept is not None else ops.block_cosines(start, end)
                 ctx.kept = None
                 h = _cosine_rows_grad_(ops, cos, tgt, ctx, coef, start, end, radial[start:end])
-                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_w)
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_rows)
                 ops.give(h)
+                rows.done(start, end)
                 continue
             if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
@@ -707,16 +714,16 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             # the block's radial coefficients are complete: the centres' gradient is
             # sum_i H_ij x^_i minus its radial part w_j * radial_j / ||w_j||^2
             if not mixed:
-                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_w)
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_rows)
                 if grad_b is not None:
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
                 _put_targets_(h, inside, cols, torch.zeros_like(h_t))
                 radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
-                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_w, radial_part)
+                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_rows, radial_part)
                 # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
                 grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
-                grad_w[start:end].index_add_(0, cols, h_t[:, None] * ops.xh)
+                grad_rows.index_add_(0, cols, h_t[:, None] * ops.xh)
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
                     if factor is not None:
@@ -724,33 +731,66 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     grad_b[start:end].index_add_(0, cols, h_t)
             ops.give(h)
             ops.give(cos)
+            rows.done(start, end)
         ops.release()
+        grad_w = rows.finish()
         grad_x = grad_xh
         if normalized:
             xh = ops.xh
             grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / ops.x_norm[:, None]
             if ctx.norm_terms is not None and margin.norm_gradient:  # dL/d||x|| along x / ||x||
                 grad_x.addcmul_(xh, ctx.norm_terms.grad_norms(ctx, coef)[:, None])
-        grad_weight, grad_bias = grad_w, grad_b
+        grad_weight, grad_bias = grad_w, grad_b  # (grad_w None: updated a block at a time)
         if ctx.index is not None:
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
             if grad_b is not None:
                 grad_bias = _sparse_rows(ctx.index, grad_b, ctx.weight_shape[:1])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None, None
+
+
+class _CentreGradRows:
+    """Where the backward writes each block's rows of the centres' gradient: the rows of one
+    [C, D] tensor that becomes `weight.grad`, or, with `row_update` (the fused update:
+    `PartialFC.update_in_backward`), one block-sized buffer handed to
+    `row_update(start, end, rows)` as soon as the block is done, so the whole gradient never
+    exists."""
+
+    def __init__(self, ops: _Operands, blocks: list[tuple[int, int]], row_update) -> None:
+        self.ops, self.row_update = ops, row_update
+        if row_update is None:
+            self.grad = ops.take_outgoing(ops.w.shape, ops.w.dtype)  # what becomes weight.grad
+        else:
+            most = max(end - start for start, end in blocks)
+            self.grad = ops.take((most,) + tuple(ops.w.shape[1:]), ops.w.dtype)
+
+    def block(self, start: int, end: int) -> torch.Tensor:
+        return self.grad[start:end] if self.row_update is None else self.grad[: end - start]
+
+    def done(self, start: int, end: int) -> None:
+        if self.row_update is not None:
+            self.row_update(start, end, self.grad[: end - start])
+
+    def finish(self) -> torch.Tensor | None:
+        """The whole gradient, or None once the blocks have been handed on."""
+        if self.row_update is None:
+            return self.grad
+        self.ops.give(self.grad)
+        return None
 
 
 def _fp32_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, radial: torch.Tensor | None,
-                 grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+                 grad_xh: torch.Tensor, grad_rows: torch.Tensor) -> None:
     """The two backward GEMMs of H [G, c] in the centres' dtype for the centres [start, end):
-    into grad_xh, and grad_w[start:end] = H^T x^ minus the radial part w_j radial_j / ||w_j||^2
-    (an accumulating GEMM onto the radial part: one [c, D] pass fewer)."""
+    into grad_xh, and grad_rows (those rows of the centres' gradient) = H^T x^ minus the radial
+    part w_j radial_j / ||w_j||^2 (an accumulating GEMM onto the radial part: one [c, D] pass
+    fewer)."""
     grad_xh.addmm_(h, ops.w[start:end])
     if radial is None:
-        torch.mm(h.t(), ops.xh, out=grad_w[start:end])
+        torch.mm(h.t(), ops.xh, out=grad_rows)
         return
     radial_part = radial[start:end] * ops.inv_w_norm[start:end].square()
-    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_w[start:end])
-    grad_w[start:end].addmm_(h.t(), ops.xh)
+    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_rows)
+    grad_rows.addmm_(h.t(), ops.xh)
 
 
 def _cosine_rows_grad_(ops: _Operands, cos: torch.Tensor, tgt: _Targets, ctx, coef: torch.Tensor, start: int,

@@ -14,6 +14,8 @@ be scaled by the world size; the trainer does that in one place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
@@ -30,6 +32,8 @@ from fr_trainer.heads.subcenter import check_subcenter_margin
 from fr_trainer.heads.subcenter_fused import SubcenterSoftmaxCrossEntropy
 from fr_trainer.heads.validation import check_inputs
 from fr_trainer.margins import Margin, create_margin
+
+RowUpdate = Callable[[int, int, torch.Tensor], None]  # (start, end, the rows' gradient [end - start, D])
 
 
 def saved_generator_device(state: dict) -> str:
@@ -126,6 +130,7 @@ class PartialFC(nn.Module):
         self._draws = 0  # sampled steps drawn so far: seeds a new stream when a saved one cannot be used
         self._reseed_step: int | None = None  # set when a resharded checkpoint had no stream for this rank
         self.last_index: torch.Tensor | None = None  # centres used by the last sampled step
+        self._row_update: RowUpdate | None = None  # `update_in_backward`
 
     def _initial_centres(self, init_std: float, device) -> torch.Tensor:
         """[C_local, D], or [C_local, k, D] for a sub-centre margin (a class's k sub-centres
@@ -143,6 +148,35 @@ class PartialFC(nn.Module):
                              "and shard the classes over more ranks to bound the memory")
         centres = init_centres(self.shard, self.embedding_size * k, self.seed, init_std, device=device)
         return centres.view(self.shard.num_local, k, self.embedding_size)
+
+    def update_in_backward(self, row_update: RowUpdate | None) -> None:
+        """Hand the centres' gradient, a chunk of rows at a time, to `row_update(start, end,
+        grad_rows)` inside the backward, instead of leaving the whole [C_local, D] gradient in
+        `weight.grad` (which then stays None): the optimizer steps those rows there and then
+        (`fr_trainer.train.optim.SGD.update_rows`), and the whole fp32 gradient never exists
+        (at 10M classes per GPU and D 512: 20 GB). None turns it off.
+
+        Needs `chunk_size` (the chunks are what is handed on; without chunking the one block is
+        the whole gradient) and a dense head (no sampling, no sub-centres). Every use of the
+        gradient after the backward is the caller's to rule out: the trainer refuses gradient
+        accumulation, fp16 loss scaling, clipping that covers the head and skipped steps
+        (`head.fused_update`). A second backward of one forward (`retain_graph`) updates twice."""
+        if row_update is not None:
+            where = "PartialFC.update_in_backward (head.fused_update)"
+            if self.margin.subcenters > 1:
+                raise ValueError(f"{where} is not supported with {self.margin.subcenters} sub-centres per class")
+            if self.sampling:
+                raise ValueError(f"{where} needs sample_rate=1.0 (got {self.sample_rate}): a sampled head's "
+                                 "gradient holds only its sampled rows already")
+            if self.chunk_size is None:
+                raise ValueError(f"{where} needs chunk_size: the update goes a chunk of classes at a time; "
+                                 "set head.chunk_size (e.g. 1/8 of the classes per rank)")
+        self._row_update = row_update
+
+    @property
+    def updates_in_backward(self) -> bool:
+        """Whether `update_in_backward` has handed the centres' gradient to an update."""
+        return self._row_update is not None
 
     @property
     def sampling(self) -> bool:
@@ -186,7 +220,8 @@ class PartialFC(nn.Module):
         logits = None if compute is None else (self.logits_dtype or default_logits_dtype(compute))
         return MarginSoftmaxCrossEntropy.apply(all_embeddings, self.weight, self.bias, index, local,
                                                self._call_margin(), group, self.chunk_size, compute, logits,
-                                               policy_for(self.weight.device, self.block_policy), self.compiled)
+                                               policy_for(self.weight.device, self.block_policy), self.compiled,
+                                               self._row_update)
 
     def _call_margin(self) -> Margin:
         """The margin the fused head applies: the head's, filtered when the inter-class

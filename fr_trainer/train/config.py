@@ -97,6 +97,9 @@ class HeadConfig:
     # torch.compile the head's elementwise passes (margin, softmax, softmax gradient;
     # fr_trainer/heads/fused.py); off: eager. Off by default: no measurement shows it pays yet
     compile: bool = False
+    # step the centres inside the head's backward, a chunk at a time (needs chunk_size): their
+    # whole fp32 gradient never exists (fr_trainer/train/fused_update.py says what it rules out)
+    fused_update: bool = False
 
 
 @dataclass
@@ -363,6 +366,7 @@ def _check(ok: bool, message: str) -> None:
 def validate(config: Config) -> None:
     """Value checks that need no data; the data-dependent ones run in `train.setup`."""
     from fr_trainer.train import config_checks as checks  # the registries (imports torch)
+    from fr_trainer.train.fused_update import fused_update_problems
 
     checks.check_finite(config)
     for key, allowed in CHOICES.items():
@@ -411,6 +415,8 @@ def validate(config: Config) -> None:
         h.chunk_size is None or h.chunk_size >= 1,
         f"head.chunk_size must be >= 1 or left out, got {h.chunk_size}",
     )
+    for problem in fused_update_problems(config):
+        _check(False, problem)
     r = config.regularizer
     _check(
         d.decode != "gpu" or config.train.device != "cpu",

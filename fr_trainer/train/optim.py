@@ -54,6 +54,19 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         raise NotImplementedError
 
+    def group_of(self, param: torch.nn.Parameter) -> dict:
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                return group
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is not in this optimizer")
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
+        """Step the rows [start, end) of `param` with `grad_rows`, their dense gradient, by the
+        rule of its group (the fused head update, `PartialFC.update_in_backward`): the same
+        numbers as `step()` with that gradient in `param.grad`, which stays untouched."""
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loading, then every state tensor onto its parameter's device.
 
@@ -133,6 +146,27 @@ class SGD(_RowSparseOptimizer):
             else:
                 torch._foreach_add_(weights, moments, alpha=-lr)
 
+    @torch.no_grad()
+    def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
+        group = self.group_of(param)
+        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
+        weights = param[start:end]
+        if not momentum:
+            if decay:
+                weights.mul_(1.0 - lr * decay)
+            weights.add_(grad_rows, alpha=-lr)
+            return
+        moments = self._momentum_buffer(param)[start:end]
+        moments.mul_(momentum).add_(grad_rows)
+        if decay:
+            moments.add_(weights, alpha=decay)
+        if group["nesterov"]:
+            if decay:
+                weights.mul_(1.0 - lr * decay)
+            weights.add_(grad_rows, alpha=-lr).add_(moments, alpha=-lr * momentum)
+        else:
+            weights.add_(moments, alpha=-lr)
+
     def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         rows, grad = _sparse_rows(param.grad)
         direction = self._direction(param, grad, param.index_select(0, rows), group, rows)
@@ -162,6 +196,23 @@ class AdamW(_RowSparseOptimizer):
     def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         rows, grad = _sparse_rows(param.grad)
         self._adam_rows(param, grad, rows, self._state(param), group)
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
+        group = self.group_of(param)
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        state, rows = self._state(param), slice(start, end)
+        steps = state["step"][rows].add_(1)
+        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad_rows, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
+        shape = _row_shape(param)
+        counts = steps.to(param.dtype)
+        correction1 = (1 - beta1 ** counts).reshape(shape)
+        correction2 = (1 - beta2 ** counts).reshape(shape)
+        denominator = (exp_avg_sq / correction2).sqrt_().add_(eps)
+        change = (exp_avg / correction1).mul_(lr).div_(denominator)
+        param[rows].mul_(1 - lr * decay).sub_(change)
 
     def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
         """Every row of every parameter, the arithmetic of `_adam_rows` in multi-tensor ops

@@ -46,6 +46,7 @@ from fr_trainer.train.data_setup import (
 from fr_trainer.train.ema import build_ema, resume_ema, scaler_step_taken
 from fr_trainer.train.finiteness import BufferSnapshot, NonFiniteState, NonFiniteSteps
 from fr_trainer.train.freeze import BackboneFreeze
+from fr_trainer.train.fused_update import attach_fused_update
 from fr_trainer.train.grads import clip_global_norm, scale_backbone_grad
 from fr_trainer.train.hyperparams import config_hyperparameters, restore_hyperparameters
 from fr_trainer.train.optim import SGD, AdamW
@@ -305,6 +306,11 @@ class Trainer:
             if self.precision.scaler
             else None
         )
+        if self.config.head.fused_update:  # (the head steps its centres in its backward)
+            try:
+                attach_fused_update(self.head, self.optimizer, self.scaler is not None)
+            except ValueError as error:
+                raise ConfigError(f"[head]: {error}") from None
 
     def _prepare_run_dir(self) -> None:
         if self.rank == 0:
@@ -483,6 +489,7 @@ class Trainer:
                 self._buffer_snapshot = BufferSnapshot([network, self.head, self.regularizer])
             buffers = self._buffer_snapshot.take()
         frozen = self.freeze.begin_step(self.step)
+        lr = self.schedule.apply()  # (before the backward: head.fused_update steps the centres there)
         for i in range(accumulate):
             images, labels = self.stream.next()
             losses.append(self.micro_step(images, labels, last=i == accumulate - 1))
@@ -494,7 +501,6 @@ class Trainer:
         loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags]).tolist()
         self.stop_request.agree(stop > 0)  # acted on at the end of this step (`_fit`)
         loss = loss_value / accumulate
-        lr = self.schedule.apply()
         if nonfinite:  # any rank's: every rank takes the same decision
             self.optimizer.zero_grad(set_to_none=True)
             if buffers is not None:
