@@ -24,6 +24,8 @@ CASES = [
     Case(**WEIGHT_BOUND),
     Case(**WEIGHT_BOUND, optimizer="adamw", sample_rate=0.1),
     Case(**WEIGHT_BOUND, clip_grad=True),
+    Case(**WEIGHT_BOUND, chunk_size=2500, fused_update=True),  # the gradient: one chunk's rows
+    Case(**WEIGHT_BOUND, optimizer="adamw", chunk_size=2500, fused_update=True),
 ]
 
 
@@ -67,7 +69,7 @@ def measured_gpu_policy() -> list[int]:
 
 @pytest.mark.parametrize("index", range(len(CASES)),
                          ids=[f"{c.margin}-{c.optimizer}-sr{c.sample_rate}-chunk{c.chunk_size}-clip{c.clip_grad}"
-                              f"-B{c.batch_per_rank}" for c in CASES])
+                              f"-B{c.batch_per_rank}{'-fused' if c.fused_update else ''}" for c in CASES])
 def test_plan_within_10_percent_of_measured_peak(measured, index):
     case = CASES[index]
     plan = plan_head(world_size=2, backend="gloo", **case.plan_kwargs())
@@ -78,9 +80,12 @@ def test_plan_within_10_percent_of_measured_peak(measured, index):
 
 
 def test_measured_phases_differ_as_planned(measured):
-    """The figures move the way the plan says: sampling and chunking shrink the peak."""
+    """The figures move the way the plan says: sampling and chunking shrink the peak, and so
+    does the fused update where the optimizer step bounds it (no whole centre gradient)."""
     dense, sampled, chunked = measured[0], measured[1], measured[2]
     assert sampled < 0.6 * dense and chunked < 0.7 * dense
+    weight_bound, fused = measured[4], measured[7]
+    assert fused < 0.8 * weight_bound, (weight_bound, fused)
 
 
 @pytest.mark.parametrize("index", range(len(GPU_CASES)),

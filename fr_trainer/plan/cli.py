@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-weight-decay", action="store_true")
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--clip-grad", action="store_true", help="count the trainer's global-norm clipping")
+    p.add_argument("--fused-update", action="store_true",
+                   help="head.fused_update: the centres stepped a chunk at a time in the backward (needs --chunk-size)")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
     p.add_argument("--tflops", type=positive_float, default=None, help="sustained GEMM TFLOP/s, for a time estimate")
     p.add_argument("--net-gbps", type=positive_float, default=None, help="per-GPU network GB/s, for a time estimate")
@@ -81,7 +83,8 @@ def _plan_kwargs(args: argparse.Namespace) -> dict:
                 "dtype": args.dtype, "optimizer": args.optimizer, "margin": args.margin,
                 "chunk_size": args.chunk_size, "momentum": not args.no_momentum,
                 "weight_decay": not args.no_weight_decay, "nesterov": args.nesterov,
-                "clip_grad": args.clip_grad, "backend": args.backend, "compute_dtype": args.compute_dtype}
+                "clip_grad": args.clip_grad, "backend": args.backend, "compute_dtype": args.compute_dtype,
+                "fused_update": args.fused_update}
 
 
 def make_plans(args: argparse.Namespace) -> list[HeadPlan]:
@@ -102,7 +105,8 @@ def format_plans(plans: list[HeadPlan], args: argparse.Namespace) -> str:
     lines = [(f"PartialFC head per GPU: D {first.embedding_size}, batch {first.batch_per_rank}/GPU, "
              f"sample_rate {first.sample_rate}, {first.dtype}"
              f"{' centres, bf16 GEMMs' if first.compute_dtype else ''}, {first.optimizer}, {first.margin}, "
-             f"chunk {first.chunk_size}{', clipping' if args.clip_grad else ''} (GB = 1e9 bytes)")]
+             f"chunk {first.chunk_size}{', clipping' if args.clip_grad else ''}"
+             f"{', fused update' if first.fused_update else ''} (GB = 1e9 bytes)")]
     if args.gpu_memory is not None:
         lines.append(f"budget {_gb(args.gpu_memory)} GB per GPU - reserve {_gb(args.reserve)} GB "
                      f"= {_gb(args.gpu_memory - args.reserve)} GB for the head")
@@ -155,7 +159,7 @@ def _measure(plans: list[HeadPlan], args: argparse.Namespace) -> str:
     from fr_trainer.plan.measure import Case, measure_peaks
 
     cases = [Case(p.classes, p.embedding_size, p.batch_per_rank, p.sample_rate, p.dtype, p.optimizer,
-                  p.margin, p.chunk_size, args.clip_grad, p.compute_dtype) for p in plans]
+                  p.margin, p.chunk_size, args.clip_grad, p.compute_dtype, p.fused_update) for p in plans]
     # a GPU plan measured on CPU ranks: the head under the CUDA block policy, as on a GPU
     policy = "cuda" if args.device == "cpu" and args.backend == "nccl" else None
     measured = measure_peaks(cases, world_size=plans[0].world_size, device=args.device, policy=policy)

@@ -43,6 +43,7 @@ class Case:
     chunk_size: int | None = None
     clip_grad: bool = False
     compute_dtype: str | None = None  # "bf16": 16-bit GEMMs on fp32 centres, bf16 embeddings
+    fused_update: bool = False  # the centres stepped a chunk at a time in the backward
 
     def plan_kwargs(self) -> dict:
         return asdict(self)
@@ -66,6 +67,10 @@ def _train_steps(case: Case, rank: int, device: torch.device, x: torch.Tensor, y
                      sample_rate=case.sample_rate, chunk_size=case.chunk_size, seed=0, compute_dtype=compute)
     head = head.to(device=device, dtype=TORCH_DTYPES[case.dtype])
     optimizer = _optimizer(case, head.parameters())
+    if case.fused_update:
+        from fr_trainer.train.fused_update import attach_fused_update
+
+        attach_fused_update(head, optimizer, loss_scaling=False)
 
     def micro_step() -> None:  # the loss (and the graph) dies on return, as in the trainer
         head(x, y).backward()

@@ -125,6 +125,7 @@ class HeadPlan:
     gemm_flops: int = 0
     pooled: int = 0  # CPU: the logit buffers the head's buffer pool keeps for the next step
     compute_dtype: str | None = None  # "bf16": 16-bit GEMMs (`PartialFC(compute_dtype=)`)
+    fused_update: bool = False  # the centres stepped a chunk at a time in the backward
 
     @property
     def global_batch(self) -> int:
@@ -259,22 +260,25 @@ def _optimizer_terms(optimizer: str, rows: int, dim: int, item: int, sparse: boo
         if momentum:
             count += 1 + int(nesterov)
         return count * row
-    # AdamW: denominator + three live update terms; sparse also gathers weights, m, v.
-    return (4 + (3 if sparse else 0)) * row + 2 * rows * INT64
+    # AdamW dense (multi-tensor, or a fused chunk): the denominator and the change; sparse
+    # rows: four live update terms, and it gathers the weights, m and v
+    return (2 if not sparse else 7) * row + 2 * rows * INT64
 
 
 def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batch_per_rank: int = 128,
               sample_rate: float = 1.0, dtype: str = "fp32", optimizer: str = "sgd",
               margin: str = "arcface", chunk_size: int | None = None, momentum: bool = True,
               weight_decay: bool = True, nesterov: bool = False, clip_grad: bool = False,
-              backend: str = "nccl", compute_dtype: str | None = None) -> HeadPlan:
+              backend: str = "nccl", compute_dtype: str | None = None, fused_update: bool = False) -> HeadPlan:
     """Bytes per GPU of the head's tensors in one training step (see the module docstring).
 
     Args mirror `PartialFC` and the trainer's optimizer settings; `dtype` is the head's
     parameter dtype (fp32 or fp64; a bf16 run keeps fp32 centres); `clip_grad` adds the trainer's global-norm
     clipping; `backend` decides the backward collective (nccl: reduce-scatter) and the
     block policy (nccl: a GPU's whole-buffer passes); `compute_dtype="bf16"`: the head's
-    GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`).
+    GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`); `fused_update`: the centres
+    stepped a chunk at a time inside the backward (`head.fused_update`), so the centres'
+    gradient is one chunk's rows and the optimizer's temporaries a chunk's.
     """
     if compute_dtype not in (None, "bf16"):
         raise ValueError(f"compute_dtype {compute_dtype!r} is not modelled; use None (the centres' dtype) or 'bf16'")
@@ -292,7 +296,10 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     else:
         state = 2 * local * d * item + local * INT64
     logits, cols = _logit_bytes(g, used, chunk_size, traits, item)
-    grad_rows = used * d * item + (used * item if traits.has_bias else 0)
+    if fused_update and (chunk_size is None or sparse or clip_grad):
+        raise ValueError("fused_update needs chunk_size, sample_rate 1 and no clipping over the head "
+                         "(fr_trainer/train/fused_update.py); drop --clip-grad or --fused-update")
+    grad_rows = (cols if fused_update else used) * d * item + (used * item if traits.has_bias else 0)
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
     vectors = 6 * used * item
@@ -308,7 +315,10 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         logits, pooled, workspace = mixed.logits, mixed.pooled, mixed.workspace + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
-    optimizer_temp = _optimizer_terms(optimizer, used, d, item, sparse, momentum, weight_decay, nesterov)
+    optimizer_temp = _optimizer_terms(optimizer, cols if fused_update else used, d, item, sparse, momentum,
+                                      weight_decay, nesterov)
+    if fused_update:  # (the chunk's update runs inside the backward, beside its buffers)
+        workspace, optimizer_temp = workspace + optimizer_temp, 0
     clip_temp = min(used * d, SQUARE_SUM_BLOCK) * 8 if clip_grad else 0
     gemms = 3 + (1 if cols < used else 0)
     return HeadPlan(
@@ -319,7 +329,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         workspace=workspace, optimizer_temp=optimizer_temp, clip_temp=clip_temp,
         collectives=head_collectives(world_size, batch_per_rank, d, item, traits, backend),
         gemm_flops=gemms * 2 * g * used * d,
-        pooled=pooled, compute_dtype=compute_dtype,
+        pooled=pooled, compute_dtype=compute_dtype, fused_update=fused_update,
     )
 
 
