@@ -13,6 +13,10 @@ memory is its own):
   16-bit embeddings as a bf16/fp16 autocast backbone would;
 - compiled (with --compiled): the head with `compiled=True` (its elementwise passes fused
   by torch.compile; the compile itself happens in the warm-up steps);
+- fused (with --fused-update, needs --chunk-size): the head stepping its centres a chunk at
+  a time inside the backward (`PartialFC.update_in_backward`, plain SGD: w -= lr g), so it
+  never holds the whole centre gradient that the head mode leaves in `weight.grad`; its
+  time includes that update (one pass over the centres), which the floor does not do;
 - reference (with --reference): the same head written plainly with autograd (normalised
   weight copy, full-matrix margin, distributed softmax through autograd all-reduces), the
   way the usual implementations do it.
@@ -64,6 +68,7 @@ class BenchConfig:
     rounds: int = 1  # the modes run in turn this many times; medians across rounds
     logits_dtype: str | None = None  # mixed precision: the head's logit buffer (None: its default)
     compiled: bool = False  # also time the head with compiled elementwise passes (mode "compiled")
+    fused_update: bool = False  # also time the head updating its centres in the backward (mode "fused")
 
 
 @dataclass
@@ -126,7 +131,8 @@ def _floor_step(cfg: BenchConfig, rank: int, device: torch.device):
     return step
 
 
-def _head_step(cfg: BenchConfig, rank: int, device: torch.device, compiled: bool = False):
+def _head_step(cfg: BenchConfig, rank: int, device: torch.device, compiled: bool = False,
+               fused_update: bool = False):
     dtype = DTYPES[cfg.dtype]
     mixed = dtype in (torch.bfloat16, torch.float16)
     head = PartialFC(cfg.classes, cfg.dim, margin=cfg.margin, sample_rate=cfg.sample_rate,
@@ -135,6 +141,11 @@ def _head_step(cfg: BenchConfig, rank: int, device: torch.device, compiled: bool
                      logits_dtype=DTYPES[cfg.logits_dtype] if cfg.logits_dtype else None, compiled=compiled)
     if not mixed:
         head = head.to(dtype=dtype)
+    if fused_update:
+        from fr_trainer.train.fused_update import attach_fused_update
+        from fr_trainer.train.optim import SGD
+
+        attach_fused_update(head, SGD([head.weight], lr=1e-3), loss_scaling=False)
     x, y = _inputs(cfg, rank, device)
     x.requires_grad_()
 
@@ -198,7 +209,12 @@ def _compiled_step(cfg: BenchConfig, rank: int, device: torch.device):
     return _head_step(cfg, rank, device, compiled=True)
 
 
-_BUILDERS = {"floor": _floor_step, "head": _head_step, "compiled": _compiled_step, "reference": _reference_step}
+def _fused_step(cfg: BenchConfig, rank: int, device: torch.device):
+    return _head_step(cfg, rank, device, fused_update=True)
+
+
+_BUILDERS = {"floor": _floor_step, "head": _head_step, "compiled": _compiled_step, "fused": _fused_step,
+             "reference": _reference_step}
 
 
 def _run_mode(rank: int, world_size: int, mode: str, cfg: BenchConfig) -> dict:
@@ -269,11 +285,15 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     parser.add_argument("--reference", action="store_true", help="also time a plain autograd head")
     parser.add_argument("--compiled", action="store_true",
                         help="also time the head with torch.compile'd elementwise passes")
+    parser.add_argument("--fused-update", action="store_true",
+                        help="also time the head stepping its centres in the backward (needs --chunk-size)")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
+    if args.fused_update and args.chunk_size is None:
+        parser.error("--fused-update needs --chunk-size (the centres are stepped a chunk at a time)")
     cfg = BenchConfig(args.world_size, args.batch, args.dim, args.classes, args.sample_rate,
                       args.margin, args.chunk_size, args.device, args.threads, args.iters,
-                      args.warmup, args.dtype, args.rounds, args.logits_dtype, args.compiled)
+                      args.warmup, args.dtype, args.rounds, args.logits_dtype, args.compiled, args.fused_update)
     return cfg, args.reference, args.json
 
 
@@ -281,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg, reference, json_path = parse_args(list(sys.argv[1:] if argv is None else argv))
     if cfg.device == "cuda" and torch.cuda.device_count() < cfg.world_size:
         raise SystemExit(f"--device cuda needs {cfg.world_size} GPUs, found {torch.cuda.device_count()}")
-    modes = ["floor", "head"] + (["compiled"] if cfg.compiled else []) + (["reference"] if reference else [])
+    modes = (["floor", "head"] + (["compiled"] if cfg.compiled else []) + (["fused"] if cfg.fused_update else [])
+             + (["reference"] if reference else []))
     results = run_benchmark(cfg, modes)
     print(format_table(cfg, results))
     if json_path:
