@@ -141,11 +141,13 @@ def _head_step(cfg: BenchConfig, rank: int, device: torch.device, compiled: bool
                      logits_dtype=DTYPES[cfg.logits_dtype] if cfg.logits_dtype else None, compiled=compiled)
     if not mixed:
         head = head.to(dtype=dtype)
-    if fused_update:
-        from fr_trainer.train.fused_update import attach_fused_update
-        from fr_trainer.train.optim import SGD
+    if fused_update:  # (plain SGD written out: building a torch optimizer imports torch._dynamo, ~70 MB RSS)
+        weight = head.weight.detach()
 
-        attach_fused_update(head, SGD([head.weight], lr=1e-3), loss_scaling=False)
+        def sgd_rows(start: int, end: int, grad_rows: torch.Tensor) -> None:
+            weight[start:end].add_(grad_rows, alpha=-1e-3)
+
+        head.update_in_backward(sgd_rows)
     x, y = _inputs(cfg, rank, device)
     x.requires_grad_()
 
