@@ -11,7 +11,7 @@
 #      fp32 and bf16; fails if the op count differs between the two or a step syncs twice;
 #   2. `fr-trainer bench head --device cuda` at 1M classes per GPU (G 1024, D 512) in bf16
 #      (eager and compiled) and fp32 against the GEMM floor of the same dtype, and 10M classes per GPU chunked
-#      in bf16 (peak memory: target within 80 GB);
+#      in bf16 (peak memory: target within 80 GB), also with the fused centre update;
 #   3. `fr-trainer bench search --device cuda`: 3,530 probes against 1M x 512 fp32
 #      distractors (a 2 GB memmap streamed to the GPU) vs the on-GPU GEMM floor;
 #   4. `fr-trainer bench train --device cuda`: the full step (random images on the GPU, so the
@@ -50,7 +50,7 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 timeout 20 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-step cuda_tests 50 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step cuda_tests 45 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
 step head_ops 30 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
   --json "$out/step_ops.json"
 # --threads: the host threads that draw the centres (a 10M x 512 shard takes ~30 s on one core)
@@ -58,8 +58,9 @@ bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --threads 8 -
 # --compiled: also the head with its elementwise passes fused by torch.compile (Triton kernels there)
 step head_1m_bf16 60 "${bench[@]}" --classes 1000000 --dtype bf16 --iters 20 --warmup 3 --compiled --json "$out/head_1m_bf16.json"
 step head_1m_fp32 20 "${bench[@]}" --classes 1000000 --dtype fp32 --iters 10 --warmup 2 --json "$out/head_1m_fp32.json"
-step head_10m_bf16 50 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
-  --json "$out/head_10m_bf16.json"
+# --fused-update: also the head stepping its centres chunk by chunk in the backward (no whole gradient)
+step head_10m_bf16 55 "${bench[@]}" --classes 10000000 --chunk-size 1000000 --dtype bf16 --iters 3 --warmup 1 \
+  --fused-update --json "$out/head_10m_bf16.json"
 step search_1m 40 "$py" -m fr_trainer bench search --device cuda --quiet --dir /tmp --json "$out/search_1m.json"
 train=("$py" -m fr_trainer bench train --device cuda --backbone iresnet50 --batch-size 256 --num-classes 100000
        --precision bf16 --head-dtype bf16 --channels-last on)
@@ -85,13 +86,13 @@ for path in sorted(out.glob("head_*.json")):
     ratio = head["step_ms"] / floor["step_ms"]
     report[path.stem] = {"config": data["config"], "floor_ms": floor["step_ms"], "head_ms": head["step_ms"],
                          "ratio": ratio, "head_peak_mb": head["peak_mb"], "floor_peak_mb": floor["peak_mb"]}
-    for mode in ("head", "compiled"):  # (compiled: with --compiled only)
+    for mode in ("head", "compiled", "fused"):  # (compiled, fused: with --compiled, --fused-update only)
         if mode not in results:
             continue
         run = results[mode]
-        if mode == "compiled":
-            report[path.stem]["compiled_ms"] = run["step_ms"]
-        rows.append(f"| {path.stem}{' compiled' if mode == 'compiled' else ''} | {floor['step_ms']:.2f} | "
+        if mode != "head":
+            report[path.stem][f"{mode}_ms"] = run["step_ms"]
+        rows.append(f"| {path.stem}{'' if mode == 'head' else ' ' + mode} | {floor['step_ms']:.2f} | "
                     f"{run['step_ms']:.2f} | {run['step_ms'] / floor['step_ms']:.2f} | "
                     f"{run['peak_mb'] / 1024:.1f} | {floor['peak_mb'] / 1024:.1f} |")
 search = out / "search_1m.json"

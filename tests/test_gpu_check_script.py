@@ -81,7 +81,7 @@ def test_the_gpu_checks_summary_tabulates_every_result(tmp_path) -> None:
     (out / "steps.jsonl").write_text('{"step": "head_1m_bf16", "rc": 0, "seconds": 12}\n')
     head = {"config": {"classes": 1_000_000}, "results": [
         {"mode": "floor", "step_ms": 2.0, "peak_mb": 4096.0}, {"mode": "head", "step_ms": 2.5, "peak_mb": 5120.0},
-        {"mode": "compiled", "step_ms": 2.2, "peak_mb": 4608.0}]}
+        {"mode": "compiled", "step_ms": 2.2, "peak_mb": 4608.0}, {"mode": "fused", "step_ms": 2.6, "peak_mb": 4096.0}]}
     (out / "head_1m_bf16.json").write_text(json.dumps(head))
     share = {"data": 0.1, "backbone": 0.7, "head": 0.15, "optimizer": 0.05}
     (out / "train_r50_bf16.json").write_text(json.dumps({"samples_per_s": 5100.0, "step_ms": 50.2, "share": share}))
@@ -96,6 +96,7 @@ def test_the_gpu_checks_summary_tabulates_every_result(tmp_path) -> None:
     table = (out / "gpu_check.md").read_text()
     assert "| head_1m_bf16 | 2.00 | 2.50 | 1.25 | 5.0 | 4.0 |" in table
     assert "| head_1m_bf16 compiled | 2.00 | 2.20 | 1.10 | 4.5 | 4.0 |" in table
+    assert "| head_1m_bf16 fused | 2.00 | 2.60 | 1.30 | 4.0 | 4.0 |" in table
     assert "| train_r50_bf16 | 5100 | 50.2 | – | data 10%, backbone 70%, head 15%, optimizer 5% |" in table
     assert "| train_r50_bf16_nvjpeg | 4000 | 64.0 | 9000 |" in table
     assert "| sgd | 6 | 0.50 | 954 | 9.50 | 0.05 |" in table
