@@ -142,6 +142,10 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | fp16 | bf16 | fp64
     nonfinite: str = "stop"  # stop | skip
     max_nonfinite_skips: int = 10  # consecutive skips before stopping anyway
+    # when a step's loss and flags are read on the host (a sync): every_step | when_logging
+    # (every log.every_steps, and before saves and verification) | auto (when_logging on
+    # CUDA with nonfinite = "stop", else every_step); fr_trainer/train/step_reads.py
+    host_reads: str = "auto"
     deterministic: bool = False
     threads: int = 0  # torch intra-op threads per rank (0: torch default)
     scaler_growth_interval: int = 2000  # fp16 GradScaler (torch's default; arcface_torch: 100)
@@ -221,6 +225,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("auto", "fp32", "fp16", "bf16", "fp64"),
     "train.nonfinite": ("stop", "skip"),
+    "train.host_reads": ("auto", "every_step", "when_logging"),
     "log.progress": ("auto", "on", "off"),
     "engine.name": ("ddp", "deepspeed"),
     "model.init": ("default", "upstream"),
@@ -472,6 +477,11 @@ def validate(config: Config) -> None:
     )
     _check(
         t.max_steps is None or t.max_steps >= 1, f"train.max_steps must be >= 1, got {t.max_steps}"
+    )
+    _check(
+        not (t.host_reads == "when_logging" and t.nonfinite == "skip"),
+        'train.host_reads = "when_logging" reads the losses after their optimizer steps; train.nonfinite = '
+        '"skip" must know a non-finite loss before its step: use train.host_reads = "every_step" (or "auto")',
     )
     _check(
         t.max_nonfinite_skips >= 1,

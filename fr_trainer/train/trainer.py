@@ -67,6 +67,7 @@ from fr_trainer.train.runtime import (
 )
 from fr_trainer.train.schedule import PolySchedule
 from fr_trainer.train.signals import Preempted, StopRequest
+from fr_trainer.train.step_reads import StepReads, StepRecord, resolve_host_reads
 from fr_trainer.train.watchdog import COLLECTIVE_SLACK_S, Watchdog
 
 
@@ -118,6 +119,9 @@ class Trainer:
         self.nonfinite = NonFiniteSteps(config.train)  # train.nonfinite: stop or skip
         self.resume_notes: list[str] = []  # logged when the reporter exists
         self._buffer_snapshot: BufferSnapshot | None = None  # (train.nonfinite = "skip": made at the first step)
+        reads = resolve_host_reads(config.train.host_reads, self.device.type, config.train.nonfinite)
+        self.reads = StepReads(reads, config.optim.accumulate)  # train.host_reads
+        self.losses: list[float] = []  # this fit's losses, as they are read
         self._prepare_run_dir()
         peer_failure.clear(self.run_dir, self.rank)  # a message of an earlier attempt
         self.resumed_from = self._maybe_resume()
@@ -330,6 +334,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        if self.reads.pending:  # (deferred rows: a non-finite loss among them must stop the run unsaved)
+            self._apply_reads()
         self.watchdog.begin(self.step, "checkpoint save")
         self._saved_step = self.step
         self.sync_buffers()
@@ -497,18 +503,20 @@ class Trainer:
         flags = torch.stack([(~torch.isfinite(loss_sum)).to(torch.float32),
                              loss_sum.new_full((), float(self.stop_request.requested_here), dtype=torch.float32)])
         flags = any_rank_flags(flags, self.group)  # [a loss is non-finite, a stop was asked] on any rank
-        # the step's one host read: the loss (the non-finite policy needs it) and the flags
-        loss_value, nonfinite, stop = torch.cat([loss_sum.float().reshape(1), flags]).tolist()
-        self.stop_request.agree(stop > 0)  # acted on at the end of this step (`_fit`)
-        loss = loss_value / accumulate
-        if nonfinite:  # any rank's: every rank takes the same decision
-            self.optimizer.zero_grad(set_to_none=True)
-            if buffers is not None:
-                buffers.restore()
-            self._on_nonfinite(loss)
-            self.schedule.advance()
-            return StepResult(loss, lr, True, None)
-        self.nonfinite.finite()
+        self.reads.add(self.step + 1, loss_sum, flags)
+        loss = None  # (train.host_reads = "when_logging": read later, see `_apply_reads`)
+        if not self.reads.deferred:
+            # the step's host read: the loss (the non-finite policy needs it) and the flags
+            (record,) = self._apply_reads()  # (a stop agreed there is acted on at the end of the step)
+            loss = record.loss
+            if record.nonfinite:  # any rank's: every rank takes the same decision
+                self.optimizer.zero_grad(set_to_none=True)
+                if buffers is not None:
+                    buffers.restore()
+                self._on_nonfinite(loss)
+                self.schedule.advance()
+                return StepResult(loss, lr, True, None)
+            self.nonfinite.finite()
         if frozen:
             self.freeze.drop_grads()
         if self.config.head.update == "dense":
@@ -537,6 +545,21 @@ class Trainer:
             self.ema.update(self.backbone)
         self.schedule.advance()
         return StepResult(loss, lr, False, norm)
+
+    def _apply_reads(self) -> list[StepRecord]:
+        """Read the steps' rows waiting on the device (`fr_trainer.train.step_reads`): their
+        losses go to `self.losses`, their stop flags are agreed; deferred, a non-finite loss
+        stops the run here (`train.nonfinite = "stop"`; nothing after it has been saved)."""
+        records = self.reads.read()
+        if records:
+            self.stop_request.agree(any(record.stop for record in records))
+        for record in records:
+            if self.reads.deferred and record.nonfinite:
+                _, message = self.nonfinite.nonfinite(record.step, record.loss)
+                raise NonFiniteLoss(f"{message} (read at step {self.step}: train.host_reads = "
+                                    f"\"when_logging\"; the steps since {record.step - 1} were not saved)")
+            self.losses.append(record.loss)
+        return records
 
     def _on_nonfinite(self, loss: float) -> None:
         stop, message = self.nonfinite.nonfinite(self.step + 1, loss)
@@ -647,7 +670,8 @@ class Trainer:
         initial = self.verify() if c.eval.at_start and self.step == 0 else {}
         self.backbone.train()
         r.start(self.step)
-        losses: list[float] = []
+        self.losses = []
+        losses = self.losses  # (filled by `_apply_reads`)
         verification: dict = {}
         throughput: dict = {}
         t_loop = time.perf_counter()
@@ -657,17 +681,20 @@ class Trainer:
             # a rank's own data error is left for its peers; a peer's is raised by its message
             result = peer_failure.guarded(self.train_step, self.run_dir, self.rank, self.world_size)
             self.step += 1
-            losses.append(result.loss)
             done = self.schedule.done
             log = self.step % c.log.every_steps == 0 or done
-            throughput = (
-                r.step(self.step, result.loss, result.lr, self.samples_per_step, log) or throughput
-            )
-            if c.checkpoint.every_steps and self.step % c.checkpoint.every_steps == 0 and not done:
+            save = bool(c.checkpoint.every_steps) and self.step % c.checkpoint.every_steps == 0 and not done
+            check = bool(c.eval.every_steps) and self.step % c.eval.every_steps == 0 and not done
+            stopping = stop_after is not None and self.step - first_step >= stop_after
+            if self.reads.deferred and (log or save or check or stopping):
+                self._apply_reads()  # (at the same steps on every rank)
+            shown = losses[-1] if losses else float("nan")
+            throughput = r.step(self.step, shown, result.lr, self.samples_per_step, log) or throughput
+            if save:
                 self.save()
-            if c.eval.every_steps and self.step % c.eval.every_steps == 0 and not done:
+            if check:
                 verification = self.verify()
-            if stop_after is not None and self.step - first_step >= stop_after:
+            if stopping:
                 self.save()
                 return {"stopped_at": self.step, "losses": losses}
             # agreed in the step's read: every rank stops at the same step (after the last: finish)
