@@ -77,7 +77,7 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float
+    loss: float | None  # None while train.host_reads defers its read (the value goes to Trainer.losses)
     lr: float
     skipped: bool
     grad_norm: torch.Tensor | None  # on the device (reading it is a host sync)
