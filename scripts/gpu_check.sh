@@ -50,8 +50,8 @@ nvidia-smi -L > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
 timeout 20 "$py" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
   >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
-step cuda_tests 45 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
-step head_ops 30 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
+step cuda_tests 50 "$py" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py
+step head_ops 25 "$py" -m fr_trainer.heads.step_count --device cuda --classes 1000000 10000000 \
   --json "$out/step_ops.json"
 # --threads: the host threads that draw the centres (a 10M x 512 shard takes ~30 s on one core)
 bench=("$py" -m fr_trainer bench head --device cuda --world-size 1 --threads 8 --batch 1024 --dim 512)

@@ -1,8 +1,9 @@
 """What only a GPU can show, run by scripts/gpu_check.sh (skipped without CUDA): the head on
 CUDA in fp32, bf16 and fp16 against the fp64 CPU reference (the sub-centre head too), the
 sparse update on CUDA, NCCL on one rank, an optimizer state resumed from a CPU
-checkpoint stepping on CUDA, and the step tail's multi-tensor kernels (clipping, SGD, AdamW)
-against one-tensor loops.
+checkpoint stepping on CUDA, the step tail's multi-tensor kernels (clipping, SGD, AdamW)
+against one-tensor loops, and a trainer step (bf16, fused head update, deferred host reads)
+that reads the host once.
 
 FR_CUDA_TESTS_DEVICE=cpu (with FR_HEAD_BLOCK_POLICY=cuda) runs the same tests on the CPU as a
 dry run of this file's code, at smaller class counts (tests/test_cuda_dry_run.py does that in
@@ -171,3 +172,41 @@ def test_the_multi_tensor_step_tail_on_the_device_equals_the_one_tensor_loop_on_
         ref.step()
     for p, q in zip(host, device):
         torch.testing.assert_close(q.detach().cpu().double(), p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_trainer_step_on_the_device_with_deferred_reads_and_the_fused_update_reads_the_host_once(tmp_path):
+    """The trainer as a GPU run uses it (bf16, the head's centres stepped in its backward,
+    backbone-only clipping, `train.host_reads = "when_logging"`): a fit of 6 steps reads its
+    losses twice (every 3 steps), and one step, after a warm-up and with its batches already
+    loaded, reads the host once: the head's input report (also by CUDA's own count)."""
+    import math
+
+    from test_train_step_reads import _prefetched
+    from test_train_support import config_dict, make_data
+
+    from fr_trainer.distributed.env import DistributedEnv
+    from fr_trainer.heads.step_count import counting
+    from fr_trainer.train.config import config_from_dict
+    from fr_trainer.train.trainer import Trainer
+
+    cfg = config_dict(make_data(tmp_path / "data"), tmp_path / "runs",
+                      model={"backbone": "demonet", "embedding_size": 16},
+                      head={"chunk_size": 4, "fused_update": True},
+                      optim={"clip_grad_norm": 5.0, "clip_scope": "backbone"},
+                      train={"device": DEVICE, "precision": "bf16", "host_reads": "when_logging", "max_steps": 6},
+                      log={"every_steps": 3})
+    device = torch.device("cuda", 0) if ON_GPU else torch.device("cpu")
+    trainer = Trainer(config_from_dict(cfg), DistributedEnv(0, 1, 0, None, device))
+    assert trainer.head.updates_in_backward and trainer.head.weight.device.type == device.type
+    before = trainer.head.weight.detach().clone()
+    summary = trainer.fit()
+    assert len(summary["losses"]) == 6 and all(math.isfinite(loss) for loss in summary["losses"])
+    assert trainer.reads.reads == 2 and not torch.equal(trainer.head.weight.detach(), before)
+    trainer.stream.next = _prefetched(trainer.stream.next)
+    trainer.train_step()
+    trainer.step += 1
+    with counting() as counter:
+        trainer.train_step()
+    ours = {k: v for k, v in counter.syncs.items() if v and k != "cuda"}
+    assert ours == {"tolist": 1}, counter.syncs
+    assert counter.syncs["cuda"] <= 1, counter.syncs
