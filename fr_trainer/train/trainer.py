@@ -664,6 +664,8 @@ class Trainer:
             + f", {self.total_steps} steps of {self.samples_per_step} samples "
             f"({self.plan.total_samples} samples, {self.plan.epochs:g} epochs)"
             + (f", resumed from {self.resumed_from}" if self.resumed_from else "")
+            + (", the head's centres stepped in its backward" if self.head.updates_in_backward else "")
+            + (f", losses read every {c.log.every_steps} steps" if self.reads.deferred else "")
         )
         if self.device.type == "cpu":
             r.info(hugepage_malloc_state())
