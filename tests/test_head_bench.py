@@ -84,14 +84,9 @@ def test_the_floor_of_a_sub_centre_margin_runs_over_its_k_centres_per_class() ->
     assert floor_centre_rows(BenchConfig(classes=1000, world_size=1, sample_rate=0.1), 0) == 100
 
 
-def test_the_fused_mode_steps_the_centres_and_needs_a_chunk_size(tmp_path, capsys) -> None:
-    import pytest
-
+def test_the_fused_mode_steps_the_centres(tmp_path) -> None:
     out = tmp_path / "fused.json"
     code = cli_main(["bench", "head", "--world-size", "2", "--batch", "4", "--dim", "8", "--classes", "50",
-                     "--iters", "1", "--warmup", "0", "--chunk-size", "16", "--fused-update", "--json", str(out)])
+                     "--iters", "1", "--warmup", "0", "--fused-update", "--json", str(out)])
     assert code == 0
     assert [r["mode"] for r in json.loads(out.read_text())["results"]] == ["floor", "head", "fused"]
-    with pytest.raises(SystemExit):
-        parse_args(["--fused-update"])
-    assert "needs --chunk-size" in capsys.readouterr().err

@@ -2,7 +2,8 @@
 the centres stepped a chunk at a time inside the backward equal, bit for bit, the centres
 of an unfused head stepped by `optimizer.step()` after it, for SGD and AdamW, in fp32 and
 16-bit compute, linear and non-linear margins, at world sizes 1, 2 and 3 with an uneven
-number of classes; the whole centre gradient is never held; misuse is refused by name."""
+number of classes, chunked or not, in one piece or several; the whole centre gradient is never
+held; misuse is refused by name."""
 
 from __future__ import annotations
 
@@ -11,16 +12,24 @@ import torch
 
 from fr_trainer.distributed.spawn import run_ranks
 from fr_trainer.heads import PartialFC
+from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS, BlockPolicy
 from fr_trainer.train.optim import SGD, AdamW
 
 NUM_CLASSES, DIM, BATCH, CHUNK = 1003, 32, 8, 150
-CASES = [  # (margin, compute dtype, optimizer)
-    ("arcface", None, "sgd"),
-    ("arcface", torch.bfloat16, "sgd"),
-    ("cosface", torch.float16, "adamw"),
-    ("sv_arcface", None, "adamw"),
-    ("sv_arcface", torch.bfloat16, "sgd"),
-    ("softmax", None, "sgd"),  # (a bias: stepped by the optimizer, not in the backward)
+# pieces of 64 classes, cut from 16-bit GEMM chunks of 32: several pieces per block
+SMALL_PIECES = BlockPolicy("cpu", CPU_BLOCK_ELEMENTS, 32, reuse_buffers=True, piece_rows=64)
+CASES = [  # (margin, compute dtype, optimizer, chunk_size, block policy)
+    ("arcface", None, "sgd", CHUNK, None),
+    ("arcface", torch.bfloat16, "sgd", CHUNK, None),
+    ("cosface", torch.float16, "adamw", CHUNK, None),
+    ("sv_arcface", None, "adamw", CHUNK, None),
+    ("sv_arcface", torch.bfloat16, "sgd", CHUNK, None),
+    ("softmax", None, "sgd", CHUNK, None),  # (a bias: stepped by the optimizer, not in the backward)
+    ("arcface", torch.bfloat16, "sgd", None, SMALL_PIECES),  # unchunked: the pieces bound the buffer
+    ("cosface", torch.float16, "sgd", None, SMALL_PIECES),
+    ("sv_arcface", None, "adamw", None, SMALL_PIECES),
+    ("arcface", None, "sgd", CHUNK, SMALL_PIECES),  # chunked, several pieces per chunk
+    ("arcface", torch.bfloat16, "adamw", None, "cuda"),  # whole-buffer passes, one piece per block
 ]
 
 
@@ -30,9 +39,10 @@ def _optimizer(kind: str, params) -> torch.optim.Optimizer:
     return AdamW(params, lr=1e-2, weight_decay=0.05)
 
 
-def _steps(rank: int, world_size: int, margin: str, dtype, kind: str, fused: bool) -> dict:
+def _steps(rank: int, world_size: int, margin: str, dtype, kind: str, chunk, policy, fused: bool) -> dict:
     """Three steps of a head on this rank's rows of a fixed global batch; the final state."""
-    head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=CHUNK, seed=5, compute_dtype=dtype)
+    head = PartialFC(NUM_CLASSES, DIM, margin=margin, chunk_size=chunk, seed=5, compute_dtype=dtype,
+                     block_policy=policy)
     optimizer = _optimizer(kind, list(head.parameters()))
     most = []
     if fused:
@@ -57,28 +67,28 @@ def _steps(rank: int, world_size: int, margin: str, dtype, kind: str, fused: boo
 
 
 def _fused_and_plain(rank: int, world_size: int) -> list[tuple[dict, dict]]:
-    return [(_steps(rank, world_size, m, d, k, True), _steps(rank, world_size, m, d, k, False)) for m, d, k in CASES]
+    return [(_steps(rank, world_size, *case, fused=True), _steps(rank, world_size, *case, fused=False))
+            for case in CASES]
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_the_fused_update_equals_the_unfused_step_bit_for_bit(world_size: int) -> None:
     for rank, results in enumerate(run_ranks(_fused_and_plain, world_size)):
-        for (margin, dtype, kind), (fused, plain) in zip(CASES, results):
-            case = f"{margin} {dtype} {kind} at rank {rank} of {world_size}"
+        for (margin, dtype, kind, chunk, policy), (fused, plain) in zip(CASES, results):
+            case = f"{margin} {dtype} {kind} chunk {chunk} {getattr(policy, 'piece_rows', policy)} at rank {rank}"
+            pieces = min(CHUNK if chunk else NUM_CLASSES, getattr(policy, "piece_rows", NUM_CLASSES))
             assert torch.equal(fused["weight"], plain["weight"]), case
             assert fused["state"].keys() == plain["state"].keys(), case
             assert all(torch.equal(fused["state"][k], plain["state"][k]) for k in plain["state"]), case
             assert (fused["bias"] is None) or torch.equal(fused["bias"], plain["bias"]), case
             assert torch.equal(fused["grad_x"], plain["grad_x"]), case
-            assert 0 < fused["largest_rows"] <= CHUNK, case  # (never the whole shard at once)
+            assert 0 < fused["largest_rows"] <= pieces, case  # (a piece, not the whole shard, at once)
 
 
 def test_the_fused_update_is_refused_where_it_cannot_hold() -> None:
     def noop(start, end, rows):
         return None
 
-    with pytest.raises(ValueError, match="needs chunk_size"):
-        PartialFC(100, 8).update_in_backward(noop)
     with pytest.raises(ValueError, match="needs sample_rate=1.0"):
         PartialFC(100, 8, sample_rate=0.5, chunk_size=10).update_in_backward(noop)
     with pytest.raises(ValueError, match="sub-centres"):

@@ -26,6 +26,7 @@ CASES = [
     Case(**WEIGHT_BOUND, clip_grad=True),
     Case(**WEIGHT_BOUND, chunk_size=2500, fused_update=True),  # the gradient: one chunk's rows
     Case(**WEIGHT_BOUND, optimizer="adamw", chunk_size=2500, fused_update=True),
+    Case(**WEIGHT_BOUND, fused_update=True),  # unchunked: pieces of 16,384 classes
 ]
 
 

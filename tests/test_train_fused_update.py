@@ -36,7 +36,6 @@ def test_a_fused_update_run_stopped_and_resumed_at_another_world_size_is_the_unf
 
 
 @pytest.mark.parametrize(("sections", "named"), [
-    ({"head": {"chunk_size": None}}, "set head.chunk_size"),
     ({"head": {"sample_rate": 0.5}}, "head.sample_rate = 0.5"),
     ({"optim": {"accumulate": 2}}, "optim.accumulate = 2"),
     ({"optim": {"clip_grad_norm": 5.0}}, 'optim.clip_scope = "backbone"'),

@@ -13,8 +13,8 @@ memory is its own):
   16-bit embeddings as a bf16/fp16 autocast backbone would;
 - compiled (with --compiled): the head with `compiled=True` (its elementwise passes fused
   by torch.compile; the compile itself happens in the warm-up steps);
-- fused (with --fused-update, needs --chunk-size): the head stepping its centres a chunk at
-  a time inside the backward (`PartialFC.update_in_backward`, plain SGD: w -= lr g), so it
+- fused (with --fused-update): the head stepping its centres a piece of classes at a time
+  inside the backward (`PartialFC.update_in_backward`, plain SGD: w -= lr g), so it
   never holds the whole centre gradient that the head mode leaves in `weight.grad`; its
   time includes that update (one pass over the centres), which the floor does not do;
 - reference (with --reference): the same head written plainly with autograd (normalised
@@ -288,11 +288,9 @@ def parse_args(argv: list[str]) -> tuple[BenchConfig, bool, str | None]:
     parser.add_argument("--compiled", action="store_true",
                         help="also time the head with torch.compile'd elementwise passes")
     parser.add_argument("--fused-update", action="store_true",
-                        help="also time the head stepping its centres in the backward (needs --chunk-size)")
+                        help="also time the head stepping its centres in the backward")
     parser.add_argument("--json", default=None, help="write the results to this file")
     args = parser.parse_args(argv)
-    if args.fused_update and args.chunk_size is None:
-        parser.error("--fused-update needs --chunk-size (the centres are stepped a chunk at a time)")
     cfg = BenchConfig(args.world_size, args.batch, args.dim, args.classes, args.sample_rate,
                       args.margin, args.chunk_size, args.device, args.threads, args.iters,
                       args.warmup, args.dtype, args.rounds, args.logits_dtype, args.compiled, args.fused_update)

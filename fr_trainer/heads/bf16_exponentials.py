@@ -70,35 +70,43 @@ def scaled_copy_(out: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, pol
 
 def backward_(e: torch.Tensor, row_factor: torch.Tensor, g_t: torch.Tensor, cols: torch.Tensor,
               xh: torch.Tensor, w: torch.Tensor, w_c: torch.Tensor, inv_norm: torch.Tensor,
-              grad_xh: torch.Tensor, grad_w: torch.Tensor, policy: BlockPolicy,
+              grad_xh: torch.Tensor, rows, start: int, policy: BlockPolicy,
               take: Callable[[tuple[int, ...], torch.dtype], torch.Tensor],
               give: Callable[[torch.Tensor], None]) -> None:
-    """Add this block's part of dL/dx^ into `grad_xh` [G, D] and write dL/dw into `grad_w`
-    [c, D] (see the module docstring).
+    """Add this block's part of dL/dx^ into `grad_xh` [G, D] and write dL/dw of the block's
+    c centres (rows [start, start + c) of the shard) a piece at a time through `rows`
+    (`pieces`, `rows`, `done`: `margin_softmax._CentreGradRows`; see the module docstring).
 
     e [G, c] bf16: the exponentials, 0 at the targets; row_factor [G]: coef s r_i; g_t [G]:
     dL/dcos at the targets in this block (0 on the other rows), at columns `cols` [G];
     xh [G, D] fp32; w [c, D] fp32 centres, w_c their normalised bf16 copy, inv_norm [c];
     take / give: the policy's buffers."""
+    from fr_trainer.heads.margin_softmax import add_target_rows_
+
     w_hat_t = w.index_select(0, cols) * inv_norm.index_select(0, cols)[:, None]  # w^ at each row's target
     grad_xh.addcmul_(torch.mm(e, w_c).to(grad_xh.dtype), row_factor[:, None])
     grad_xh.addcmul_(w_hat_t, g_t[:, None])
     scaled_x = (xh * row_factor[:, None]).to(w_c.dtype)
-    chunks = policy.mm_blocks(e.shape[1])
-    part = take((chunks[0][1], xh.shape[1]), w_c.dtype)
-    sub_blocks = policy.row_blocks(chunks[0][1], xh.shape[1])
-    products = w.new_empty(sub_blocks[0][1], xh.shape[1])
-    for a, b in chunks:
-        torch.mm(e[:, a:b].t(), scaled_x, out=part[: b - a])
-        for c, d in policy.row_blocks(b - a, xh.shape[1]):  # (each row block in cache)
-            u = grad_w[a + c:a + d].copy_(part[c:d])
-            _project_(u, w[a + c:a + d], inv_norm[a + c:a + d], products[: d - c])
-    give(part)
     # the targets' terms, projected the same way (the projection is linear in U)
     target_u = xh * g_t[:, None]
-    target_inv = inv_norm.index_select(0, cols)
     radial = (target_u * w_hat_t).sum(1)
-    grad_w.index_add_(0, cols, (target_u - radial[:, None] * w_hat_t) * target_inv[:, None])
+    target_rows = (target_u - radial[:, None] * w_hat_t) * inv_norm.index_select(0, cols)[:, None]
+    end = start + e.shape[1]
+    pieces = rows.pieces(start, end)
+    part = take((policy.mm_blocks(pieces[0][1] - pieces[0][0])[0][1], xh.shape[1]), w_c.dtype)
+    sub_blocks = policy.row_blocks(part.shape[0], xh.shape[1])
+    products = w.new_empty(sub_blocks[0][1], xh.shape[1])
+    for p, q in pieces:
+        out, first = rows.rows(p, q), p - start
+        for a, b in policy.mm_blocks(q - p):
+            torch.mm(e[:, first + a:first + b].t(), scaled_x, out=part[: b - a])
+            for c, d in policy.row_blocks(b - a, xh.shape[1]):  # (each row block in cache)
+                u = out[a + c:a + d].copy_(part[c:d])
+                lo, hi = first + a + c, first + a + d
+                _project_(u, w[lo:hi], inv_norm[lo:hi], products[: d - c])
+        add_target_rows_(out, first, q - start, (p, q) == (start, end), cols, target_rows)
+        rows.done(p, q)
+    give(part)
 
 
 def _project_(u: torch.Tensor, w: torch.Tensor, inv_norm: torch.Tensor, products: torch.Tensor) -> None:

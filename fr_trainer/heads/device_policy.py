@@ -33,17 +33,22 @@ CPU_BLOCK_ELEMENTS = 1 << 18  # elements per row block of an elementwise pass (~
 CPU_MM_COLUMNS = 1 << 12  # classes per 16-bit GEMM whose result is converted: its temporary
 # ([4096, 512] bf16 = 4 MB for the centres' gradient) is still in cache when it is widened
 ENV_VAR = "FR_HEAD_BLOCK_POLICY"
+# classes per piece of the centres' gradient handed to a fused update (`PartialFC.update_in_backward`):
+# CPU, four 16-bit GEMM chunks (pieces stay aligned with them); CUDA, 2^16 rows (128 MB at D 512)
+CPU_PIECE_ROWS, CUDA_PIECE_ROWS = 4 * CPU_MM_COLUMNS, 1 << 16
 
 
 @dataclass(frozen=True)
 class BlockPolicy:
     """`row_block_elements`: elements per row block of a pass (None: the whole buffer in one
-    op); `mm_columns`: classes per 16-bit GEMM chunk (None: one GEMM)."""
+    op); `mm_columns`: classes per 16-bit GEMM chunk (None: one GEMM); `piece_rows`: classes
+    per piece of the centres' gradient under a fused update."""
 
     name: str
     row_block_elements: int | None
     mm_columns: int | None
     reuse_buffers: bool = False  # take the big temporaries from `fr_trainer.heads.buffer_pool`
+    piece_rows: int = CUDA_PIECE_ROWS
 
     def row_blocks(self, num_rows: int, num_cols: int) -> list[tuple[int, int]]:
         """[start, end) row ranges covering `num_rows` rows of `num_cols` columns."""
@@ -52,13 +57,18 @@ class BlockPolicy:
         step = max(1, self.row_block_elements // max(1, num_cols))
         return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
 
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        """[a, b) ranges of at most `piece_rows` covering [start, end), cut at multiples of
+        `piece_rows` from `start` (so that 16-bit GEMM chunks never straddle two pieces)."""
+        return [(a, min(a + self.piece_rows, end)) for a in range(start, max(end, start + 1), self.piece_rows)]
+
     def mm_blocks(self, num_cols: int) -> list[tuple[int, int]]:
         """[start, end) column ranges of the 16-bit GEMM chunks over `num_cols` classes."""
         step = num_cols if self.mm_columns is None else max(1, self.mm_columns)
         return [(start, min(start + step, num_cols)) for start in range(0, max(num_cols, 1), step)]
 
 
-CPU = BlockPolicy("cpu", CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, reuse_buffers=True)
+CPU = BlockPolicy("cpu", CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, reuse_buffers=True, piece_rows=CPU_PIECE_ROWS)
 CUDA = BlockPolicy("cuda", None, None)
 POLICIES = {"cpu": CPU, "cuda": CUDA}
 

@@ -165,28 +165,36 @@ def _linear_softmax_grad_(logits: torch.Tensor, log_sum_exp: torch.Tensor, colum
 
 
 def _mixed_gemms_(ops: _Operands, h: torch.Tensor, factor: torch.Tensor | None, start: int, end: int,
-                  grad_xh: torch.Tensor, grad_rows: torch.Tensor, radial_part: torch.Tensor | None) -> None:
-    """grad_xh += (h f) @ w and grad_rows (the rows [start, end) of the centres' gradient) =
-    (h f)^T @ x^ - radial_part * w with
-    16-bit GEMMs, one column chunk at a time. bf16 has fp32's range, so h already holds H
-    (`factor` None: the column factor went into the fp32 pass that made it) and is only
-    converted; fp16 would overflow at large loss scales, so h holds H / f and f scales the
-    centres' copy and the fp32 results instead."""
+                  grad_xh: torch.Tensor, rows: _CentreGradRows, radial_part: torch.Tensor | None,
+                  cols: torch.Tensor, target_rows: torch.Tensor, target_xh: torch.Tensor) -> None:
+    """grad_xh += (h f) @ w + target_xh and, a piece at a time, the centres' gradient rows
+    [start, end) = (h f)^T @ x^ - radial_part * w plus the targets' rows `target_rows` [G, D]
+    at their block columns `cols`, with 16-bit GEMMs, one column chunk at a time. A piece
+    is handed on (and, fused, w's rows move) only after grad_xh has read them all. bf16 has fp32's range,
+    so h already holds H (`factor` None: the column factor went into the fp32 pass that made
+    it) and is only converted; fp16 would overflow at large loss scales, so h holds H / f and
+    f scales the centres' copy and the fp32 results instead."""
     dtype = ops.compute_dtype
     w_c = ops.centres_c(start, end) if factor is None else None
-    for a, b in ops.policy.mm_blocks(end - start):
-        rows = slice(start + a, start + b)
-        h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, a:b])
-        if factor is None:
-            grad_xh.add_(torch.mm(h_c, w_c[a:b]))
-        else:
-            grad_xh.add_(torch.mm(h_c, (ops.w[rows] * factor[a:b, None]).to(dtype)))
-        if factor is None:
-            grad_rows[a:b].copy_(torch.mm(h_c.t(), ops.xh_c))
-        else:
-            torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[a:b, None], out=grad_rows[a:b])
-        if radial_part is not None:
-            grad_rows[a:b].addcmul_(ops.w[rows], radial_part[a:b, None], value=-1.0)
+    pieces = rows.pieces(start, end)
+    for p, q in pieces:
+        out = rows.rows(p, q)
+        for a, b in ops.policy.mm_blocks(q - p):
+            ca, cb = p - start + a, p - start + b  # (the chunk's columns in the block)
+            centres = slice(p + a, p + b)
+            h_c = torch.empty(h.shape[0], b - a, dtype=dtype, device=h.device).copy_(h[:, ca:cb])
+            if factor is None:
+                grad_xh.add_(torch.mm(h_c, w_c[ca:cb]))
+                out[a:b].copy_(torch.mm(h_c.t(), ops.xh_c))
+            else:
+                grad_xh.add_(torch.mm(h_c, (ops.w[centres] * factor[ca:cb, None]).to(dtype)))
+                torch.mul(torch.mm(h_c.t(), ops.xh_c), factor[ca:cb, None], out=out[a:b])
+            if radial_part is not None:
+                out[a:b].addcmul_(ops.w[centres], radial_part[ca:cb, None], value=-1.0)
+        add_target_rows_(out, p - start, q - start, (p, q) == (start, end), cols, target_rows)
+        if (p, q) == pieces[-1]:
+            grad_xh.add_(target_xh)
+        rows.done(p, q)
 
 
 def _exact_target_terms_(sum_exp: torch.Tensor, logits: torch.Tensor, row_max: torch.Tensor,
@@ -686,18 +694,15 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
         grad_b = ops.w.new_empty(ops.w.shape[0]) if ctx.has_bias else None
         radial = ops.w.new_zeros(ops.w.shape[0]) if normalized else None
         for start, end in reversed(ctx.blocks):  # the kept block first
-            grad_rows = rows.block(start, end)
             if ops.cosines16:
-                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, grad_rows)
-                rows.done(start, end)
+                _exponentials_block_grad_(ops, tgt, ctx, coef, start, end, grad_xh, rows)
                 continue
             if ops.cosine_rows:  # H over the kept (or recomputed) cosines, the logits rebuilt per row block
                 cos = ctx.kept if ctx.kept is not None else ops.block_cosines(start, end)
                 ctx.kept = None
                 h = _cosine_rows_grad_(ops, cos, tgt, ctx, coef, start, end, radial[start:end])
-                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_rows)
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, rows)
                 ops.give(h)
-                rows.done(start, end)
                 continue
             if ctx.kept is not None and margin.linear_nontarget:
                 logits, cos = ctx.kept, None
@@ -714,16 +719,16 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             # the block's radial coefficients are complete: the centres' gradient is
             # sum_i H_ij x^_i minus its radial part w_j * radial_j / ||w_j||^2
             if not mixed:
-                _fp32_gemms_(ops, h, start, end, radial, grad_xh, grad_rows)
+                _fp32_gemms_(ops, h, start, end, radial, grad_xh, rows)
                 if grad_b is not None:
                     torch.sum(h, dim=0, out=grad_b[start:end])
             else:  # 16-bit GEMMs of H / f without the targets; f and the targets in fp32
                 _put_targets_(h, inside, cols, torch.zeros_like(h_t))
                 radial_part = None if radial is None else radial[start:end] * ops.inv_w_norm[start:end].square()
-                _mixed_gemms_(ops, h, factor, start, end, grad_xh, grad_rows, radial_part)
-                # h_t is 0 on the rows whose target is elsewhere: adding it there is a no-op
-                grad_xh.add_(h_t[:, None] * ops.w[start:end].index_select(0, cols))
-                grad_rows.index_add_(0, cols, h_t[:, None] * ops.xh)
+                # h_t is 0 on the rows whose target is elsewhere: adding their terms is a no-op
+                target_xh = h_t[:, None] * ops.w[start:end].index_select(0, cols)  # (before a fused update moves w)
+                _mixed_gemms_(ops, h, factor, start, end, grad_xh, rows, radial_part, cols, h_t[:, None] * ops.xh,
+                              target_xh)
                 if grad_b is not None:
                     torch.sum(h, dim=0, dtype=grad_b.dtype, out=grad_b[start:end])
                     if factor is not None:
@@ -731,7 +736,6 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
                     grad_b[start:end].index_add_(0, cols, h_t)
             ops.give(h)
             ops.give(cos)
-            rows.done(start, end)
         ops.release()
         grad_w = rows.finish()
         grad_x = grad_xh
@@ -749,48 +753,66 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
 
 
 class _CentreGradRows:
-    """Where the backward writes each block's rows of the centres' gradient: the rows of one
-    [C, D] tensor that becomes `weight.grad`, or, with `row_update` (the fused update:
-    `PartialFC.update_in_backward`), one block-sized buffer handed to
-    `row_update(start, end, rows)` as soon as the block is done, so the whole gradient never
-    exists."""
+    """Where the backward writes the rows of the centres' gradient, a piece of rows at a time
+    (`pieces(start, end)`, `rows(a, b)`, then `done(a, b)` once they are final): the rows of one
+    [C, D] tensor that becomes `weight.grad` (a block is one piece), or, with `row_update`
+    (the fused update: `PartialFC.update_in_backward`), one piece-sized buffer handed to
+    `row_update(a, b, rows)` as soon as the piece is done, so the whole gradient never exists
+    (pieces of `BlockPolicy.piece_rows` classes, cut from each block's start)."""
 
     def __init__(self, ops: _Operands, blocks: list[tuple[int, int]], row_update) -> None:
         self.ops, self.row_update = ops, row_update
         if row_update is None:
             self.grad = ops.take_outgoing(ops.w.shape, ops.w.dtype)  # what becomes weight.grad
         else:
-            most = max(end - start for start, end in blocks)
+            most = min(max(end - start for start, end in blocks), ops.policy.piece_rows)
             self.grad = ops.take((most,) + tuple(ops.w.shape[1:]), ops.w.dtype)
 
-    def block(self, start: int, end: int) -> torch.Tensor:
-        return self.grad[start:end] if self.row_update is None else self.grad[: end - start]
+    def pieces(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(start, end)] if self.row_update is None else self.ops.policy.pieces(start, end)
 
-    def done(self, start: int, end: int) -> None:
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        return self.grad[a:b] if self.row_update is None else self.grad[: b - a]
+
+    def done(self, a: int, b: int) -> None:
         if self.row_update is not None:
-            self.row_update(start, end, self.grad[: end - start])
+            self.row_update(a, b, self.grad[: b - a])
 
     def finish(self) -> torch.Tensor | None:
-        """The whole gradient, or None once the blocks have been handed on."""
+        """The whole gradient, or None once the pieces have been handed on."""
         if self.row_update is None:
             return self.grad
         self.ops.give(self.grad)
         return None
 
 
+def add_target_rows_(out: torch.Tensor, a: int, b: int, whole: bool, cols: torch.Tensor,
+                     values: torch.Tensor) -> None:
+    """out, the rows [a, b) of a block's centre gradient, += values [G, D] at the block
+    columns `cols` [G] that fall in [a, b) (`whole`: the piece is the block, every column)."""
+    if whole:
+        out.index_add_(0, cols, values)
+        return
+    inside = (cols >= a) & (cols < b)
+    out.index_add_(0, (cols - a).clamp_(0, b - a - 1), torch.where(inside[:, None], values, 0.0))
+
+
 def _fp32_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, radial: torch.Tensor | None,
-                 grad_xh: torch.Tensor, grad_rows: torch.Tensor) -> None:
+                 grad_xh: torch.Tensor, rows: _CentreGradRows) -> None:
     """The two backward GEMMs of H [G, c] in the centres' dtype for the centres [start, end):
-    into grad_xh, and grad_rows (those rows of the centres' gradient) = H^T x^ minus the radial
+    into grad_xh, and, a piece at a time, the centres' gradient rows = H^T x^ minus the radial
     part w_j radial_j / ||w_j||^2 (an accumulating GEMM onto the radial part: one [c, D] pass
     fewer)."""
     grad_xh.addmm_(h, ops.w[start:end])
-    if radial is None:
-        torch.mm(h.t(), ops.xh, out=grad_rows)
-        return
-    radial_part = radial[start:end] * ops.inv_w_norm[start:end].square()
-    torch.mul(ops.w[start:end], radial_part.neg_()[:, None], out=grad_rows)
-    grad_rows.addmm_(h.t(), ops.xh)
+    minus_radial = None if radial is None else (radial[start:end] * ops.inv_w_norm[start:end].square()).neg_()
+    for a, b in rows.pieces(start, end):
+        out, h_piece = rows.rows(a, b), h[:, a - start:b - start]
+        if minus_radial is None:
+            torch.mm(h_piece.t(), ops.xh, out=out)
+        else:
+            torch.mul(ops.w[a:b], minus_radial[a - start:b - start, None], out=out)
+            out.addmm_(h_piece.t(), ops.xh)
+        rows.done(a, b)
 
 
 def _cosine_rows_grad_(ops: _Operands, cos: torch.Tensor, tgt: _Targets, ctx, coef: torch.Tensor, start: int,
@@ -824,9 +846,9 @@ def _target_grad(p_t: torch.Tensor, ctx, inside: torch.Tensor, coef: torch.Tenso
 
 
 def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
-                              grad_xh: torch.Tensor, grad_w: torch.Tensor) -> None:
+                              grad_xh: torch.Tensor, rows: _CentreGradRows) -> None:
     """The bf16 exponentials' backward of the centres [start, end): add into `grad_xh`,
-    write `grad_w` (this block's rows), from exponentials e_ij = exp(z_ij - ref_i) (times
+    write this block's rows of the centres' gradient through `rows`, from exponentials e_ij = exp(z_ij - ref_i) (times
     dz_ij/dcos_ij for a non-linear margin), p = e r with r = exp(ref - lse): the kept ones
     (ref: the forward's maxima), or recomputed the same way (a second backward), or, for
     the blocks before the kept one (chunked), the probabilities themselves (ref = lse, r =
@@ -840,19 +862,19 @@ def _exponentials_block_grad_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Te
     row_factor = coef * torch.exp(reference - ctx.log_sum_exp)
     if ops.margin.linear_nontarget:
         row_factor = row_factor * ops.margin.scale
-    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, e, row_factor, grad_xh, grad_w)
+    _bf16_epilogue_(ops, tgt, ctx, coef, start, end, e, row_factor, grad_xh, rows)
 
 
 def _bf16_epilogue_(ops: _Operands, tgt: _Targets, ctx, coef: torch.Tensor, start: int, end: int,
                     block: torch.Tensor, row_factor: torch.Tensor, grad_xh: torch.Tensor,
-                    grad_w: torch.Tensor) -> None:
+                    rows: _CentreGradRows) -> None:
     """The bf16 block [G, c] of dL/dcos / row_factor, its targets zeroed (their terms are
     added in fp32), through `bf16_exponentials.backward_`; the block goes back to the pool."""
     inside, cols = tgt.in_block(start, end)
     _put_targets_(block, inside, cols, torch.zeros_like(row_factor))
     g_t = _target_grad(torch.exp(ctx.z_t - ctx.log_sum_exp), ctx, inside, coef)
     bf16_exponentials.backward_(block, row_factor, g_t, cols, ops.xh, ops.w[start:end], ops.centres_c(start, end),
-                                ops.inv_w_norm[start:end], grad_xh, grad_w, ops.policy, ops.take, ops.give)
+                                ops.inv_w_norm[start:end], grad_xh, rows, start, ops.policy, ops.take, ops.give)
     ops.give(block)
 
 

@@ -150,14 +150,15 @@ class PartialFC(nn.Module):
         return centres.view(self.shard.num_local, k, self.embedding_size)
 
     def update_in_backward(self, row_update: RowUpdate | None) -> None:
-        """Hand the centres' gradient, a chunk of rows at a time, to `row_update(start, end,
+        """Hand the centres' gradient, a piece of rows at a time, to `row_update(start, end,
         grad_rows)` inside the backward, instead of leaving the whole [C_local, D] gradient in
         `weight.grad` (which then stays None): the optimizer steps those rows there and then
         (`fr_trainer.train.optim.SGD.update_rows`), and the whole fp32 gradient never exists
         (at 10M classes per GPU and D 512: 20 GB). None turns it off.
 
-        Needs `chunk_size` (the chunks are what is handed on; without chunking the one block is
-        the whole gradient) and a dense head (no sampling, no sub-centres). Every use of the
+        The gradient goes in pieces of the block policy's `piece_rows` classes (CPU 16,384,
+        CUDA 65,536), within each `chunk_size` block if chunked. Needs a dense head (no
+        sampling, no sub-centres). Every use of the
         gradient after the backward is the caller's to rule out: the trainer refuses gradient
         accumulation, fp16 loss scaling, clipping that covers the head and skipped steps
         (`head.fused_update`). A second backward of one forward (`retain_graph`) updates twice."""
@@ -168,9 +169,6 @@ class PartialFC(nn.Module):
             if self.sampling:
                 raise ValueError(f"{where} needs sample_rate=1.0 (got {self.sample_rate}): a sampled head's "
                                  "gradient holds only its sampled rows already")
-            if self.chunk_size is None:
-                raise ValueError(f"{where} needs chunk_size: the update goes a chunk of classes at a time; "
-                                 "set head.chunk_size (e.g. 1/8 of the classes per rank)")
         self._row_update = row_update
 
     @property

@@ -53,6 +53,7 @@ import math
 from dataclasses import dataclass, field
 
 from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS as BLOCK_ELEMENTS
+from fr_trainer.heads.device_policy import CPU_PIECE_ROWS, CUDA_PIECE_ROWS
 from fr_trainer.plan.mixed import bf16_terms
 from fr_trainer.train.grads import SQUARE_SUM_BLOCK
 
@@ -278,7 +279,8 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     block policy (nccl: a GPU's whole-buffer passes); `compute_dtype="bf16"`: the head's
     GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`); `fused_update`: the centres
     stepped a chunk at a time inside the backward (`head.fused_update`), so the centres'
-    gradient is one chunk's rows and the optimizer's temporaries a chunk's.
+    gradient is one piece's rows (`BlockPolicy.piece_rows` classes) and the optimizer's
+    temporaries a piece's.
     """
     if compute_dtype not in (None, "bf16"):
         raise ValueError(f"compute_dtype {compute_dtype!r} is not modelled; use None (the centres' dtype) or 'bf16'")
@@ -296,14 +298,15 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     else:
         state = 2 * local * d * item + local * INT64
     logits, cols = _logit_bytes(g, used, chunk_size, traits, item)
-    if fused_update and (chunk_size is None or sparse or clip_grad):
-        raise ValueError("fused_update needs chunk_size, sample_rate 1 and no clipping over the head "
+    if fused_update and (sparse or clip_grad):
+        raise ValueError("fused_update needs sample_rate 1 and no clipping over the head "
                          "(fr_trainer/train/fused_update.py); drop --clip-grad or --fused-update")
-    grad_rows = (cols if fused_update else used) * d * item + (used * item if traits.has_bias else 0)
+    whole_buffer = backend == "nccl"  # a GPU head: each pass is one op over the whole buffer
+    piece = min(cols, CUDA_PIECE_ROWS if whole_buffer else CPU_PIECE_ROWS)  # (rows of a fused update's piece)
+    grad_rows = (piece if fused_update else used) * d * item + (used * item if traits.has_bias else 0)
     weight_grad = grad_rows + (used * INT64 if sparse else 0)
     features = (5 if traits.normalized else 3) * g * d * item
     vectors = 6 * used * item
-    whole_buffer = backend == "nccl"  # a GPU head: each pass is one op over the whole buffer
     workspace = traits.scratch_blocks * _scratch_bytes(g, cols, item, whole_buffer) + vectors
     pooled = logits if backend == "gloo" else 0  # gloo: a CPU head, whose policy reuses buffers
     if compute_dtype == "bf16":
@@ -315,7 +318,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
         logits, pooled, workspace = mixed.logits, mixed.pooled, mixed.workspace + vectors
     if sparse:
         workspace += used * d * item + 2 * used * INT64  # index_select copy, sampled indices
-    optimizer_temp = _optimizer_terms(optimizer, cols if fused_update else used, d, item, sparse, momentum,
+    optimizer_temp = _optimizer_terms(optimizer, piece if fused_update else used, d, item, sparse, momentum,
                                       weight_decay, nesterov)
     if fused_update:  # (the chunk's update runs inside the backward, beside its buffers)
         workspace, optimizer_temp = workspace + optimizer_temp, 0

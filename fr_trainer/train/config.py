@@ -97,8 +97,8 @@ class HeadConfig:
     # torch.compile the head's elementwise passes (margin, softmax, softmax gradient;
     # fr_trainer/heads/fused.py); off: eager. Off by default: no measurement shows it pays yet
     compile: bool = False
-    # step the centres inside the head's backward, a chunk at a time (needs chunk_size): their
-    # whole fp32 gradient never exists (fr_trainer/train/fused_update.py says what it rules out)
+    # step the centres inside the head's backward, a piece of classes at a time: their whole
+    # fp32 gradient never exists (fr_trainer/train/fused_update.py says what it rules out)
     fused_update: bool = False
 
 

@@ -1,6 +1,7 @@
-"""`head.fused_update`: the head's centres stepped inside its backward, a chunk at a time.
+"""`head.fused_update`: the head's centres stepped inside its backward, a piece at a time.
 
-`PartialFC.update_in_backward` hands each chunk's finished rows of the centres' gradient
+`PartialFC.update_in_backward` hands each piece's finished rows of the centres' gradient
+(16,384 classes on a CPU, 65,536 on CUDA, within each `head.chunk_size` block when chunked)
 to the optimizer's `update_rows`, so the whole [C_local, D] fp32 gradient never exists
 (20 GB per GPU at 10M classes and D 512; `fr-trainer plan --fused-update` counts it). The
 numbers are those of the unfused step, bit for bit (tests/test_head_fused_update.py).
@@ -28,8 +29,6 @@ def fused_update_problems(config: Any) -> list[str]:
         return []
     why = "head.fused_update = true steps the centres inside the backward"
     problems = []
-    if h.chunk_size is None:
-        problems.append(f"{why}, a chunk at a time: set head.chunk_size (e.g. 1/8 of the classes per rank)")
     if h.sample_rate < 1.0:
         problems.append(f"{why}; head.sample_rate = {h.sample_rate}: a sampled head's gradient already holds only "
                         "its sampled rows, set head.fused_update = false")
