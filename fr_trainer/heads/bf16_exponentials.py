@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 
 from fr_trainer.heads.device_policy import BlockPolicy
+from fr_trainer.heads.target_rows import add_target_rows_
 
 
 def normalized_copy_(out: torch.Tensor, w: torch.Tensor, eps: float, policy: BlockPolicy) -> torch.Tensor:
@@ -81,8 +82,6 @@ def backward_(e: torch.Tensor, row_factor: torch.Tensor, g_t: torch.Tensor, cols
     dL/dcos at the targets in this block (0 on the other rows), at columns `cols` [G];
     xh [G, D] fp32; w [c, D] fp32 centres, w_c their normalised bf16 copy, inv_norm [c];
     take / give: the policy's buffers."""
-    from fr_trainer.heads.margin_softmax import add_target_rows_
-
     w_hat_t = w.index_select(0, cols) * inv_norm.index_select(0, cols)[:, None]  # w^ at each row's target
     grad_xh.addcmul_(torch.mm(e, w_c).to(grad_xh.dtype), row_factor[:, None])
     grad_xh.addcmul_(w_hat_t, g_t[:, None])

@@ -71,6 +71,7 @@ from fr_trainer.distributed.collectives import all_reduce_
 from fr_trainer.heads import bf16_exponentials, buffer_pool
 from fr_trainer.heads.device_policy import CPU_BLOCK_ELEMENTS, CPU_MM_COLUMNS, BlockPolicy, policy_for
 from fr_trainer.heads.fused import compiled_passes
+from fr_trainer.heads.target_rows import add_target_rows_
 from fr_trainer.margins.base import Margin
 
 NORM_EPS = 1e-12  # floor of ||x|| and ||w|| (an all-zero vector has no direction)
@@ -606,7 +607,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
     compute_dtype of the GEMMs and the logit buffer (None: the centres' dtype);
     logits_dtype; policy (a `BlockPolicy`; None: the centres' device's); compiled (run
     the elementwise passes compiled, `fr_trainer.heads.fused`); row_update (None, or
-    `row_update(start, end, grad_rows)`, called in backward with each block's finished rows
+    `row_update(start, end, grad_rows)`, called in backward with each piece's finished rows
     of the centres' gradient instead of returning the whole gradient: see `_CentreGradRows`).
     Returns the scalar loss.
     """
@@ -744,7 +745,7 @@ class MarginSoftmaxCrossEntropy(torch.autograd.Function):
             grad_x = (grad_xh - xh * (xh * grad_xh).sum(1, keepdim=True)) / ops.x_norm[:, None]
             if ctx.norm_terms is not None and margin.norm_gradient:  # dL/d||x|| along x / ||x||
                 grad_x.addcmul_(xh, ctx.norm_terms.grad_norms(ctx, coef)[:, None])
-        grad_weight, grad_bias = grad_w, grad_b  # (grad_w None: updated a block at a time)
+        grad_weight, grad_bias = grad_w, grad_b  # (grad_w None: updated a piece at a time)
         if ctx.index is not None:
             grad_weight = _sparse_rows(ctx.index, grad_w, ctx.weight_shape)
             if grad_b is not None:
@@ -784,17 +785,6 @@ class _CentreGradRows:
             return self.grad
         self.ops.give(self.grad)
         return None
-
-
-def add_target_rows_(out: torch.Tensor, a: int, b: int, whole: bool, cols: torch.Tensor,
-                     values: torch.Tensor) -> None:
-    """out, the rows [a, b) of a block's centre gradient, += values [G, D] at the block
-    columns `cols` [G] that fall in [a, b) (`whole`: the piece is the block, every column)."""
-    if whole:
-        out.index_add_(0, cols, values)
-        return
-    inside = (cols >= a) & (cols < b)
-    out.index_add_(0, (cols - a).clamp_(0, b - a - 1), torch.where(inside[:, None], values, 0.0))
 
 
 def _fp32_gemms_(ops: _Operands, h: torch.Tensor, start: int, end: int, radial: torch.Tensor | None,
