@@ -42,6 +42,8 @@ def bf16_terms(g: int, used: int, cols: int, dim: int, chunked: bool, scratch_bl
     chunk = cols if whole_buffer else min(CPU_MM_COLUMNS, cols)
     product_rows = chunk if whole_buffer else min(chunk, max(1, block_elements // dim))
     backward = chunk * dim * BF16 + product_rows * dim * FP32
-    workspace = centres + max(forward - weight_grad, backward)
+    # the forward's scratch lives beside one bf16 block (the second of a chunked head is the
+    # backward's), before the gradient exists
+    workspace = centres + max(forward - weight_grad - (g * cols * BF16 if chunked else 0), backward)
     pooled = 0 if whole_buffer else logits + centres + chunk * dim * BF16
     return MixedTerms(logits, workspace, pooled)
