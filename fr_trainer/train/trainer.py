@@ -556,8 +556,8 @@ class Trainer:
         for record in records:
             if self.reads.deferred and record.nonfinite:
                 _, message = self.nonfinite.nonfinite(record.step, record.loss)
-                raise NonFiniteLoss(f"{message} (read at step {self.step}: train.host_reads = "
-                                    f"\"when_logging\"; the steps since {record.step - 1} were not saved)")
+                raise NonFiniteLoss(f"{message} (found at the read after step {self.step}, train.host_reads = "
+                                    f"\"when_logging\"; no checkpoint after step {record.step - 1} was written)")
             self.losses.append(record.loss)
         return records
 
