@@ -122,17 +122,28 @@ class SGD(_RowSparseOptimizer):
         return grad.add(current, alpha=momentum) if group["nesterov"] else current
 
     def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
+        buffers = [self._momentum_buffer(param) for param in params] if group["momentum"] else None
+        self._dense_rule(params, [param.grad for param in params], buffers, group)
+
+    @torch.no_grad()
+    def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
+        group, rows = self.group_of(param), slice(start, end)
+        buffers = [self._momentum_buffer(param)[rows]] if group["momentum"] else None
+        self._dense_rule([param[rows]], [grad_rows], buffers, group)
+
+    @staticmethod
+    def _dense_rule(params: list[torch.Tensor], grads: list[torch.Tensor], buffers: list[torch.Tensor] | None,
+                    group: dict) -> None:
         """In place, without weight-sized temporaries (the head's shard can be GBs), every
-        parameter at once: buf = momentum * buf + grad + decay * w; w -= lr * buf."""
+        tensor at once: buf = momentum * buf + grad + decay * w; w -= lr * buf (`buffers`
+        None: no momentum)."""
         lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        grads = [param.grad for param in params]
-        if not momentum:
+        if buffers is None:
             for weights, gradients in by_device_and_dtype(params, grads, cpu_runs=True):
                 if decay:
                     scale_(weights, 1.0 - lr * decay)
                 torch._foreach_add_(weights, gradients, alpha=-lr)
             return
-        buffers = [self._momentum_buffer(param) for param in params]
         for weights, gradients, moments in by_device_and_dtype(params, grads, buffers, cpu_runs=True):
             scale_(moments, momentum)
             torch._foreach_add_(moments, gradients)
@@ -145,27 +156,6 @@ class SGD(_RowSparseOptimizer):
                 torch._foreach_add_(weights, moments, alpha=-lr * momentum)
             else:
                 torch._foreach_add_(weights, moments, alpha=-lr)
-
-    @torch.no_grad()
-    def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
-        group = self.group_of(param)
-        lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
-        weights = param[start:end]
-        if not momentum:
-            if decay:
-                weights.mul_(1.0 - lr * decay)
-            weights.add_(grad_rows, alpha=-lr)
-            return
-        moments = self._momentum_buffer(param)[start:end]
-        moments.mul_(momentum).add_(grad_rows)
-        if decay:
-            moments.add_(weights, alpha=decay)
-        if group["nesterov"]:
-            if decay:
-                weights.mul_(1.0 - lr * decay)
-            weights.add_(grad_rows, alpha=-lr).add_(moments, alpha=-lr * momentum)
-        else:
-            weights.add_(moments, alpha=-lr)
 
     def _sparse_update(self, param: torch.nn.Parameter, group: dict) -> None:
         rows, grad = _sparse_rows(param.grad)
@@ -199,29 +189,23 @@ class AdamW(_RowSparseOptimizer):
 
     @torch.no_grad()
     def update_rows(self, param: torch.nn.Parameter, start: int, end: int, grad_rows: torch.Tensor) -> None:
-        group = self.group_of(param)
-        beta1, beta2 = group["betas"]
-        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
         state, rows = self._state(param), slice(start, end)
-        steps = state["step"][rows].add_(1)
-        exp_avg = state["exp_avg"][rows].mul_(beta1).add_(grad_rows, alpha=1 - beta1)
-        exp_avg_sq = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(grad_rows, grad_rows, value=1 - beta2)
-        shape = _row_shape(param)
-        counts = steps.to(param.dtype)
-        correction1 = (1 - beta1 ** counts).reshape(shape)
-        correction2 = (1 - beta2 ** counts).reshape(shape)
-        denominator = (exp_avg_sq / correction2).sqrt_().add_(eps)
-        change = (exp_avg / correction1).mul_(lr).div_(denominator)
-        param[rows].mul_(1 - lr * decay).sub_(change)
+        self._dense_rule([param[rows]], [grad_rows], [state["exp_avg"][rows]], [state["exp_avg_sq"][rows]],
+                         [state["step"][rows]], self.group_of(param))
 
     def _dense_update(self, params: list[torch.nn.Parameter], group: dict) -> None:
-        """Every row of every parameter, the arithmetic of `_adam_rows` in multi-tensor ops
-        (the bias corrections per row, broadcast through views)."""
+        states = [self._state(param) for param in params]
+        self._dense_rule(params, [param.grad for param in params], [s["exp_avg"] for s in states],
+                         [s["exp_avg_sq"] for s in states], [s["step"] for s in states], group)
+
+    @staticmethod
+    def _dense_rule(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                    exp_avg_sqs: list[torch.Tensor], step_counts: list[torch.Tensor], group: dict) -> None:
+        """Every row of every tensor, the arithmetic of `_adam_rows` in multi-tensor ops (the
+        bias corrections per row, broadcast through views)."""
         beta1, beta2 = group["betas"]
         lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-        states = [self._state(param) for param in params]
-        lists = ([param.grad for param in params], [s["exp_avg"] for s in states],
-                 [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+        lists = (grads, exp_avgs, exp_avg_sqs, step_counts)
         for weights, grads, exp_avg, exp_avg_sq, steps in by_device_and_dtype(params, *lists, cpu_runs=True):
             torch._foreach_add_(steps, 1)
             scale_(exp_avg, beta1)
