@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fr_trainer.train.bench_tail import WorkOps
+from fr_trainer.heads.step_count import OpCounter
 from fr_trainer.train.bench_tail import main as bench_tail
 from fr_trainer.train.ema import BackboneEMA
 from fr_trainer.train.finiteness import BufferSnapshot
@@ -35,9 +35,9 @@ def _network(layers: int) -> nn.Module:
 
 def _work_ops(action) -> int:
     action()  # (first calls make state: momentum buffers, the snapshot's copies)
-    with WorkOps() as counter:
+    with OpCounter() as counter:
         action()
-    return counter.count
+    return counter.work_ops
 
 
 STEPS = {

@@ -39,15 +39,17 @@ def _bool_index(args: tuple) -> bool:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every aten op (`ops`) and the syncing ones (`syncs`, by name)."""
+    """Counts every aten op (`ops`), those that do work (`work_ops`: not views, which launch
+    no kernel on a GPU) and the syncing ones (`syncs`, by name)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.ops = 0
+        self.ops = self.work_ops = 0
         self.syncs: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
+        self.work_ops += not func.is_view
         name = func._schema.name.split("::")[-1]
         if name in SYNCING_OPS or (name in ("index", "index_put", "index_put_", "_index_put_impl_")
                                    and _bool_index(args)):

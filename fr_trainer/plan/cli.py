@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--clip-grad", action="store_true", help="count the trainer's global-norm clipping")
     p.add_argument("--fused-update", action="store_true",
-                   help="head.fused_update: the centres stepped a chunk at a time in the backward (needs --chunk-size)")
+                   help="head.fused_update: the centres stepped a piece at a time in the backward")
     p.add_argument("--backend", choices=["nccl", "gloo"], default="nccl")
     p.add_argument("--tflops", type=positive_float, default=None, help="sustained GEMM TFLOP/s, for a time estimate")
     p.add_argument("--net-gbps", type=positive_float, default=None, help="per-GPU network GB/s, for a time estimate")

@@ -43,7 +43,7 @@ class Case:
     chunk_size: int | None = None
     clip_grad: bool = False
     compute_dtype: str | None = None  # "bf16": 16-bit GEMMs on fp32 centres, bf16 embeddings
-    fused_update: bool = False  # the centres stepped a chunk at a time in the backward
+    fused_update: bool = False  # the centres stepped a piece at a time in the backward
 
     def plan_kwargs(self) -> dict:
         return asdict(self)

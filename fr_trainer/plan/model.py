@@ -126,7 +126,7 @@ class HeadPlan:
     gemm_flops: int = 0
     pooled: int = 0  # CPU: the logit buffers the head's buffer pool keeps for the next step
     compute_dtype: str | None = None  # "bf16": 16-bit GEMMs (`PartialFC(compute_dtype=)`)
-    fused_update: bool = False  # the centres stepped a chunk at a time in the backward
+    fused_update: bool = False  # the centres stepped a piece at a time in the backward
 
     @property
     def global_batch(self) -> int:
@@ -278,7 +278,7 @@ def plan_head(classes: int, embedding_size: int = 512, world_size: int = 8, batc
     clipping; `backend` decides the backward collective (nccl: reduce-scatter) and the
     block policy (nccl: a GPU's whole-buffer passes); `compute_dtype="bf16"`: the head's
     GEMMs in bf16 on fp32 centres (`fr_trainer/plan/mixed.py`); `fused_update`: the centres
-    stepped a chunk at a time inside the backward (`head.fused_update`), so the centres'
+    stepped a piece at a time inside the backward (`head.fused_update`), so the centres'
     gradient is one piece's rows (`BlockPolicy.piece_rows` classes) and the optimizer's
     temporaries a piece's.
     """

@@ -21,26 +21,13 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fr_trainer.backbones import create_backbone
 from fr_trainer.devices import synchronize
+from fr_trainer.heads.step_count import OpCounter
 from fr_trainer.train.ema import BackboneEMA
 from fr_trainer.train.grads import clip_global_norm
 from fr_trainer.train.optim import SGD, AdamW
-
-
-class WorkOps(TorchDispatchMode):
-    """Counts the aten ops that are not views."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def reference_clip(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -100,7 +87,7 @@ def reference_ema(average: nn.Module, source: nn.Module, decay: float) -> None:
 def measure(action: Callable[[], object], device: torch.device, iters: int) -> tuple[int, float]:
     """(work ops of one call, median ms of `iters` calls); one warm-up call first."""
     action()
-    with WorkOps() as counter:
+    with OpCounter() as counter:
         action()
     times = []
     for _ in range(iters):
@@ -109,7 +96,7 @@ def measure(action: Callable[[], object], device: torch.device, iters: int) -> t
         action()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
-    return counter.count, statistics.median(times)
+    return counter.work_ops, statistics.median(times)
 
 
 def parts(network: nn.Module, optimizer: str, device: torch.device) -> dict[str, tuple[Callable, Callable]]:

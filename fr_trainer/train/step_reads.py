@@ -26,8 +26,6 @@ from dataclasses import dataclass
 
 import torch
 
-HOST_READS = ("auto", "every_step", "when_logging")
-
 
 def resolve_host_reads(choice: str, device_type: str, nonfinite: str) -> str:
     """"every_step" or "when_logging" for `train.host_reads = choice`."""
@@ -71,7 +69,8 @@ class StepReads:
         if not self._pending:
             return []
         steps = [step for step, _ in self._pending]
-        rows = torch.stack([row for _, row in self._pending]).tolist()  # the host read
+        pending = [row for _, row in self._pending]  # (one row: a view, not a stacking op every step)
+        rows = (torch.stack(pending) if len(pending) > 1 else pending[0][None]).tolist()  # the host read
         self._pending.clear()
         self.reads += 1
         return [StepRecord(step, loss / self.accumulate, nonfinite > 0, stop > 0)
